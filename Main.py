@@ -1,0 +1,230 @@
+"""Federated learning of a CNN on non-IID Fashion-MNIST with FedAvg.
+
+Each round the server samples a fraction C of the K clients, every sampled client retrains the
+global model on its own data for E epochs with batch B, and the server averages the returned
+weights by client sample count (Algorithm 1 of McMahan et al. 2017, "Communication-Efficient
+Learning of Deep Networks from Decentralized Data"). The global model is tested after every round.
+
+Run:   python Main.py                  (the constants below)
+       python Main.py -c -f my.csv     (override constants from a CSV with header 'param,val')
+"""
+
+import argparse
+import numbers
+import os
+import pathlib
+import sys
+import time
+import types
+
+# Keep TensorFlow's start-up notices (oneDNN, CUDA probing) out of the progress lines; its errors
+# still print. This must run before the first import of TensorFlow, in Client_side.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import Client_side  # noqa: E402
+import Data_Preprocessing  # noqa: E402
+import Server_side  # noqa: E402
+import Utils  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Federated setup
+NUM_CLIENTS = 100  # K: number of clients, an integer >= 1
+ROUNDS = 100  # T: communication rounds, an integer >= 1
+CLIENT_FRACTION = 0.3  # C: share of clients trained each round, in (0, 1]
+# Local training
+LOCAL_EPOCHS = 1  # E: passes over its data each selected client makes, an integer >= 1
+BATCH_SIZE = 32  # B: local minibatch size, an integer >= 1
+LEARNING_RATE = 0.01  # eta: local SGD learning rate, > 0
+LOCAL_MOMENTUM = 0.0  # local SGD momentum, in [0, 1); its buffer restarts for every client
+# Data
+DISTRIBUTION = "noniid_ib"  # iid | noniid_ib | noniid_bi | noniid_ii | dirichlet | shards
+MAX_SAMPLE_SHARE = 0.1  # noniid_ib: largest share of the rest a client gets per turn, in (0, 1]
+CLASSES_PER_CLIENT = 3  # noniid_bi, noniid_ii: classes each client holds, 1..10
+DIRICHLET_ALPHA = 0.5  # dirichlet: concentration, > 0 (small = more skewed)
+SHARDS_PER_CLIENT = 2  # shards: label-sorted shards dealt to each client, an integer >= 1
+SEED = 0  # seeds partition, client sampling, shuffling, initialisation and dropout; int >= 0
+DATA_DIR = None  # folder with the four Fashion-MNIST .gz files; None = search the usual places
+# Output
+OUTPUT_DIR = pathlib.Path(__file__).resolve().parent / "results"  # runs go in subfolders here
+# -----------------------------------------------------------------------------
+# Taken here, before any other upper-case name exists: exactly the constants above.
+CONSTANT_NAMES = tuple(name for name in dir() if name.isupper())
+
+HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "samples",
+                   "seconds")
+
+
+def default_config():
+    """Return the constants above by name."""
+    return {name: globals()[name] for name in CONSTANT_NAMES}
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+DISTRIBUTIONS = Data_Preprocessing.DISTRIBUTIONS
+RULES = {
+    "NUM_CLIENTS": (lambda v: _is_int(v) and 1 <= v <= 60000, "an integer from 1 to 60000"),
+    "ROUNDS": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "CLIENT_FRACTION": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "LOCAL_EPOCHS": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "BATCH_SIZE": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "LEARNING_RATE": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
+    "LOCAL_MOMENTUM": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "DISTRIBUTION": (lambda v: v in DISTRIBUTIONS, "one of " + ", ".join(DISTRIBUTIONS)),
+    "MAX_SAMPLE_SHARE": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "CLASSES_PER_CLIENT": (lambda v: _is_int(v) and 1 <= v <= 10, "an integer from 1 to 10"),
+    "DIRICHLET_ALPHA": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
+    "SHARDS_PER_CLIENT": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "SEED": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
+    "DATA_DIR": (lambda v: v is None or (isinstance(v, (str, pathlib.Path)) and str(v) != ""),
+                 "None or a folder path"),
+    "OUTPUT_DIR": (lambda v: isinstance(v, (str, pathlib.Path)) and str(v) != "",
+                   "a folder path"),
+}
+
+
+def validate_config(config):
+    """Raise ValueError naming the first constant whose value is not allowed."""
+    for name, (is_allowed, allowed) in RULES.items():
+        if not is_allowed(config[name]):
+            raise ValueError(f"{name} must be {allowed}, got {config[name]!r}")
+    return config
+
+
+def parse_arguments(argv):
+    """Read the seed's command line: -c turns on CSV overrides, -f names the CSV."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action="store_true",
+                        help="override constants from the CSV named by -f")
+    parser.add_argument("-f", "--file", default="config.csv",
+                        help="CSV with header 'param,val' and one constant per row")
+    return parser.parse_args(argv)
+
+
+def load_config(arguments):
+    """Return the validated constants, with the CSV's overrides when -c is given."""
+    config = default_config()
+    if arguments.config:
+        config.update(Utils.read_overrides(arguments.file, config))
+    return validate_config(config)
+
+
+def prepare_output_dir(config):
+    """Create the run's output folder, named by its configuration, and save the config there."""
+    output_dir = pathlib.Path(config["OUTPUT_DIR"]).expanduser() / Utils.run_name(config)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        Utils.save_config(output_dir / "config.json", config)
+    except OSError as error:
+        raise ValueError(f"OUTPUT_DIR {config['OUTPUT_DIR']} is not writable ({error.strerror})") \
+            from None
+    return output_dir
+
+
+def main(argv=None):
+    """Run federated training; return the exit code (2 for bad input)."""
+    arguments = parse_arguments(argv)
+    try:
+        config = load_config(arguments)
+        output_dir = prepare_output_dir(config)
+        data = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
+        generators = Utils.make_generators(config["SEED"])
+        client_indices = partition_data(config, data[1], generators["partition"])
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run(config, data, client_indices, generators, output_dir)
+    return 0
+
+
+def partition_data(config, train_labels, rng):
+    """Split the training set over the clients as DISTRIBUTION says."""
+    return Data_Preprocessing.partition(
+        train_labels, config["NUM_CLIENTS"], config["DISTRIBUTION"], rng,
+        max_sample_share=config["MAX_SAMPLE_SHARE"],
+        classes_per_client=config["CLASSES_PER_CLIENT"],
+        dirichlet_alpha=config["DIRICHLET_ALPHA"],
+        shards_per_client=config["SHARDS_PER_CLIENT"])
+
+
+def run(config, data, client_indices, generators, output_dir):
+    """Train for ROUNDS rounds, logging each, then save the model and the plots."""
+    name = Utils.run_name(config)
+    print_setup(config, data[4], client_indices, output_dir)
+    Utils.plot_distribution(output_dir / "distribution.png",
+                            Data_Preprocessing.class_counts(data[1], client_indices), name)
+    federation = build_federation(config, data, client_indices)
+    global_weights = federation.global_model.get_weights()
+    history = Utils.HistoryWriter(output_dir / "history.csv", HISTORY_COLUMNS)
+    rows = []
+    for round_num in range(1, config["ROUNDS"] + 1):
+        global_weights, row = run_round(round_num, config, federation, global_weights, generators)
+        rows.append(row)
+        history.append(row)
+        print(Utils.format_progress(row, config["ROUNDS"]), flush=True)
+    history.close()
+    federation.global_model.set_weights(global_weights)
+    federation.global_model.save(output_dir / "global_model.keras")
+    Utils.plot_history(output_dir / "accuracy.png", rows, name)
+    print(f"final test accuracy {rows[-1]['test_accuracy']:.4f} after {config['ROUNDS']} rounds; "
+          f"results in {output_dir}")
+
+
+def print_setup(config, source, client_indices, output_dir):
+    """Print the quantities derived from the constants, before training starts."""
+    sizes = [len(indices) for indices in client_indices]
+    per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
+    print(f"data: {source}  clients: {len(sizes)}  samples per client: min {min(sizes)}, "
+          f"max {max(sizes)}, total {sum(sizes):,}  clients per round: {per_round}")
+    print(f"output: {output_dir}")
+
+
+def build_federation(config, data, client_indices):
+    """Create the global model, the one reusable client trainer, and the test evaluator."""
+    x_train, y_train, x_test, y_test, _ = data
+    Utils.seed_everything(config["SEED"])
+    global_model = Server_side.create_model()
+    trainer = Client_side.LocalTrainer(
+        Server_side.create_model(), x_train, y_train, config["LEARNING_RATE"],
+        config["LOCAL_MOMENTUM"], config["BATCH_SIZE"], config["LOCAL_EPOCHS"])
+    return types.SimpleNamespace(global_model=global_model, trainer=trainer,
+                                 evaluate=Server_side.Evaluator(global_model, x_test, y_test),
+                                 client_indices=client_indices)
+
+
+def run_round(round_num, config, federation, global_weights, generators):
+    """One round of FedAvg: sample clients, update locally, aggregate, evaluate.
+
+    Returns:
+        (new global weights, the round's history row).
+    """
+    start = time.perf_counter()
+    selected = Server_side.select_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"],
+                                          generators["selection"])
+    updates = [federation.trainer.train(global_weights, federation.client_indices[client],
+                                        generators["training"])
+               for client in selected]
+    global_weights = Server_side.fedavg([update.weights for update in updates],
+                                        [update.num_examples for update in updates])
+    test_loss, test_accuracy = federation.evaluate(global_weights)
+    return global_weights, round_row(round_num, test_accuracy, test_loss, updates,
+                                     time.perf_counter() - start)
+
+
+def round_row(round_num, test_accuracy, test_loss, updates, seconds):
+    """Summarise one round for history.csv; train_loss is the sample-weighted client mean."""
+    num_samples = sum(update.num_examples for update in updates)
+    train_loss = sum(update.train_loss * update.num_examples for update in updates) / num_samples
+    return {"round": round_num, "test_accuracy": round(test_accuracy, 6),
+            "test_loss": round(test_loss, 6), "train_loss": round(train_loss, 6),
+            "clients": len(updates), "samples": num_samples, "seconds": round(seconds, 3)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

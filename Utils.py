@@ -1,0 +1,169 @@
+"""Small helpers: seeding, configuration overrides, the per-round history, and plots."""
+
+import csv
+import json
+import pathlib
+
+import matplotlib
+
+# Plots are only ever written to files, so the display-free backend is always right and
+# nothing can block on a window.
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+import numpy as np  # noqa: E402
+
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0")
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and TensorFlow/Keras so model initialisation and dropout repeat."""
+    import keras  # Imported here: reading a CSV must not wait for TensorFlow.
+
+    keras.utils.set_random_seed(seed)
+
+
+def make_generators(seed):
+    """Return independent NumPy generators for the partition, client selection and training.
+
+    Separate streams keep each reproducible on its own: e.g. changing LOCAL_EPOCHS changes how
+    many shuffles training draws but not which clients are selected.
+    """
+    partition_seed, selection_seed, training_seed = np.random.SeedSequence(seed).spawn(3)
+    return {"partition": np.random.default_rng(partition_seed),
+            "selection": np.random.default_rng(selection_seed),
+            "training": np.random.default_rng(training_seed)}
+
+
+def convert_value(name, text, default):
+    """Convert the CSV text `text` to the type of `default`, the constant it replaces."""
+    text = text.strip()
+    if isinstance(default, bool):
+        if text.lower() in TRUE_WORDS + FALSE_WORDS:
+            return text.lower() in TRUE_WORDS
+        raise ValueError(f"{name} must be True or False, got {text!r}")
+    converters = {int: ("an integer", int), float: ("a number", float)}
+    if type(default) in converters:
+        kind, convert = converters[type(default)]
+        try:
+            return convert(text)
+        except ValueError:
+            raise ValueError(f"{name} must be {kind}, got {text!r}") from None
+    if default is None or isinstance(default, str):
+        return None if text in ("", "None") and default is None else text
+    if isinstance(default, pathlib.Path):
+        return pathlib.Path(text)
+    raise ValueError(f"{name} cannot be set from a CSV file")
+
+
+def read_overrides(path, defaults):
+    """Read a `param,val` CSV of constant overrides.
+
+    Args:
+        path: the CSV file; its header must be `param,val`.
+        defaults: the constants by name; each value is typed like the one it replaces.
+    Returns:
+        dict of the overridden constants only.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    with open(path, newline="") as file:
+        rows = list(csv.reader(file))
+    if not rows or [cell.strip() for cell in rows[0]] != ["param", "val"]:
+        raise ValueError(f"config file {path} must start with the header line 'param,val'")
+    overrides = {}
+    for line_num, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 2:
+            raise ValueError(f"config file {path}, line {line_num}: expected 'name,value', "
+                             f"got {','.join(row)!r}")
+        name = row[0].strip()
+        if name not in defaults:
+            raise ValueError(f"config file {path}, line {line_num}: unknown parameter {name!r}; "
+                             f"known: {', '.join(sorted(defaults))}")
+        overrides[name] = convert_value(name, row[1], defaults[name])
+    return overrides
+
+
+def run_name(config):
+    """Name a run by its configuration, e.g. fedavg_noniid_ib_K100_C0.3_E1_B32."""
+    return (f"fedavg_{config['DISTRIBUTION']}_K{config['NUM_CLIENTS']}"
+            f"_C{config['CLIENT_FRACTION']}_E{config['LOCAL_EPOCHS']}_B{config['BATCH_SIZE']}")
+
+
+def save_config(path, config):
+    """Write every constant of the run as JSON (paths as strings)."""
+    serializable = {name: str(value) if isinstance(value, pathlib.Path) else value
+                    for name, value in config.items()}
+    pathlib.Path(path).write_text(json.dumps(serializable, indent=2, sort_keys=True) + "\n")
+
+
+class HistoryWriter:
+    """Append one CSV row per round, flushed at once so a crash loses no finished round."""
+
+    def __init__(self, path, columns):
+        self.columns = list(columns)
+        self._file = open(path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
+        self._writer.writeheader()
+        self._file.flush()
+
+    def append(self, row):
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def format_progress(row, num_rounds):
+    """One progress line, e.g. 'round  7/100  acc 0.8123  loss 0.5201  clients 30  ...'."""
+    width = len(str(num_rounds))
+    return (f"round {row['round']:>{width}}/{num_rounds}  acc {row['test_accuracy']:.4f}  "
+            f"loss {row['test_loss']:.4f}  clients {row['clients']}  "
+            f"samples {row['samples']:,}  {row['seconds']:.1f} s")
+
+
+def plot_distribution(path, counts, title):
+    """Save samples per client (seed fig. 3) and the class mix per client (seed fig. 4).
+
+    Args:
+        counts: int array (K, 10), samples of each class held by each client.
+    """
+    figure, (sizes_axis, mix_axis) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    clients = np.arange(len(counts))
+    sizes_axis.bar(clients, counts.sum(axis=1), color="tab:blue")
+    sizes_axis.set_ylabel("samples")
+    sizes_axis.set_title(f"Samples per client ({title})")
+    bottom = np.zeros(len(counts))
+    colors = plt.get_cmap("tab10").colors
+    for label in range(counts.shape[1]):
+        mix_axis.bar(clients, counts[:, label], bottom=bottom, color=colors[label],
+                     label=str(label), width=1.0)
+        bottom += counts[:, label]
+    mix_axis.set_xlabel("client")
+    mix_axis.set_ylabel("samples per class")
+    mix_axis.legend(title="class", ncol=10, fontsize="small", loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_history(path, rows, title):
+    """Save test accuracy and test loss per round."""
+    rounds = [row["round"] for row in rows]
+    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    accuracy_axis.plot(rounds, [row["test_accuracy"] for row in rows], marker=".")
+    accuracy_axis.set_xlabel("round")
+    accuracy_axis.set_ylabel("test accuracy")
+    accuracy_axis.grid(alpha=0.3)
+    loss_axis.plot(rounds, [row["test_loss"] for row in rows], marker=".", color="tab:red")
+    loss_axis.set_xlabel("round")
+    loss_axis.set_ylabel("test loss")
+    loss_axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

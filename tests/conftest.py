@@ -1,0 +1,20 @@
+"""Make the top-level modules importable and load the real data set once per test session."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# TensorFlow's start-up chatter would drown pytest's report.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """The real Fashion-MNIST, as Main.py loads it: (x_train, y_train, x_test, y_test, source)."""
+    import Data_Preprocessing
+
+    return Data_Preprocessing.load_fashion_mnist()

@@ -1,0 +1,88 @@
+"""Tests of the CSV overrides, run naming, history file and plots."""
+
+import csv
+import pathlib
+
+import numpy as np
+import pytest
+
+import Utils
+
+DEFAULTS = {"ROUNDS": 100, "CLIENT_FRACTION": 0.3, "DISTRIBUTION": "noniid_ib",
+            "DATA_DIR": None, "OUTPUT_DIR": pathlib.Path("results"), "RESUME": False}
+
+
+def write_csv(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("ROUNDS", "5", 5), ("CLIENT_FRACTION", "1", 1.0), ("CLIENT_FRACTION", " 0.25 ", 0.25),
+    ("DISTRIBUTION", "iid", "iid"), ("DATA_DIR", "None", None), ("DATA_DIR", "/data", "/data"),
+    ("OUTPUT_DIR", "out", pathlib.Path("out")), ("RESUME", "True", True),
+    ("RESUME", "false", False)])
+def test_convert_value_types_like_the_default(name, text, expected):
+    value = Utils.convert_value(name, text, DEFAULTS[name])
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("ROUNDS", "2.5", "ROUNDS must be an integer, got '2.5'"),
+    ("ROUNDS", "", "ROUNDS must be an integer"),
+    ("CLIENT_FRACTION", "a third", "CLIENT_FRACTION must be a number"),
+    ("RESUME", "maybe", "RESUME must be True or False")])
+def test_convert_value_names_the_parameter_when_the_text_does_not_fit(name, text, message):
+    with pytest.raises(ValueError, match=message):
+        Utils.convert_value(name, text, DEFAULTS[name])
+
+
+def test_read_overrides_returns_only_the_listed_constants(tmp_path):
+    path = write_csv(tmp_path / "my.csv", "param,val\nROUNDS,5\n\nDISTRIBUTION,iid\n")
+    assert Utils.read_overrides(path, DEFAULTS) == {"ROUNDS": 5, "DISTRIBUTION": "iid"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name,value\nROUNDS,5\n", "must start with the header line 'param,val'"),
+    ("", "must start with the header line"),
+    ("param,val\nROUNDZ,5\n", "line 2: unknown parameter 'ROUNDZ'"),
+    ("param,val\nROUNDS,5,6\n", "line 2: expected 'name,value'"),
+    ("param,val\nROUNDS\n", "line 2: expected 'name,value'")])
+def test_read_overrides_rejects_malformed_files(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        Utils.read_overrides(write_csv(tmp_path / "bad.csv", text), DEFAULTS)
+
+
+def test_read_overrides_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file .*missing.csv not found"):
+        Utils.read_overrides(tmp_path / "missing.csv", DEFAULTS)
+
+
+def test_run_name_describes_the_configuration():
+    config = {"DISTRIBUTION": "noniid_ib", "NUM_CLIENTS": 100, "CLIENT_FRACTION": 0.3,
+              "LOCAL_EPOCHS": 1, "BATCH_SIZE": 32}
+    assert Utils.run_name(config) == "fedavg_noniid_ib_K100_C0.3_E1_B32"
+
+
+def test_generators_repeat_for_a_seed_and_are_independent_streams():
+    first, second = Utils.make_generators(4), Utils.make_generators(4)
+    assert first["selection"].integers(1 << 30) == second["selection"].integers(1 << 30)
+    assert first["partition"].integers(1 << 30) != first["training"].integers(1 << 30)
+
+
+def test_history_writer_flushes_every_row(tmp_path):
+    writer = Utils.HistoryWriter(tmp_path / "history.csv", ["round", "test_accuracy"])
+    writer.append({"round": 1, "test_accuracy": 0.5})
+    # Read before close: a crash right now must not lose the row.
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert rows == [{"round": "1", "test_accuracy": "0.5"}]
+    writer.close()
+
+
+def test_plots_are_written(tmp_path):
+    counts = np.random.default_rng(0).integers(0, 50, size=(12, 10))
+    Utils.plot_distribution(tmp_path / "distribution.png", counts, "test")
+    rows = [{"round": r, "test_accuracy": 0.1 * r, "test_loss": 1.0 / r} for r in (1, 2, 3)]
+    Utils.plot_history(tmp_path / "accuracy.png", rows, "test")
+    for name in ("distribution.png", "accuracy.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
