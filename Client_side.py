@@ -57,6 +57,15 @@ class LocalTrainer:
         self._train = tf.function(self._train_steps, input_signature=[
             weight_specs, tf.TensorSpec([None, None], tf.int32)])
 
+    def get_state(self):
+        """Return the model's random state (dropout seeds) as arrays, for checkpoints."""
+        return [variable.numpy() for variable in self.model.non_trainable_variables]
+
+    def set_state(self, arrays):
+        """Restore what get_state returned, so dropout continues exactly where it stopped."""
+        for variable, value in zip(self.model.non_trainable_variables, arrays, strict=True):
+            variable.assign(value)
+
     def epoch_orders(self, client_indices, rng):
         """Draw the client's sample order for every local epoch: int32 array (E, n)."""
         return np.stack([rng.permutation(client_indices)

@@ -10,21 +10,19 @@ Run:   python Main.py                  (the constants below)
 """
 
 import argparse
+import json
 import numbers
-import os
 import pathlib
 import sys
 import time
 import types
 
-# Keep TensorFlow's start-up notices (oneDNN, CUDA probing) out of the progress lines; its errors
-# still print. This must run before the first import of TensorFlow, in Client_side.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import Client_side  # noqa: E402
-import Data_Preprocessing  # noqa: E402
-import Server_side  # noqa: E402
-import Utils  # noqa: E402
+import Client_side
+import Data_Preprocessing
+import Server_side
+import Utils
 
 # -----------------------------------------------------------------------------
 # Federated setup
@@ -44,14 +42,26 @@ DIRICHLET_ALPHA = 0.5  # dirichlet: concentration, > 0 (small = more skewed)
 SHARDS_PER_CLIENT = 2  # shards: label-sorted shards dealt to each client, an integer >= 1
 SEED = 0  # seeds partition, client sampling, shuffling, initialisation and dropout; int >= 0
 DATA_DIR = None  # folder with the four Fashion-MNIST .gz files; None = search the usual places
+# Reliability
+CLIENT_DROPOUT = 0.0  # chance that a selected client never returns its update, in [0, 1)
+CHECKPOINT_EVERY = 1  # save a checkpoint every this many rounds (and at the end), int >= 1
+RESUME = False  # True: continue this configuration's run from its last checkpoint
 # Output
 OUTPUT_DIR = pathlib.Path(__file__).resolve().parent / "results"  # runs go in subfolders here
 # -----------------------------------------------------------------------------
 # Taken here, before any other upper-case name exists: exactly the constants above.
 CONSTANT_NAMES = tuple(name for name in dir() if name.isupper())
 
-HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "samples",
-                   "seconds")
+HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "returned",
+                   "samples", "seconds")
+CHECKPOINT_NAME = "checkpoint.npz"
+# Constants that may change between a run and its resumption without changing its results.
+RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT_DIR")
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class DivergenceError(Exception):
+    """The global model's weights or test loss stopped being finite numbers."""
 
 
 def default_config():
@@ -82,6 +92,9 @@ RULES = {
     "DIRICHLET_ALPHA": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
     "SHARDS_PER_CLIENT": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "SEED": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
+    "CLIENT_DROPOUT": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "CHECKPOINT_EVERY": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "RESUME": (lambda v: isinstance(v, bool), "True or False"),
     "DATA_DIR": (lambda v: v is None or (isinstance(v, (str, pathlib.Path)) and str(v) != ""),
                  "None or a folder path"),
     "OUTPUT_DIR": (lambda v: isinstance(v, (str, pathlib.Path)) and str(v) != "",
@@ -115,31 +128,79 @@ def load_config(arguments):
     return validate_config(config)
 
 
-def prepare_output_dir(config):
-    """Create the run's output folder, named by its configuration, and save the config there."""
-    output_dir = pathlib.Path(config["OUTPUT_DIR"]).expanduser() / Utils.run_name(config)
+def run_dir(config):
+    """Return the run's output folder: OUTPUT_DIR/<name made of the configuration>."""
+    return pathlib.Path(config["OUTPUT_DIR"]).expanduser() / Utils.run_name(config)
+
+
+def find_checkpoint(config, output_dir):
+    """Return the checkpoint to resume from, or None for a fresh run; refuse risky cases.
+
+    RESUME needs a checkpoint whose constants match (ROUNDS may grow). Without RESUME, an
+    unfinished run in the same folder is an error rather than silently overwritten.
+    """
+    path = output_dir / CHECKPOINT_NAME
+    if not config["RESUME"]:
+        if path.is_file():
+            _, metadata = Utils.load_checkpoint(path)
+            if metadata["round"] < metadata["config"]["ROUNDS"]:
+                raise ValueError(
+                    f"{output_dir} holds an unfinished run (round {metadata['round']} of "
+                    f"{metadata['config']['ROUNDS']}): set RESUME to True to continue it, or "
+                    "delete that folder to start over")
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"RESUME is True but there is no checkpoint {path}; "
+                                "run once without RESUME first")
+    arrays, metadata = Utils.load_checkpoint(path)
+    differing = Utils.config_differences(metadata["config"], config, RESUMABLE_CHANGES)
+    if differing:
+        raise ValueError(f"RESUME: the checkpoint in {output_dir} was made with other values of "
+                         f"{', '.join(differing)}; restore them or start a new run")
+    if config["ROUNDS"] < metadata["round"]:
+        raise ValueError(f"ROUNDS must be at least the checkpoint's round {metadata['round']} "
+                         f"to resume, got {config['ROUNDS']}")
+    return arrays, metadata
+
+
+def prepare_output_dir(config, output_dir):
+    """Create the run's output folder and save the config there."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         Utils.save_config(output_dir / "config.json", config)
     except OSError as error:
         raise ValueError(f"OUTPUT_DIR {config['OUTPUT_DIR']} is not writable ({error.strerror})") \
             from None
-    return output_dir
 
 
 def main(argv=None):
-    """Run federated training; return the exit code (2 for bad input)."""
+    """Run federated training; return the exit code (0 done, 2 bad input, 3 diverged, 130 Ctrl-C).
+
+    Everything that can be wrong with the input is checked before the output folder is touched.
+    """
     arguments = parse_arguments(argv)
     try:
         config = load_config(arguments)
-        output_dir = prepare_output_dir(config)
         data = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
         generators = Utils.make_generators(config["SEED"])
         client_indices = partition_data(config, data[1], generators["partition"])
+        output_dir = run_dir(config)
+        checkpoint = find_checkpoint(config, output_dir)
+        prepare_output_dir(config, output_dir)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    run(config, data, client_indices, generators, output_dir)
+        return EXIT_BAD_INPUT
+    Utils.make_deterministic()
+    try:
+        run(config, data, client_indices, generators, output_dir, checkpoint)
+    except DivergenceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {output_dir} keeps the history and the last checkpoint; to "
+              "continue, run again with RESUME set to True (e.g. a CSV row 'RESUME,True')",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -153,27 +214,76 @@ def partition_data(config, train_labels, rng):
         shards_per_client=config["SHARDS_PER_CLIENT"])
 
 
-def run(config, data, client_indices, generators, output_dir):
-    """Train for ROUNDS rounds, logging each, then save the model and the plots."""
+def run(config, data, client_indices, generators, output_dir, checkpoint=None):
+    """Train for ROUNDS rounds (from the checkpoint, if any), logging and checkpointing each."""
     name = Utils.run_name(config)
     print_setup(config, data[4], client_indices, output_dir)
     Utils.plot_distribution(output_dir / "distribution.png",
                             Data_Preprocessing.class_counts(data[1], client_indices), name)
     federation = build_federation(config, data, client_indices)
-    global_weights = federation.global_model.get_weights()
-    history = Utils.HistoryWriter(output_dir / "history.csv", HISTORY_COLUMNS)
-    rows = []
-    for round_num in range(1, config["ROUNDS"] + 1):
-        global_weights, row = run_round(round_num, config, federation, global_weights, generators)
-        rows.append(row)
-        history.append(row)
-        print(Utils.format_progress(row, config["ROUNDS"]), flush=True)
-    history.close()
+    global_weights, rows = federation.global_model.get_weights(), []
+    if checkpoint is not None:
+        global_weights, rows = restore_checkpoint(checkpoint, federation, generators)
+        print(f"resuming after round {len(rows)}")
+    history = Utils.HistoryWriter(output_dir / "history.csv", HISTORY_COLUMNS, rows)
+    try:
+        for round_num in range(len(rows) + 1, config["ROUNDS"] + 1):
+            global_weights, row = run_round(round_num, config, federation, global_weights,
+                                            generators)
+            check_finite(round_num, global_weights, row, config, output_dir)
+            rows.append(row)
+            # Ctrl-C waits until the row and the checkpoint are whole on disk.
+            with Utils.deferred_interrupts():
+                history.append(row)
+                if round_num % config["CHECKPOINT_EVERY"] == 0 or round_num == config["ROUNDS"]:
+                    save_checkpoint(output_dir, config, federation, global_weights, generators,
+                                    rows)
+            print(Utils.format_progress(row, config["ROUNDS"]), flush=True)
+    finally:
+        history.close()
+        if rows:
+            Utils.plot_history(output_dir / "accuracy.png", rows, name)
     federation.global_model.set_weights(global_weights)
     federation.global_model.save(output_dir / "global_model.keras")
-    Utils.plot_history(output_dir / "accuracy.png", rows, name)
     print(f"final test accuracy {rows[-1]['test_accuracy']:.4f} after {config['ROUNDS']} rounds; "
           f"results in {output_dir}")
+
+
+def check_finite(round_num, global_weights, row, config, output_dir):
+    """Stop the run with DivergenceError when the new global model is NaN or infinite."""
+    finite_weights = all(np.isfinite(layer).all() for layer in global_weights)
+    if finite_weights and np.isfinite(row["test_loss"]):
+        return
+    kept = (f"{output_dir} keeps the history of rounds 1-{round_num - 1} and its last checkpoint"
+            if round_num > 1 else "no round had finished")
+    raise DivergenceError(
+        f"round {round_num}: the global model diverged (test loss {row['test_loss']}, "
+        f"finite weights: {finite_weights}); likely cause: LEARNING_RATE {config['LEARNING_RATE']} "
+        f"is too high; {kept}")
+
+
+def save_checkpoint(output_dir, config, federation, global_weights, generators, rows):
+    """Save all a run needs to continue exactly: weights, random states, history."""
+    arrays = {f"global_{index}": layer for index, layer in enumerate(global_weights)}
+    arrays.update({f"trainer_{index}": state
+                   for index, state in enumerate(federation.trainer.get_state())})
+    metadata = {"round": rows[-1]["round"], "config": config, "history": rows,
+                "generators": {name: generator.bit_generator.state
+                               for name, generator in generators.items()}}
+    Utils.save_checkpoint(output_dir / CHECKPOINT_NAME, arrays,
+                          json.loads(json.dumps(metadata, default=str)))
+
+
+def restore_checkpoint(checkpoint, federation, generators):
+    """Load a checkpoint's states into the federation and generators; return (weights, rows)."""
+    arrays, metadata = checkpoint
+    for name, generator in generators.items():
+        generator.bit_generator.state = metadata["generators"][name]
+    federation.trainer.set_state([arrays[f"trainer_{index}"]
+                                  for index in range(len(federation.trainer.get_state()))])
+    global_weights = [arrays[f"global_{index}"]
+                      for index in range(len(federation.global_model.weights))]
+    return global_weights, metadata["history"]
 
 
 def print_setup(config, source, client_indices, output_dir):
@@ -207,23 +317,31 @@ def run_round(round_num, config, federation, global_weights, generators):
     start = time.perf_counter()
     selected = Server_side.select_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"],
                                           generators["selection"])
+    # Clients that drop out never send an update, so they are not trained at all.
+    returning = Server_side.surviving_clients(selected, config["CLIENT_DROPOUT"],
+                                              generators["dropout"])
     updates = [federation.trainer.train(global_weights, federation.client_indices[client],
                                         generators["training"])
-               for client in selected]
-    global_weights = Server_side.fedavg([update.weights for update in updates],
-                                        [update.num_examples for update in updates])
+               for client in returning]
+    if updates:
+        global_weights = Server_side.fedavg([update.weights for update in updates],
+                                            [update.num_examples for update in updates])
     test_loss, test_accuracy = federation.evaluate(global_weights)
-    return global_weights, round_row(round_num, test_accuracy, test_loss, updates,
+    return global_weights, round_row(round_num, test_accuracy, test_loss, len(selected), updates,
                                      time.perf_counter() - start)
 
 
-def round_row(round_num, test_accuracy, test_loss, updates, seconds):
-    """Summarise one round for history.csv; train_loss is the sample-weighted client mean."""
+def round_row(round_num, test_accuracy, test_loss, num_selected, updates, seconds):
+    """Summarise one round for history.csv.
+
+    train_loss is the returned clients' sample-weighted mean, empty when none returned.
+    """
     num_samples = sum(update.num_examples for update in updates)
-    train_loss = sum(update.train_loss * update.num_examples for update in updates) / num_samples
+    train_loss = (round(sum(update.train_loss * update.num_examples for update in updates)
+                        / num_samples, 6) if updates else "")
     return {"round": round_num, "test_accuracy": round(test_accuracy, 6),
-            "test_loss": round(test_loss, 6), "train_loss": round(train_loss, 6),
-            "clients": len(updates), "samples": num_samples, "seconds": round(seconds, 3)}
+            "test_loss": round(test_loss, 6), "train_loss": train_loss, "clients": num_selected,
+            "returned": len(updates), "samples": num_samples, "seconds": round(seconds, 3)}
 
 
 if __name__ == "__main__":

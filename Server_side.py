@@ -45,6 +45,17 @@ def select_clients(num_clients, client_fraction, rng):
     return np.sort(rng.choice(num_clients, size=count, replace=False))
 
 
+def surviving_clients(selected, dropout_probability, rng):
+    """Drop each selected client independently with `dropout_probability` (it disconnects).
+
+    Returns:
+        the subset of `selected` that returns an update, in the same order.
+    """
+    if dropout_probability == 0:
+        return selected
+    return selected[rng.random(len(selected)) >= dropout_probability]
+
+
 def fedavg(client_weights, num_examples):
     """Average client models weighted by their number of training examples.
 

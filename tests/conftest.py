@@ -1,6 +1,5 @@
 """Make the top-level modules importable and load the real data set once per test session."""
 
-import os
 import pathlib
 import sys
 
@@ -8,8 +7,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# TensorFlow's start-up chatter would drown pytest's report.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @pytest.fixture(scope="session")

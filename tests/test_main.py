@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -67,8 +66,7 @@ def run_main(tmp_path, output_name):
     path = write_config(tmp_path / f"{output_name}.csv", NUM_CLIENTS=10, ROUNDS=3,
                         CLIENT_FRACTION=0.2, OUTPUT_DIR=tmp_path / output_name, SEED=3)
     result = subprocess.run([sys.executable, str(ROOT / "Main.py"), "-c", "-f", str(path)],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / output_name).iterdir()
     with open(run_dir / "history.csv") as file:

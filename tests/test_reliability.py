@@ -1,0 +1,277 @@
+"""Tests of Main.py's reliability: bad input, kill -9 and resume, Ctrl-C, dropout, divergence."""
+
+import csv
+import gzip
+import json
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import Data_Preprocessing
+import Main
+import Utils
+
+MAIN_PY = pathlib.Path(Main.__file__).resolve()
+# 50 iid clients of 1,200 samples, 5 a round: about a second a round on 2 cores.
+SMALL_RUN = {"NUM_CLIENTS": 50, "CLIENT_FRACTION": 0.1, "DISTRIBUTION": "iid", "SEED": 4}
+
+
+def write_config(path, **constants):
+    lines = ["param,val"] + [f"{name},{value}" for name, value in constants.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes, to prove that nothing was written."""
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def start_main(config_path):
+    return subprocess.Popen([sys.executable, str(MAIN_PY), "-c", "-f",
+                             str(config_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def run_main(config_path):
+    process = start_main(config_path)
+    stdout, stderr = process.communicate(timeout=600)
+    return process.returncode, stdout, stderr
+
+
+def read_history(run_dir):
+    with open(run_dir / "history.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def without_seconds(rows):
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+
+def wait_for_rounds(run_dir, num_rounds, process, timeout=300):
+    """Wait until history.csv has `num_rounds` rows (the checkpoint follows within the round)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        if (run_dir / "history.csv").is_file() and len(read_history(run_dir)) >= num_rounds:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"no round {num_rounds} within {timeout} s")
+
+
+def global_weights_of(run_dir):
+    arrays, metadata = Utils.load_checkpoint(run_dir / Main.CHECKPOINT_NAME)
+    return metadata["round"], [arrays[name] for name in sorted(arrays) if name.startswith("global")]
+
+
+@pytest.fixture
+def real_data_once(monkeypatch, fashion_mnist):
+    """Serve the session's already loaded data to in-process runs of Main.main."""
+    monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: fashion_mnist)
+
+
+def corrupt_data_dir(tmp_path):
+    """A copy of the real data folder whose training labels are cut short."""
+    folder = tmp_path / "corrupt_data"
+    shutil.copytree(Data_Preprocessing.find_data_dir(), folder)
+    labels = folder / Data_Preprocessing.FILE_NAMES["train_labels"]
+    with gzip.open(labels, "rb") as file:
+        content = file.read()
+    with gzip.open(labels, "wb") as file:
+        file.write(content[:-10])
+    return folder
+
+
+BAD_CONSTANTS = [
+    ("NUM_CLIENTS", "0", "NUM_CLIENTS must be an integer from 1 to 60000"),
+    ("NUM_CLIENTS", "ten", "NUM_CLIENTS must be an integer, got 'ten'"),
+    ("ROUNDS", "-3", "ROUNDS must be an integer >= 1"),
+    ("CLIENT_FRACTION", "1.5", "CLIENT_FRACTION must be a number in (0, 1]"),
+    ("CLIENT_FRACTION", "0", "CLIENT_FRACTION must be a number in (0, 1]"),
+    ("LOCAL_EPOCHS", "0", "LOCAL_EPOCHS must be an integer >= 1"),
+    ("BATCH_SIZE", "2.5", "BATCH_SIZE must be an integer, got '2.5'"),
+    ("LEARNING_RATE", "-0.01", "LEARNING_RATE must be a number > 0"),
+    ("LEARNING_RATE", "fast", "LEARNING_RATE must be a number, got 'fast'"),
+    ("LOCAL_MOMENTUM", "1", "LOCAL_MOMENTUM must be a number in [0, 1)"),
+    ("DISTRIBUTION", "pathological", "DISTRIBUTION must be one of iid, noniid_ib"),
+    ("MAX_SAMPLE_SHARE", "0", "MAX_SAMPLE_SHARE must be a number in (0, 1]"),
+    ("CLASSES_PER_CLIENT", "11", "CLASSES_PER_CLIENT must be an integer from 1 to 10"),
+    ("DIRICHLET_ALPHA", "-1", "DIRICHLET_ALPHA must be a number > 0"),
+    ("SHARDS_PER_CLIENT", "0", "SHARDS_PER_CLIENT must be an integer >= 1"),
+    ("SEED", "-5", "SEED must be an integer from 0 to 2**32 - 1"),
+    ("CLIENT_DROPOUT", "1", "CLIENT_DROPOUT must be a number in [0, 1)"),
+    ("CHECKPOINT_EVERY", "0", "CHECKPOINT_EVERY must be an integer >= 1"),
+    ("RESUME", "maybe", "RESUME must be True or False, got 'maybe'"),
+    ("NUM_CLIENTS", "600", "NUM_CLIENTS must be at most 500 for noniid_ib"),
+]
+
+
+@pytest.mark.parametrize("name, value, message", BAD_CONSTANTS)
+def test_bad_constant_gives_one_line_exit_two_and_writes_nothing(
+        tmp_path, capsys, real_data_once, name, value, message):
+    output = tmp_path / "out"
+    output.mkdir()
+    path = write_config(tmp_path / "bad.csv", OUTPUT_DIR=output, **{name: value})
+    assert Main.main(["-c", "-f", str(path)]) == Main.EXIT_BAD_INPUT
+    assert_one_clear_line(capsys.readouterr().err, message)
+    assert snapshot(output) == {}
+
+
+def assert_one_clear_line(stderr, message):
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("ROUNDS,5\n", "must start with the header line 'param,val'"),
+    ("param,val\nROUNDZ,5\n", "unknown parameter 'ROUNDZ'"),
+    ("param,val\nROUNDS,5,6\n", "expected 'name,value'"),
+    ("param;val\nROUNDS;5\n", "must start with the header line"),
+])
+def test_malformed_csv_gives_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    assert Main.main(["-c", "-f", str(path)]) == Main.EXIT_BAD_INPUT
+    assert_one_clear_line(capsys.readouterr().err, message)
+
+
+def test_missing_csv_gives_one_line(tmp_path, capsys):
+    assert Main.main(["-c", "-f", str(tmp_path / "nowhere.csv")]) == Main.EXIT_BAD_INPUT
+    assert_one_clear_line(capsys.readouterr().err, "nowhere.csv not found")
+
+
+def test_missing_and_corrupt_data_files_give_one_line(tmp_path, capsys):
+    missing = write_config(tmp_path / "missing.csv", DATA_DIR=tmp_path / "empty",
+                           OUTPUT_DIR=tmp_path / "out")
+    assert Main.main(["-c", "-f", str(missing)]) == Main.EXIT_BAD_INPUT
+    assert_one_clear_line(capsys.readouterr().err, "lacks train-images-idx3-ubyte.gz")
+    corrupt = write_config(tmp_path / "corrupt.csv", DATA_DIR=corrupt_data_dir(tmp_path),
+                           OUTPUT_DIR=tmp_path / "out")
+    assert Main.main(["-c", "-f", str(corrupt)]) == Main.EXIT_BAD_INPUT
+    assert_one_clear_line(capsys.readouterr().err, "train-labels-idx1-ubyte.gz")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_dir_gives_one_line(tmp_path, capsys, real_data_once):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    path = write_config(tmp_path / "bad.csv", OUTPUT_DIR=blocker / "results")
+    assert Main.main(["-c", "-f", str(path)]) == Main.EXIT_BAD_INPUT
+    assert_one_clear_line(capsys.readouterr().err, "is not writable")
+
+
+def make_checkpoint(output, config_overrides, round_num, rounds):
+    """Leave a checkpoint in the run folder the given configuration would use."""
+    config = {**Main.default_config(), "OUTPUT_DIR": output, **config_overrides}
+    run_dir = Main.run_dir(config)
+    run_dir.mkdir(parents=True)
+    metadata = {"round": round_num, "config": {**config, "ROUNDS": rounds}, "history": []}
+    Utils.save_checkpoint(run_dir / Main.CHECKPOINT_NAME, {"global_0": np.zeros(2)},
+                          json.loads(json.dumps(metadata, default=str)))
+    (run_dir / "history.csv").write_text("round\n1\n")
+
+
+@pytest.mark.parametrize("saved, requested, message", [
+    (None, {"RESUME": True}, "RESUME is True but there is no checkpoint"),
+    ({"LEARNING_RATE": 0.05}, {"RESUME": True, "LEARNING_RATE": 0.05, "SEED": 9},
+     "made with other values of SEED"),
+    ({}, {"RESUME": True, "ROUNDS": 2}, "ROUNDS must be at least the checkpoint's round 3"),
+    ({}, {}, "holds an unfinished run (round 3 of 10)"),
+])
+def test_resume_problems_give_one_line_and_keep_the_run(
+        tmp_path, capsys, real_data_once, saved, requested, message):
+    output = tmp_path / "out"
+    output.mkdir()
+    if saved is not None:
+        make_checkpoint(output, saved, round_num=3, rounds=10)
+    before = snapshot(output)
+    path = write_config(tmp_path / "resume.csv", OUTPUT_DIR=output, **{"ROUNDS": 10, **requested})
+    assert Main.main(["-c", "-f", str(path)]) == Main.EXIT_BAD_INPUT
+    assert_one_clear_line(capsys.readouterr().err, message)
+    assert snapshot(output) == before
+
+
+def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
+    constants = {**SMALL_RUN, "ROUNDS": 4}
+    whole = write_config(tmp_path / "whole.csv", OUTPUT_DIR=tmp_path / "whole", **constants)
+    assert run_main(whole)[0] == 0
+    (whole_dir,) = (tmp_path / "whole").iterdir()
+
+    killed = write_config(tmp_path / "killed.csv", OUTPUT_DIR=tmp_path / "killed", **constants)
+    process = start_main(killed)
+    killed_dir = tmp_path / "killed" / whole_dir.name
+    wait_for_rounds(killed_dir, 2, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    resumed = write_config(tmp_path / "resumed.csv", OUTPUT_DIR=tmp_path / "killed",
+                           RESUME=True, **constants)
+    returncode, stdout, stderr = run_main(resumed)
+    assert returncode == 0, stderr
+    assert "resuming after round" in stdout
+
+    assert without_seconds(read_history(killed_dir)) == without_seconds(read_history(whole_dir))
+    whole_round, whole_weights = global_weights_of(whole_dir)
+    killed_round, killed_weights = global_weights_of(killed_dir)
+    assert whole_round == killed_round == 4
+    for expected, actual in zip(whole_weights, killed_weights, strict=True):
+        np.testing.assert_array_equal(expected, actual)
+
+
+def test_ctrl_c_stops_cleanly_with_valid_history_and_checkpoint(tmp_path):
+    path = write_config(tmp_path / "long.csv", OUTPUT_DIR=tmp_path / "out", ROUNDS=50,
+                        **SMALL_RUN)
+    process = start_main(path)
+    run_dir = tmp_path / "out" / "fedavg_iid_K50_C0.1_E1_B32"
+    wait_for_rounds(run_dir, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == Main.EXIT_INTERRUPTED
+    assert "RESUME" in stderr and "Traceback" not in stderr
+    rows = read_history(run_dir)
+    checkpoint_round, _ = global_weights_of(run_dir)
+    assert [int(row["round"]) for row in rows] == list(range(1, checkpoint_round + 1))
+    assert all(row["test_accuracy"] for row in rows)
+
+
+def test_client_dropout_still_trains_and_records_returned_clients(tmp_path):
+    path = write_config(tmp_path / "dropout.csv", OUTPUT_DIR=tmp_path / "out", ROUNDS=4,
+                        CLIENT_DROPOUT=0.3, LEARNING_RATE=0.05,
+                        **{**SMALL_RUN, "CLIENT_FRACTION": 0.2})
+    returncode, _, stderr = run_main(path)
+    assert returncode == 0, stderr
+    rows = read_history(tmp_path / "out" / "fedavg_iid_K50_C0.2_E1_B32")
+    returned = [int(row["returned"]) for row in rows]
+    assert all(int(row["clients"]) == 10 for row in rows)
+    assert all(count <= 10 for count in returned) and sum(returned) < 40
+    accuracies = [float(row["test_accuracy"]) for row in rows]
+    assert accuracies[-1] > max(0.5, accuracies[0])
+
+
+def test_a_round_where_no_client_returns_keeps_the_global_model(fashion_mnist):
+    config = {**Main.default_config(), **SMALL_RUN, "CLIENT_DROPOUT": 0.999999}
+    generators = Utils.make_generators(config["SEED"])
+    data = fashion_mnist[:2] + (fashion_mnist[2][:500], fashion_mnist[3][:500], "test")
+    client_indices = Main.partition_data(config, data[1], generators["partition"])
+    federation = Main.build_federation(config, data, client_indices)
+    weights = federation.global_model.get_weights()
+    new_weights, row = Main.run_round(1, config, federation, weights, generators)
+    assert row["returned"] == 0 and row["samples"] == 0 and row["train_loss"] == ""
+    for before, after in zip(weights, new_weights, strict=True):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_history(tmp_path):
+    path = write_config(tmp_path / "nan.csv", OUTPUT_DIR=tmp_path / "out", ROUNDS=5,
+                        LEARNING_RATE=5000, **SMALL_RUN)
+    returncode, _, stderr = run_main(path)
+    assert returncode == Main.EXIT_DIVERGED
+    assert "diverged" in stderr and "LEARNING_RATE 5000.0 is too high" in stderr
+    assert "Traceback" not in stderr
+    run_dir = tmp_path / "out" / "fedavg_iid_K50_C0.1_E1_B32"
+    assert read_history(run_dir) == []  # the first round already diverged: no row is invented
