@@ -2,7 +2,10 @@
 
 A client starts from the global weights, runs E epochs of minibatch SGD (batch B, learning rate
 eta, optional momentum with a fresh buffer) over its own samples in a new random order each epoch,
-and returns its new weights, its number of samples and its training loss.
+and returns its new weights, its number of samples, its number of steps and its training loss.
+Two local variants change the step: FedProx (Li et al. 2020) adds (mu/2)||w - w_global||^2 to the
+loss; SCAFFOLD (Karimireddy et al. 2020) adds the correction c - c_i to every gradient and keeps
+its control variate c_i across rounds (option II update).
 
 Speed: a client's whole local training is one call of a compiled TensorFlow function whose
 input shapes are left open, so clients of every size share one trace. This does the same
@@ -16,14 +19,26 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+# Grappler's arithmetic optimizer rewrites sums of gradients inside the nested training loops
+# into temporary variables that collide from the second call on (AlreadyExistsError with FedProx,
+# TensorFlow 2.21). Turning that one rewrite off cost no measurable speed here.
+tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+
 
 @dataclasses.dataclass
 class ClientUpdate:
-    """What one client sends back: its layer arrays, how many samples it trained on, its loss."""
+    """What one client sends back after local training.
+
+    weights: its layer arrays; num_examples: n, the samples it holds; num_steps: the local SGD
+    steps it took (FedNova normalizes by it); train_loss: mean cross-entropy of its last epoch;
+    variate_delta: SCAFFOLD's c_i(new) - c_i, None for the other algorithms.
+    """
 
     weights: list
     num_examples: int
+    num_steps: int
     train_loss: float
+    variate_delta: list = None
 
 
 class LocalTrainer:
@@ -36,11 +51,13 @@ class LocalTrainer:
         learning_rate: eta of local SGD.
         momentum: local SGD momentum (Keras' formula v = momentum*v - eta*g; w = w + v); its
             buffer starts at zero for every client.
-        batch_size: B.
+        batch_size: B; 0 means the client's whole data in one batch (B = infinity, FedSGD).
         local_epochs: E.
+        prox_mu: FedProx's mu; 0 is plain local SGD.
     """
 
-    def __init__(self, model, x_train, y_train, learning_rate, momentum, batch_size, local_epochs):
+    def __init__(self, model, x_train, y_train, learning_rate, momentum, batch_size, local_epochs,
+                 prox_mu=0.0):
         if len(model.weights) != len(model.trainable_variables):
             raise ValueError("LocalTrainer needs a model whose weights are all trainable")
         self.model = model
@@ -48,14 +65,17 @@ class LocalTrainer:
         self.momentum = float(momentum)
         self.batch_size = int(batch_size)
         self.local_epochs = int(local_epochs)
+        self.prox_mu = float(prox_mu)
         self.x_train = tf.convert_to_tensor(x_train, tf.float32)
         self.y_train = tf.convert_to_tensor(y_train, tf.int32)
         self._velocities = [tf.Variable(tf.zeros_like(variable), trainable=False)
                             for variable in model.trainable_variables]
+        self._no_correction = [tf.zeros_like(variable) for variable in model.trainable_variables]
         weight_specs = [tf.TensorSpec(variable.shape, variable.dtype)
                         for variable in model.trainable_variables]
         self._train = tf.function(self._train_steps, input_signature=[
-            weight_specs, tf.TensorSpec([None, None], tf.int32)])
+            weight_specs, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32),
+            weight_specs])
 
     def get_state(self):
         """Return the model's random state (dropout seeds) as arrays, for checkpoints."""
@@ -71,24 +91,56 @@ class LocalTrainer:
         return np.stack([rng.permutation(client_indices)
                          for _ in range(self.local_epochs)]).astype(np.int32)
 
-    def train(self, global_weights, client_indices, rng):
+    def train(self, global_weights, client_indices, rng, correction=None):
         """Run ClientUpdate for one client.
 
         Args:
             global_weights: list of the global model's layer arrays.
             client_indices: int array (n,) of the client's rows in the training set.
             rng: np.random.Generator that draws the per-epoch shuffles.
+            correction: SCAFFOLD's c - c_i, added to every gradient; None adds nothing.
         Returns:
-            ClientUpdate with float32 layer arrays, n, and the sample-weighted mean training loss
-            of the last local epoch (what `fit` reports for it).
+            ClientUpdate with float32 layer arrays, n, the number of steps, and the
+            sample-weighted mean training loss of the last local epoch (what `fit` reports).
         """
-        new_weights, loss = self._train(
-            [tf.convert_to_tensor(layer) for layer in global_weights],
-            self.epoch_orders(client_indices, rng))
-        return ClientUpdate([layer.numpy() for layer in new_weights], len(client_indices),
-                            float(loss))
+        new_weights, loss, num_steps = self.run(
+            global_weights, self.epoch_orders(client_indices, rng), correction)
+        return ClientUpdate(new_weights, len(client_indices), num_steps, loss)
 
-    def _train_steps(self, global_weights, orders):
+    def run(self, start_weights, orders, correction=None):
+        """Train from `start_weights` over the rows `orders` (E, n), epoch by epoch.
+
+        Returns:
+            (new float32 layer arrays, last-epoch mean loss, number of SGD steps).
+        """
+        num_examples = orders.shape[1]
+        batch_size = self.batch_size or num_examples
+        new_weights, loss = self._train(
+            [tf.convert_to_tensor(layer, tf.float32) for layer in start_weights],
+            np.asarray(orders, np.int32), tf.constant(batch_size, tf.int32),
+            self._no_correction if correction is None
+            else [tf.convert_to_tensor(layer, tf.float32) for layer in correction])
+        num_steps = orders.shape[0] * -(-num_examples // batch_size)
+        return [layer.numpy() for layer in new_weights], float(loss), num_steps
+
+    def loss_and_gradients(self, images, labels, anchor):
+        """Return (cross-entropy, gradients of the local objective) at the current weights.
+
+        The objective is the mean cross-entropy, plus (mu/2) * ||w - anchor||^2 for FedProx;
+        the loss returned is the cross-entropy alone, comparable across algorithms.
+        """
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            probabilities = self.model(images, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
+            objective = loss
+            if self.prox_mu:
+                objective += self.prox_mu / 2 * tf.add_n([
+                    tf.reduce_sum(tf.square(variable - start))
+                    for variable, start in zip(variables, anchor)])
+        return loss, tape.gradient(objective, variables)
+
+    def _train_steps(self, global_weights, orders, batch_size, correction):
         """Compiled body: load the global weights, then SGD over `orders` batch by batch."""
         variables = self.model.trainable_variables
         for variable, value in zip(variables, global_weights):
@@ -96,30 +148,121 @@ class LocalTrainer:
         for velocity in self._velocities:
             velocity.assign(tf.zeros_like(velocity))
         num_examples = tf.shape(orders)[1]
-        num_steps = (num_examples + self.batch_size - 1) // self.batch_size
+        num_steps = (num_examples + batch_size - 1) // batch_size
         epoch_loss = tf.constant(0.0)
         for epoch in tf.range(tf.shape(orders)[0]):
             epoch_loss = tf.constant(0.0)
             for step in tf.range(num_steps):
-                start = step * self.batch_size
-                batch = orders[epoch, start:tf.minimum(start + self.batch_size, num_examples)]
+                start = step * batch_size
+                batch = orders[epoch, start:tf.minimum(start + batch_size, num_examples)]
                 batch_loss = self._sgd_step(tf.gather(self.x_train, batch),
-                                            tf.gather(self.y_train, batch))
+                                            tf.gather(self.y_train, batch),
+                                            global_weights, correction)
                 epoch_loss += batch_loss * tf.cast(tf.shape(batch)[0], tf.float32)
         return [tf.identity(variable) for variable in variables], \
             epoch_loss / tf.cast(num_examples, tf.float32)
 
-    def _sgd_step(self, images, labels):
-        """One minibatch step of SGD on the mean cross-entropy; returns the batch loss."""
-        variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            probabilities = self.model(images, training=True)
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
-        gradients = tape.gradient(loss, variables)
-        for variable, gradient, velocity in zip(variables, gradients, self._velocities):
+    def _sgd_step(self, images, labels, anchor, correction):
+        """One minibatch step of SGD on the local objective; returns the batch's cross-entropy."""
+        loss, gradients = self.loss_and_gradients(images, labels, anchor)
+        for variable, gradient, shift, velocity in zip(self.model.trainable_variables, gradients,
+                                                       correction, self._velocities):
+            gradient = gradient + shift
             if self.momentum:
                 velocity.assign(self.momentum * velocity - self.learning_rate * gradient)
                 variable.assign_add(velocity)
             else:
                 variable.assign_sub(self.learning_rate * gradient)
         return loss
+
+
+def scaffold_client_variate(client_variate, server_variate, global_weights, new_weights,
+                            num_steps, learning_rate):
+    """SCAFFOLD's option II: c_i+ = c_i - c + (x - y_i) / (K * eta_l).
+
+    Args:
+        client_variate, server_variate: c_i and c, lists of layer arrays.
+        global_weights, new_weights: x (the round's start) and y_i (after K local steps).
+        num_steps: K; learning_rate: eta_l.
+    Returns:
+        c_i+ as float32 layer arrays.
+    """
+    return [(np.float64(own) - shared + (np.float64(start) - end) / (num_steps * learning_rate))
+            .astype(np.float32)
+            for own, shared, start, end in zip(client_variate, server_variate, global_weights,
+                                               new_weights, strict=True)]
+
+
+class ClientMemory:
+    """Arrays each client keeps across rounds (SCAFFOLD's c_i), zero until it first trains.
+
+    Only clients that have trained take memory, so a run with many clients stays small.
+    """
+
+    def __init__(self, shapes):
+        self.shapes = [tuple(shape) for shape in shapes]
+        self._arrays = {}
+
+    def get(self, client):
+        """Return the client's arrays (zeros if it never stored any)."""
+        return self._arrays.get(int(client)) or [np.zeros(shape, np.float32)
+                                                 for shape in self.shapes]
+
+    def put(self, client, arrays):
+        self._arrays[int(client)] = [np.asarray(array, np.float32) for array in arrays]
+
+    def get_state(self):
+        """Client ids, then one stacked array per layer, for checkpoints."""
+        clients = sorted(self._arrays)
+        return [np.array(clients, np.int64)] + [
+            np.stack([self._arrays[client][layer] for client in clients])
+            if clients else np.zeros((0, *shape), np.float32)
+            for layer, shape in enumerate(self.shapes)]
+
+    def set_state(self, arrays):
+        clients, layers = arrays[0], arrays[1:]
+        self._arrays = {int(client): [np.array(layer[position]) for layer in layers]
+                        for position, client in enumerate(clients)}
+
+
+class CentralizedBaseline:
+    """Train the same CNN on the pooled training set, as many samples as the federation trained.
+
+    It walks through reshuffled passes over all training samples, continuing where the previous
+    round stopped, with the clients' batch size and SGD settings. Its momentum buffer (if any)
+    restarts every round, as a client's does.
+    """
+
+    def __init__(self, trainer, initial_weights, num_samples, rng):
+        self.trainer = trainer
+        self.weights = [np.array(layer) for layer in initial_weights]
+        self._rng = rng
+        self._order = rng.permutation(num_samples)
+        self._position = 0
+
+    def train(self, num_samples):
+        """Train on the next `num_samples` samples of the stream; return the new weights."""
+        self.weights, _, _ = self.trainer.run(self.weights, self._next(num_samples)[np.newaxis])
+        return self.weights
+
+    def _next(self, count):
+        taken = []
+        while count > 0:
+            if self._position == len(self._order):
+                self._order, self._position = self._rng.permutation(len(self._order)), 0
+            chunk = self._order[self._position:self._position + count]
+            taken.append(chunk)
+            self._position += len(chunk)
+            count -= len(chunk)
+        return np.concatenate(taken)
+
+    def get_state(self):
+        return (self.weights + [self._order, np.array(self._position)]
+                + self.trainer.get_state())
+
+    def set_state(self, arrays):
+        num_layers = len(self.weights)
+        self.weights = [np.array(layer) for layer in arrays[:num_layers]]
+        self._order = np.array(arrays[num_layers])
+        self._position = int(arrays[num_layers + 1])
+        self.trainer.set_state(arrays[num_layers + 2:])

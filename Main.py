@@ -10,7 +10,6 @@ Run:   python Main.py                  (the constants below)
 """
 
 import argparse
-import json
 import numbers
 import pathlib
 import sys
@@ -31,9 +30,19 @@ ROUNDS = 100  # T: communication rounds, an integer >= 1
 CLIENT_FRACTION = 0.3  # C: share of clients trained each round, in (0, 1]
 # Local training
 LOCAL_EPOCHS = 1  # E: passes over its data each selected client makes, an integer >= 1
-BATCH_SIZE = 32  # B: local minibatch size, an integer >= 1
+BATCH_SIZE = 32  # B: local minibatch size, integer >= 0; 0 = all local data (B = inf, FedSGD)
 LEARNING_RATE = 0.01  # eta: local SGD learning rate, > 0
 LOCAL_MOMENTUM = 0.0  # local SGD momentum, in [0, 1); its buffer restarts for every client
+# Algorithm
+ALGORITHM = "fedavg"  # fedavg | fedprox | scaffold | fednova: local update and aggregation
+PROX_MU = 0.01  # fedprox: mu, weight of (mu/2)||w - w_global||^2 in the local loss, >= 0
+SERVER_OPTIMIZER = "sgd"  # sgd | fedavgm | fedadam | fedyogi | fedadagrad (Reddi et al. 2021)
+SERVER_LR = 1.0  # eta_g: server learning rate, > 0; sgd with 1.0 is FedAvg; adaptive ones: ~0.01
+SERVER_MOMENTUM = 0.9  # fedavgm: server momentum beta, in [0, 1)
+SERVER_BETA1 = 0.9  # fedadam, fedyogi, fedadagrad: first-moment decay, in [0, 1)
+SERVER_BETA2 = 0.99  # fedadam, fedyogi: second-moment decay, in [0, 1)
+SERVER_TAU = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity tau, > 0
+CENTRALIZED_BASELINE = False  # True: also train the CNN on the pooled data, sample for sample
 # Data
 DISTRIBUTION = "noniid_ib"  # iid | noniid_ib | noniid_bi | noniid_ii | dirichlet | shards
 MAX_SAMPLE_SHARE = 0.1  # noniid_ib: largest share of the rest a client gets per turn, in (0, 1]
@@ -48,15 +57,19 @@ CHECKPOINT_EVERY = 1  # save a checkpoint every this many rounds (and at the end
 RESUME = False  # True: continue this configuration's run from its last checkpoint
 # Output
 OUTPUT_DIR = pathlib.Path(__file__).resolve().parent / "results"  # runs go in subfolders here
+TARGET_ACCURACY = 0.8  # comparisons report the first round reaching this test accuracy, (0, 1]
 # -----------------------------------------------------------------------------
 # Taken here, before any other upper-case name exists: exactly the constants above.
 CONSTANT_NAMES = tuple(name for name in dir() if name.isupper())
 
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova")
 HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "returned",
                    "samples", "seconds")
+BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
 CHECKPOINT_NAME = "checkpoint.npz"
 # Constants that may change between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT_DIR")
+RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT_DIR",
+                     "TARGET_ACCURACY")
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -83,9 +96,19 @@ RULES = {
     "ROUNDS": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "CLIENT_FRACTION": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "LOCAL_EPOCHS": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "BATCH_SIZE": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "BATCH_SIZE": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = all local data)"),
     "LEARNING_RATE": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
     "LOCAL_MOMENTUM": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "ALGORITHM": (lambda v: v in ALGORITHMS, "one of " + ", ".join(ALGORITHMS)),
+    "PROX_MU": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a number >= 0"),
+    "SERVER_OPTIMIZER": (lambda v: v in Server_side.SERVER_OPTIMIZERS,
+                         "one of " + ", ".join(Server_side.SERVER_OPTIMIZERS)),
+    "SERVER_LR": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
+    "SERVER_MOMENTUM": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "SERVER_BETA1": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "SERVER_BETA2": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "SERVER_TAU": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
+    "CENTRALIZED_BASELINE": (lambda v: isinstance(v, bool), "True or False"),
     "DISTRIBUTION": (lambda v: v in DISTRIBUTIONS, "one of " + ", ".join(DISTRIBUTIONS)),
     "MAX_SAMPLE_SHARE": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "CLASSES_PER_CLIENT": (lambda v: _is_int(v) and 1 <= v <= 10, "an integer from 1 to 10"),
@@ -99,6 +122,7 @@ RULES = {
                  "None or a folder path"),
     "OUTPUT_DIR": (lambda v: isinstance(v, (str, pathlib.Path)) and str(v) != "",
                    "a folder path"),
+    "TARGET_ACCURACY": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
 }
 
 
@@ -111,21 +135,29 @@ def validate_config(config):
 
 
 def parse_arguments(argv):
-    """Read the seed's command line: -c turns on CSV overrides, -f names the CSV."""
+    """Read the seed's command line: -c turns on CSV overrides, -f names the CSV(s)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", action="store_true",
-                        help="override constants from the CSV named by -f")
-    parser.add_argument("-f", "--file", default="config.csv",
-                        help="CSV with header 'param,val' and one constant per row")
+                        help="override constants from the CSV(s) named by -f")
+    parser.add_argument("-f", "--file", nargs="+", default=["config.csv"],
+                        help="CSV with header 'param,val' and one constant per row; several "
+                             "files run one after another and are compared in one table")
     return parser.parse_args(argv)
 
 
-def load_config(arguments):
-    """Return the validated constants, with the CSV's overrides when -c is given."""
-    config = default_config()
-    if arguments.config:
-        config.update(Utils.read_overrides(arguments.file, config))
-    return validate_config(config)
+def load_configs(arguments):
+    """Return one validated config per CSV (or the constants alone without -c)."""
+    if not arguments.config:
+        return [validate_config(default_config())]
+    configs = [validate_config({**default_config(), **Utils.read_overrides(path, default_config())})
+               for path in arguments.file]
+    folders = [run_dir(config) for config in configs]
+    for position, folder in enumerate(folders):
+        if folder in folders[:position]:
+            raise ValueError(f"{arguments.file[folders.index(folder)]} and "
+                             f"{arguments.file[position]} would both write {folder}; give them "
+                             "different OUTPUT_DIR values")
+    return configs
 
 
 def run_dir(config):
@@ -163,6 +195,22 @@ def find_checkpoint(config, output_dir):
     return arrays, metadata
 
 
+def prepare_run(config, loaded_data):
+    """Load data, partition and find the checkpoint: every input check, nothing written yet.
+
+    `loaded_data` caches data sets by DATA_DIR, so a comparison loads them once.
+    """
+    if config["DATA_DIR"] not in loaded_data:
+        loaded_data[config["DATA_DIR"]] = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
+    data = loaded_data[config["DATA_DIR"]]
+    generators = Utils.make_generators(config["SEED"])
+    client_indices = partition_data(config, data[1], generators["partition"])
+    output_dir = run_dir(config)
+    return types.SimpleNamespace(config=config, data=data, client_indices=client_indices,
+                                 generators=generators, output_dir=output_dir,
+                                 checkpoint=find_checkpoint(config, output_dir))
+
+
 def prepare_output_dir(config, output_dir):
     """Create the run's output folder and save the config there."""
     try:
@@ -176,32 +224,42 @@ def prepare_output_dir(config, output_dir):
 def main(argv=None):
     """Run federated training; return the exit code (0 done, 2 bad input, 3 diverged, 130 Ctrl-C).
 
-    Everything that can be wrong with the input is checked before the output folder is touched.
+    Everything that can be wrong with the input is checked before any output folder is touched.
     """
     arguments = parse_arguments(argv)
     try:
-        config = load_config(arguments)
-        data = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
-        generators = Utils.make_generators(config["SEED"])
-        client_indices = partition_data(config, data[1], generators["partition"])
-        output_dir = run_dir(config)
-        checkpoint = find_checkpoint(config, output_dir)
-        prepare_output_dir(config, output_dir)
+        loaded_data = {}
+        runs = [prepare_run(config, loaded_data) for config in load_configs(arguments)]
+        for prepared in runs:
+            prepare_output_dir(prepared.config, prepared.output_dir)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     Utils.make_deterministic()
-    try:
-        run(config, data, client_indices, generators, output_dir, checkpoint)
-    except DivergenceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {output_dir} keeps the history and the last checkpoint; to "
-              "continue, run again with RESUME set to True (e.g. a CSV row 'RESUME,True')",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    histories = []
+    for prepared in runs:
+        try:
+            histories.append(run(**vars(prepared)))
+        except DivergenceError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_DIVERGED
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {prepared.output_dir} keeps the history and the last "
+                  "checkpoint; to continue, run again with RESUME set to True (e.g. a CSV row "
+                  "'RESUME,True')", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    if len(runs) > 1:
+        write_comparison(arguments.file, runs, histories)
     return 0
+
+
+def write_comparison(files, runs, histories):
+    """Write comparison.md and comparison.png for several runs into the first's OUTPUT_DIR."""
+    output_dir = pathlib.Path(runs[0].config["OUTPUT_DIR"]).expanduser()
+    labels = [pathlib.Path(path).stem for path in files]
+    Utils.write_comparison(output_dir / "comparison.md", output_dir / "comparison.png", labels,
+                           [prepared.config for prepared in runs], histories)
+    print(f"comparison: {output_dir / 'comparison.md'} and {output_dir / 'comparison.png'}")
 
 
 def partition_data(config, train_labels, rng):
@@ -214,18 +272,27 @@ def partition_data(config, train_labels, rng):
         shards_per_client=config["SHARDS_PER_CLIENT"])
 
 
+def history_columns(config):
+    return HISTORY_COLUMNS + (BASELINE_COLUMNS if config["CENTRALIZED_BASELINE"] else ())
+
+
 def run(config, data, client_indices, generators, output_dir, checkpoint=None):
-    """Train for ROUNDS rounds (from the checkpoint, if any), logging and checkpointing each."""
+    """Train for ROUNDS rounds (from the checkpoint, if any), logging and checkpointing each.
+
+    Returns:
+        the history rows, one dict per round.
+    """
     name = Utils.run_name(config)
     print_setup(config, data[4], client_indices, output_dir)
     Utils.plot_distribution(output_dir / "distribution.png",
                             Data_Preprocessing.class_counts(data[1], client_indices), name)
-    federation = build_federation(config, data, client_indices)
+    federation = build_federation(config, data, client_indices, generators)
     global_weights, rows = federation.global_model.get_weights(), []
     if checkpoint is not None:
-        global_weights, rows = restore_checkpoint(checkpoint, federation, generators)
+        global_weights, rows = Utils.restore_run_state(checkpoint, federation.components,
+                                                       generators)
         print(f"resuming after round {len(rows)}")
-    history = Utils.HistoryWriter(output_dir / "history.csv", HISTORY_COLUMNS, rows)
+    history = Utils.HistoryWriter(output_dir / "history.csv", history_columns(config), rows)
     try:
         for round_num in range(len(rows) + 1, config["ROUNDS"] + 1):
             global_weights, row = run_round(round_num, config, federation, global_weights,
@@ -236,8 +303,8 @@ def run(config, data, client_indices, generators, output_dir, checkpoint=None):
             with Utils.deferred_interrupts():
                 history.append(row)
                 if round_num % config["CHECKPOINT_EVERY"] == 0 or round_num == config["ROUNDS"]:
-                    save_checkpoint(output_dir, config, federation, global_weights, generators,
-                                    rows)
+                    Utils.save_run_state(output_dir / CHECKPOINT_NAME, config, rows,
+                                         global_weights, federation.components, generators)
             print(Utils.format_progress(row, config["ROUNDS"]), flush=True)
     finally:
         history.close()
@@ -245,8 +312,18 @@ def run(config, data, client_indices, generators, output_dir, checkpoint=None):
             Utils.plot_history(output_dir / "accuracy.png", rows, name)
     federation.global_model.set_weights(global_weights)
     federation.global_model.save(output_dir / "global_model.keras")
+    print_summary(config, rows, output_dir)
+    return rows
+
+
+def print_summary(config, rows, output_dir):
+    """Print the final accuracy, and the gap to the centralized baseline when it ran."""
     print(f"final test accuracy {rows[-1]['test_accuracy']:.4f} after {config['ROUNDS']} rounds; "
           f"results in {output_dir}")
+    if config["CENTRALIZED_BASELINE"]:
+        gap = 100 * (rows[-1]["baseline_accuracy"] - rows[-1]["test_accuracy"])
+        print(f"centralized baseline {rows[-1]['baseline_accuracy']:.4f} on the same samples: "
+              f"federated is {gap:.2f} percentage points below it")
 
 
 def check_finite(round_num, global_weights, row, config, output_dir):
@@ -259,31 +336,7 @@ def check_finite(round_num, global_weights, row, config, output_dir):
     raise DivergenceError(
         f"round {round_num}: the global model diverged (test loss {row['test_loss']}, "
         f"finite weights: {finite_weights}); likely cause: LEARNING_RATE {config['LEARNING_RATE']} "
-        f"is too high; {kept}")
-
-
-def save_checkpoint(output_dir, config, federation, global_weights, generators, rows):
-    """Save all a run needs to continue exactly: weights, random states, history."""
-    arrays = {f"global_{index}": layer for index, layer in enumerate(global_weights)}
-    arrays.update({f"trainer_{index}": state
-                   for index, state in enumerate(federation.trainer.get_state())})
-    metadata = {"round": rows[-1]["round"], "config": config, "history": rows,
-                "generators": {name: generator.bit_generator.state
-                               for name, generator in generators.items()}}
-    Utils.save_checkpoint(output_dir / CHECKPOINT_NAME, arrays,
-                          json.loads(json.dumps(metadata, default=str)))
-
-
-def restore_checkpoint(checkpoint, federation, generators):
-    """Load a checkpoint's states into the federation and generators; return (weights, rows)."""
-    arrays, metadata = checkpoint
-    for name, generator in generators.items():
-        generator.bit_generator.state = metadata["generators"][name]
-    federation.trainer.set_state([arrays[f"trainer_{index}"]
-                                  for index in range(len(federation.trainer.get_state()))])
-    global_weights = [arrays[f"global_{index}"]
-                      for index in range(len(federation.global_model.weights))]
-    return global_weights, metadata["history"]
+        f"(or SERVER_LR {config['SERVER_LR']}) is too high; {kept}")
 
 
 def print_setup(config, source, client_indices, output_dir):
@@ -292,24 +345,43 @@ def print_setup(config, source, client_indices, output_dir):
     per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
     print(f"data: {source}  clients: {len(sizes)}  samples per client: min {min(sizes)}, "
           f"max {max(sizes)}, total {sum(sizes):,}  clients per round: {per_round}")
-    print(f"output: {output_dir}")
+    print(f"algorithm: {config['ALGORITHM']}  server optimizer: {config['SERVER_OPTIMIZER']} "
+          f"(lr {config['SERVER_LR']})  output: {output_dir}")
 
 
-def build_federation(config, data, client_indices):
-    """Create the global model, the one reusable client trainer, and the test evaluator."""
+def build_federation(config, data, client_indices, generators):
+    """Create the models, the one reusable client trainer, the server state and the evaluator.
+
+    `components` lists every object whose state a checkpoint must carry.
+    """
     x_train, y_train, x_test, y_test, _ = data
     Utils.seed_everything(config["SEED"])
     global_model = Server_side.create_model()
+    prox_mu = config["PROX_MU"] if config["ALGORITHM"] == "fedprox" else 0.0
     trainer = Client_side.LocalTrainer(
         Server_side.create_model(), x_train, y_train, config["LEARNING_RATE"],
-        config["LOCAL_MOMENTUM"], config["BATCH_SIZE"], config["LOCAL_EPOCHS"])
+        config["LOCAL_MOMENTUM"], config["BATCH_SIZE"], config["LOCAL_EPOCHS"], prox_mu)
+    shapes = [layer.shape for layer in global_model.get_weights()]
+    components = {"trainer": trainer, "server_optimizer": Server_side.ServerOptimizer(
+        config["SERVER_OPTIMIZER"], shapes, config["SERVER_LR"], config["SERVER_MOMENTUM"],
+        config["SERVER_BETA1"], config["SERVER_BETA2"], config["SERVER_TAU"])}
+    if config["ALGORITHM"] == "scaffold":
+        components["client_variates"] = Client_side.ClientMemory(shapes)
+        components["server_variate"] = Server_side.ScaffoldServerVariate(shapes)
+    if config["CENTRALIZED_BASELINE"]:
+        # Built last, so the federated models' initial weights and dropout seeds do not change.
+        baseline_trainer = Client_side.LocalTrainer(
+            Server_side.create_model(), x_train, y_train, config["LEARNING_RATE"],
+            config["LOCAL_MOMENTUM"], config["BATCH_SIZE"], 1)
+        components["baseline"] = Client_side.CentralizedBaseline(
+            baseline_trainer, global_model.get_weights(), len(y_train), generators["baseline"])
     return types.SimpleNamespace(global_model=global_model, trainer=trainer,
                                  evaluate=Server_side.Evaluator(global_model, x_test, y_test),
-                                 client_indices=client_indices)
+                                 client_indices=client_indices, components=components)
 
 
 def run_round(round_num, config, federation, global_weights, generators):
-    """One round of FedAvg: sample clients, update locally, aggregate, evaluate.
+    """One round: sample clients, update locally, aggregate, evaluate.
 
     Returns:
         (new global weights, the round's history row).
@@ -320,15 +392,59 @@ def run_round(round_num, config, federation, global_weights, generators):
     # Clients that drop out never send an update, so they are not trained at all.
     returning = Server_side.surviving_clients(selected, config["CLIENT_DROPOUT"],
                                               generators["dropout"])
-    updates = [federation.trainer.train(global_weights, federation.client_indices[client],
-                                        generators["training"])
+    updates = [local_update(client, config, federation, global_weights, generators)
                for client in returning]
     if updates:
-        global_weights = Server_side.fedavg([update.weights for update in updates],
-                                            [update.num_examples for update in updates])
+        global_weights = aggregate(config, federation, global_weights, updates)
     test_loss, test_accuracy = federation.evaluate(global_weights)
-    return global_weights, round_row(round_num, test_accuracy, test_loss, len(selected), updates,
-                                     time.perf_counter() - start)
+    row = round_row(round_num, test_accuracy, test_loss, len(selected), updates,
+                    time.perf_counter() - start)
+    if config["CENTRALIZED_BASELINE"]:
+        baseline = federation.components["baseline"]
+        baseline.train(row["samples"] * config["LOCAL_EPOCHS"])
+        baseline_loss, baseline_accuracy = federation.evaluate(baseline.weights)
+        row.update(baseline_accuracy=round(baseline_accuracy, 6),
+                   baseline_loss=round(baseline_loss, 6))
+    return global_weights, row
+
+
+def local_update(client, config, federation, global_weights, generators):
+    """Train one client; for SCAFFOLD also correct its gradients and update its variate."""
+    indices = federation.client_indices[client]
+    if config["ALGORITHM"] != "scaffold":
+        return federation.trainer.train(global_weights, indices, generators["training"])
+    client_variates = federation.components["client_variates"]
+    server_variate = federation.components["server_variate"].arrays
+    own_variate = client_variates.get(client)
+    correction = [shared - own for shared, own in zip(server_variate, own_variate)]
+    update = federation.trainer.train(global_weights, indices, generators["training"], correction)
+    new_variate = Client_side.scaffold_client_variate(
+        own_variate, server_variate, global_weights, update.weights, update.num_steps,
+        config["LEARNING_RATE"])
+    client_variates.put(client, new_variate)
+    update.variate_delta = [new - old for new, old in zip(new_variate, own_variate)]
+    return update
+
+
+def aggregate(config, federation, global_weights, updates):
+    """Combine the client updates into a pseudo-gradient and take one server optimizer step.
+
+    FedAvg and FedProx weight updates by sample count; SCAFFOLD averages them uniformly and
+    updates the server variate, as in its paper; FedNova normalizes each by its local steps.
+    """
+    deltas = Server_side.client_deltas([update.weights for update in updates], global_weights)
+    num_examples = [update.num_examples for update in updates]
+    if config["ALGORITHM"] == "fednova":
+        normalizers = [Server_side.fednova_normalizer(update.num_steps, config["LOCAL_MOMENTUM"])
+                       for update in updates]
+        delta = Server_side.fednova_delta(deltas, num_examples, normalizers)
+    elif config["ALGORITHM"] == "scaffold":
+        delta = Server_side.fedavg(deltas, [1] * len(deltas))
+        federation.components["server_variate"].update(
+            [update.variate_delta for update in updates], config["NUM_CLIENTS"])
+    else:
+        delta = Server_side.fedavg(deltas, num_examples)
+    return federation.components["server_optimizer"].step(global_weights, delta)
 
 
 def round_row(round_num, test_accuracy, test_loss, num_selected, updates, seconds):

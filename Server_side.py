@@ -1,8 +1,12 @@
-"""The server: the global CNN, client sampling, FedAvg aggregation and test evaluation.
+"""The server: the global CNN, client sampling, aggregation, server optimizers and evaluation.
 
 FedAvg is Algorithm 1 of McMahan et al. (2017), "Communication-Efficient Learning of Deep
 Networks from Decentralized Data": the next global model is the average of the returned client
-models, weighted by each client's number of training examples.
+models, weighted by each client's number of training examples. The server step is written as in
+Reddi et al. (2021), "Adaptive Federated Optimization": clients' updates y_i - x are aggregated
+into a pseudo-gradient Delta and a server optimizer moves x along it (plain FedAvg is SGD with
+server learning rate 1). FedNova (Wang et al. 2020) and SCAFFOLD (Karimireddy et al. 2020) change
+how Delta is formed.
 """
 
 import numpy as np
@@ -63,7 +67,8 @@ def fedavg(client_weights, num_examples):
         client_weights: one list of layer arrays per client, all with the same shapes.
         num_examples: one positive count per client.
     Returns:
-        list of float32 layer arrays: sum_k n_k * w_k / sum_k n_k, accumulated in float64.
+        list of layer arrays: sum_k n_k * w_k / sum_k n_k, accumulated in float64 and returned in
+        the clients' dtype.
     """
     if len(client_weights) == 0 or len(client_weights) != len(num_examples):
         raise ValueError("fedavg needs one example count per client and at least one client")
@@ -71,9 +76,116 @@ def fedavg(client_weights, num_examples):
     coefficients = coefficients / coefficients.sum()
     return [
         sum(coefficient * np.asarray(layers[layer], dtype=np.float64)
-            for coefficient, layers in zip(coefficients, client_weights)).astype(np.float32)
+            for coefficient, layers in zip(coefficients, client_weights))
+        .astype(np.asarray(client_weights[0][layer]).dtype)
         for layer in range(len(client_weights[0]))
     ]
+
+
+def client_deltas(client_weights, global_weights):
+    """Return each client's update y_i - x as float64 layer arrays."""
+    return [[np.float64(new) - np.float64(start) for new, start in zip(weights, global_weights)]
+            for weights in client_weights]
+
+
+def fednova_normalizer(num_steps, momentum):
+    """FedNova's ||a_i||_1 for tau local SGD steps with momentum rho (Wang et al. 2020, eq. 9).
+
+    Plain SGD gives tau; momentum rho gives (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho).
+    """
+    if momentum == 0:
+        return float(num_steps)
+    return (num_steps - momentum * (1 - momentum ** num_steps) / (1 - momentum)) / (1 - momentum)
+
+
+def fednova_delta(deltas, num_examples, normalizers):
+    """FedNova's pseudo-gradient: tau_eff * sum_i p_i * Delta_i / a_i, with tau_eff = sum p_i a_i.
+
+    Normalizing each update by its step count removes the objective inconsistency that plain
+    averaging has when clients take different numbers of local steps.
+    """
+    weights = np.asarray(num_examples, np.float64) / np.sum(num_examples)
+    effective_steps = float(np.dot(weights, normalizers))
+    normalized = [[layer / normalizer for layer in delta]
+                  for delta, normalizer in zip(deltas, normalizers)]
+    return [effective_steps * layer for layer in fedavg(normalized, num_examples)]
+
+
+class ScaffoldServerVariate:
+    """SCAFFOLD's server control variate c, updated with the participating fraction |S|/N."""
+
+    def __init__(self, shapes):
+        self.arrays = [np.zeros(shape, np.float32) for shape in shapes]
+
+    def update(self, variate_deltas, num_clients):
+        """c <- c + (|S| / N) * mean_i (c_i+ - c_i), over the |S| clients that returned."""
+        mean_delta = fedavg(variate_deltas, [1] * len(variate_deltas))
+        share = len(variate_deltas) / num_clients
+        self.arrays = [(np.float64(variate) + share * delta).astype(np.float32)
+                       for variate, delta in zip(self.arrays, mean_delta)]
+
+    def get_state(self):
+        return list(self.arrays)
+
+    def set_state(self, arrays):
+        self.arrays = [np.array(array, np.float32) for array in arrays]
+
+
+SERVER_OPTIMIZERS = ("sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+class ServerOptimizer:
+    """Apply the aggregated pseudo-gradient Delta to the global weights x (Reddi et al. 2021).
+
+    sgd:        x <- x + lr * Delta                    (FedAvg when lr = 1)
+    fedavgm:    v <- momentum * v + Delta;  x <- x + lr * v          (Hsu et al. 2019)
+    fedadagrad: v <- v + Delta^2
+    fedyogi:    v <- v - (1 - beta2) * Delta^2 * sign(v - Delta^2)
+    fedadam:    v <- beta2 * v + (1 - beta2) * Delta^2
+    and for the last three m <- beta1 * m + (1 - beta1) * Delta; x <- x + lr * m / (sqrt(v) + tau),
+    starting from m = 0 and v = tau^2 as in Algorithm 2 of the paper (no bias correction).
+    """
+
+    def __init__(self, name, shapes, learning_rate=1.0, momentum=0.9, beta1=0.9, beta2=0.99,
+                 tau=1e-3):
+        if name not in SERVER_OPTIMIZERS:
+            raise ValueError(f"SERVER_OPTIMIZER must be one of {', '.join(SERVER_OPTIMIZERS)}, "
+                             f"got {name!r}")
+        self.name, self.learning_rate, self.momentum = name, learning_rate, momentum
+        self.beta1, self.beta2, self.tau = beta1, beta2, tau
+        self.first_moment = [np.zeros(shape) for shape in shapes]
+        self.second_moment = [np.full(shape, tau ** 2) for shape in shapes]
+
+    def step(self, global_weights, delta):
+        """Return the new global weights (float32) after one server step along `delta`."""
+        return [(np.float64(weights) + self.learning_rate * self._direction(layer, np.float64(d)))
+                .astype(np.float32)
+                for layer, (weights, d) in enumerate(zip(global_weights, delta))]
+
+    def _direction(self, layer, delta):
+        if self.name == "sgd":
+            return delta
+        if self.name == "fedavgm":
+            self.first_moment[layer] = self.momentum * self.first_moment[layer] + delta
+            return self.first_moment[layer]
+        self.first_moment[layer] = self.beta1 * self.first_moment[layer] + (1 - self.beta1) * delta
+        squared, second = delta ** 2, self.second_moment[layer]
+        if self.name == "fedadagrad":
+            second = second + squared
+        elif self.name == "fedyogi":
+            second = second - (1 - self.beta2) * squared * np.sign(second - squared)
+        else:
+            second = self.beta2 * second + (1 - self.beta2) * squared
+        self.second_moment[layer] = second
+        return self.first_moment[layer] / (np.sqrt(second) + self.tau)
+
+    def get_state(self):
+        return self.first_moment + self.second_moment
+
+    def set_state(self, arrays):
+        half = len(arrays) // 2
+        self.first_moment = [np.array(array) for array in arrays[:half]]
+        self.second_moment = [np.array(array) for array in arrays[half:]]
 
 
 def cross_entropy(probabilities, labels):

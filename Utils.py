@@ -19,7 +19,7 @@ TRUE_WORDS = ("true", "yes", "1")
 FALSE_WORDS = ("false", "no", "0")
 # One independent random stream per job. New jobs go at the end: SeedSequence children are keyed
 # by position, so adding a name never changes the streams before it.
-GENERATOR_NAMES = ("partition", "selection", "training", "dropout")
+GENERATOR_NAMES = ("partition", "selection", "training", "dropout", "baseline")
 
 
 def seed_everything(seed):
@@ -103,9 +103,15 @@ def read_overrides(path, defaults):
 
 
 def run_name(config):
-    """Name a run by its configuration, e.g. fedavg_noniid_ib_K100_C0.3_E1_B32."""
-    return (f"fedavg_{config['DISTRIBUTION']}_K{config['NUM_CLIENTS']}"
+    """Name a run by its configuration, e.g. fedavg_noniid_ib_K100_C0.3_E1_B32.
+
+    A server optimizer other than plain sgd is appended, e.g. ..._B32_fedadam.
+    """
+    name = (f"{config['ALGORITHM']}_{config['DISTRIBUTION']}_K{config['NUM_CLIENTS']}"
             f"_C{config['CLIENT_FRACTION']}_E{config['LOCAL_EPOCHS']}_B{config['BATCH_SIZE']}")
+    if config["SERVER_OPTIMIZER"] != "sgd":
+        name += f"_{config['SERVER_OPTIMIZER']}"
+    return name
 
 
 def save_config(path, config):
@@ -164,6 +170,42 @@ def load_checkpoint(path):
     return arrays, metadata
 
 
+def save_run_state(path, config, rows, global_weights, components, generators):
+    """Checkpoint a run: weights, every component's state, generator states and the history.
+
+    Args:
+        components: objects with get_state() -> list of arrays (client trainer, server optimizer,
+            control variates, baseline), saved as '<name>_<index>'.
+    """
+    arrays = {f"global_{index}": layer for index, layer in enumerate(global_weights)}
+    sizes = {}
+    for name, component in components.items():
+        state = component.get_state()
+        sizes[name] = len(state)
+        arrays.update({f"{name}_{index}": array for index, array in enumerate(state)})
+    metadata = {"round": rows[-1]["round"], "config": config, "history": rows,
+                "state_sizes": sizes, "num_layers": len(global_weights),
+                "generators": {name: generator.bit_generator.state
+                               for name, generator in generators.items()}}
+    save_checkpoint(path, arrays, json.loads(json.dumps(metadata, default=str)))
+
+
+def restore_run_state(checkpoint, components, generators):
+    """Load what save_run_state wrote into the components and generators.
+
+    Returns:
+        (global weights, history rows).
+    """
+    arrays, metadata = checkpoint
+    for name, generator in generators.items():
+        generator.bit_generator.state = metadata["generators"][name]
+    for name, component in components.items():
+        component.set_state([arrays[f"{name}_{index}"]
+                             for index in range(metadata["state_sizes"][name])])
+    global_weights = [arrays[f"global_{index}"] for index in range(metadata["num_layers"])]
+    return global_weights, metadata["history"]
+
+
 def config_differences(saved, current, ignored):
     """Return the names of constants whose JSON form differs between two configs."""
     saved_json = json.loads(json.dumps(saved, default=str))
@@ -219,18 +261,63 @@ def plot_distribution(path, counts, title):
 
 
 def plot_history(path, rows, title):
-    """Save test accuracy and test loss per round."""
+    """Save test accuracy and test loss per round, with the centralized baseline if it ran."""
     rounds = [row["round"] for row in rows]
     figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    accuracy_axis.plot(rounds, [row["test_accuracy"] for row in rows], marker=".")
-    accuracy_axis.set_xlabel("round")
-    accuracy_axis.set_ylabel("test accuracy")
-    accuracy_axis.grid(alpha=0.3)
-    loss_axis.plot(rounds, [row["test_loss"] for row in rows], marker=".", color="tab:red")
-    loss_axis.set_xlabel("round")
-    loss_axis.set_ylabel("test loss")
-    loss_axis.grid(alpha=0.3)
+    for prefix, label, style in (("test", "federated", "-"), ("baseline", "centralized", "--")):
+        if f"{prefix}_accuracy" not in rows[0]:
+            continue
+        accuracy_axis.plot(rounds, [row[f"{prefix}_accuracy"] for row in rows], style,
+                           marker=".", label=label)
+        loss_axis.plot(rounds, [row[f"{prefix}_loss"] for row in rows], style, marker=".",
+                       label=label)
+    for axis, quantity in ((accuracy_axis, "test accuracy"), (loss_axis, "test loss")):
+        axis.set_xlabel("round")
+        axis.set_ylabel(quantity)
+        axis.grid(alpha=0.3)
+        axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def rounds_to_reach(rows, target):
+    """Return the first round whose test accuracy reaches `target`, or None."""
+    return next((row["round"] for row in rows if row["test_accuracy"] >= target), None)
+
+
+def comparison_table(labels, configs, histories, target):
+    """Return a Markdown table: one line per run, final/best accuracy, rounds to target, time."""
+    lines = [f"| run | algorithm | server | distribution | rounds | final acc | best acc | "
+             f"rounds to {target} | wall time (s) | centralized acc |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, config, rows in zip(labels, configs, histories):
+        reached = rounds_to_reach(rows, target)
+        baseline = rows[-1].get("baseline_accuracy")
+        lines.append(
+            f"| {label} | {config['ALGORITHM']} | {config['SERVER_OPTIMIZER']} "
+            f"(lr {config['SERVER_LR']}) | {config['DISTRIBUTION']} | {len(rows)} | "
+            f"{rows[-1]['test_accuracy']:.4f} | {max(row['test_accuracy'] for row in rows):.4f} "
+            f"| {reached if reached else 'not reached'} | "
+            f"{sum(float(row['seconds']) for row in rows):.0f} | "
+            f"{'' if baseline is None else f'{baseline:.4f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(table_path, plot_path, labels, configs, histories):
+    """Write the comparison table (Markdown) and an overlay plot of the accuracy curves."""
+    target = configs[0]["TARGET_ACCURACY"]
+    pathlib.Path(table_path).write_text(comparison_table(labels, configs, histories, target))
+    figure, axis = plt.subplots(figsize=(9, 5))
+    for label, rows in zip(labels, histories):
+        axis.plot([row["round"] for row in rows], [row["test_accuracy"] for row in rows],
+                  label=label)
+    axis.axhline(target, color="grey", linestyle=":", label=f"target {target}")
+    axis.set_xlabel("round")
+    axis.set_ylabel("test accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(plot_path, dpi=100)
     plt.close(figure)

@@ -81,7 +81,7 @@ def simulate(config, data, rounds):
     """
     generators = Utils.make_generators(config["SEED"])
     client_indices = Main.partition_data(config, data[1], generators["partition"])
-    federation = Main.build_federation(config, data, client_indices)
+    federation = Main.build_federation(config, data, client_indices, generators)
     global_weights, _ = Main.run_round(0, config, federation,
                                        federation.global_model.get_weights(), generators)
     rss, seconds, samples = [], [], 0

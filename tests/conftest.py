@@ -15,3 +15,11 @@ def fashion_mnist():
     import Data_Preprocessing
 
     return Data_Preprocessing.load_fashion_mnist()
+
+
+@pytest.fixture
+def real_data_once(monkeypatch, fashion_mnist):
+    """Serve the session's already loaded data to in-process runs of Main.main."""
+    import Data_Preprocessing
+
+    monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: fashion_mnist)

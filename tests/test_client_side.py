@@ -90,3 +90,87 @@ def test_local_training_lowers_the_training_loss(fashion_mnist):
     first_epoch_loss = one_epoch.train(weights, np.arange(2000), np.random.default_rng(0))
     third_epoch_loss = trainer.train(weights, np.arange(2000), np.random.default_rng(0))
     assert third_epoch_loss.train_loss < 0.8 * first_epoch_loss.train_loss
+
+
+def tiny_trainer(x_train, y_train, learning_rate=0.1, prox_mu=0.0, batch_size=0):
+    """A dropout-free softmax regression, so every gradient is deterministic."""
+    model = keras.Sequential([keras.Input(shape=(28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    return Client_side.LocalTrainer(model, x_train, y_train, learning_rate, 0.0, batch_size,
+                                    local_epochs=1, prox_mu=prox_mu)
+
+
+def random_weights(trainer, seed, scale=0.05):
+    rng = np.random.default_rng(seed)
+    return [(scale * rng.normal(size=variable.shape)).astype(np.float32)
+            for variable in trainer.model.trainable_variables]
+
+
+def gradients_at(trainer, weights, anchor, images, labels):
+    trainer.model.set_weights(weights)
+    _, gradients = trainer.loss_and_gradients(images, labels, anchor)
+    return [gradient.numpy() for gradient in gradients]
+
+
+def test_fedprox_gradient_is_plain_gradient_plus_mu_times_distance(tiny_client):
+    x_train, y_train = tiny_client
+    plain, proximal = tiny_trainer(x_train, y_train), tiny_trainer(x_train, y_train, prox_mu=0.3)
+    weights, anchor = random_weights(plain, 0), random_weights(plain, 1)
+    images, labels = x_train[:16], y_train[:16]
+    plain_gradients = gradients_at(plain, weights, anchor, images, labels)
+    proximal_gradients = gradients_at(proximal, weights, anchor, images, labels)
+    for plain_layer, proximal_layer, own, start in zip(plain_gradients, proximal_gradients,
+                                                       weights, anchor):
+        np.testing.assert_allclose(proximal_layer, plain_layer + 0.3 * (own - start),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_scaffold_step_applies_minus_lr_times_corrected_gradient(tiny_client):
+    """With B = 0 (FedSGD) a client of 20 samples takes one step: y = x - lr * (g - c_i + c)."""
+    x_train, y_train = tiny_client
+    trainer = tiny_trainer(x_train[:20], y_train[:20], learning_rate=0.1, batch_size=0)
+    start = random_weights(trainer, 2)
+    correction = random_weights(trainer, 3, scale=0.5)  # c - c_i
+    gradient = gradients_at(trainer, start, start, x_train[:20], y_train[:20])
+    update = trainer.train(start, np.arange(20), np.random.default_rng(0), correction)
+    assert update.num_steps == 1
+    for new, old, grad, shift in zip(update.weights, start, gradient, correction):
+        np.testing.assert_allclose(new, old - 0.1 * (grad + shift), rtol=1e-5, atol=1e-6)
+
+
+def test_scaffold_client_variate_option_two_by_hand():
+    """c_i+ = c_i - c + (x - y_i) / (K * lr) = [1, 2] - [0.5, 0.5] + [0.2, -0.2] / (2 * 0.1)."""
+    new_variate = Client_side.scaffold_client_variate(
+        [np.array([1.0, 2.0])], [np.array([0.5, 0.5])], [np.array([1.0, 1.0])],
+        [np.array([0.8, 1.2])], num_steps=2, learning_rate=0.1)
+    np.testing.assert_allclose(new_variate[0], [1.5, 0.5], rtol=1e-6)
+
+
+def test_client_memory_keeps_each_clients_arrays_and_round_trips_its_state():
+    memory = Client_side.ClientMemory([(2,), (1, 3)])
+    assert [array.tolist() for array in memory.get(7)] == [[0, 0], [[0, 0, 0]]]
+    memory.put(7, [np.array([1.0, 2.0]), np.ones((1, 3))])
+    restored = Client_side.ClientMemory([(2,), (1, 3)])
+    restored.set_state(memory.get_state())
+    np.testing.assert_array_equal(restored.get(7)[0], [1.0, 2.0])
+    np.testing.assert_array_equal(restored.get(3)[0], [0.0, 0.0])
+
+
+def test_fedsgd_batch_size_zero_takes_one_step_per_epoch(tiny_client):
+    x_train, y_train = tiny_client
+    trainer = tiny_trainer(x_train, y_train, batch_size=0)
+    update = trainer.train(random_weights(trainer, 0), np.arange(70), np.random.default_rng(0))
+    assert update.num_steps == 1 and update.num_examples == 70
+
+
+def test_centralized_baseline_walks_reshuffled_passes_over_all_samples(tiny_client):
+    x_train, y_train = tiny_client
+    trainer = tiny_trainer(x_train, y_train, batch_size=10)
+    baseline = Client_side.CentralizedBaseline(trainer, random_weights(trainer, 0), 70,
+                                               np.random.default_rng(0))
+    seen = np.concatenate([baseline._next(50), baseline._next(50), baseline._next(40)])
+    # Two whole passes: every sample exactly twice.
+    np.testing.assert_array_equal(np.bincount(seen, minlength=70), np.full(70, 2))
+    before = [layer.copy() for layer in baseline.weights]
+    baseline.train(30)
+    assert any(not np.array_equal(old, new) for old, new in zip(before, baseline.weights))

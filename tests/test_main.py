@@ -92,3 +92,67 @@ def test_end_to_end_run_on_real_data_learns_and_writes_every_output(tmp_path):
                     for row in history]
     assert without_time == [{key: value for key, value in row.items() if key != "seconds"}
                             for row in repeated], "the same SEED gave a different curve"
+
+
+# Two clients of 1,200 iid samples a round: each in-process run takes a few seconds.
+QUICK_RUN = {"NUM_CLIENTS": 50, "CLIENT_FRACTION": 0.04, "DISTRIBUTION": "iid", "ROUNDS": 3,
+             "LEARNING_RATE": 0.05, "SEED": 1}
+
+
+def run_in_process(tmp_path, label, **constants):
+    """Run Main.main on a quick config; return the history rows as floats."""
+    path = write_config(tmp_path / f"{label}.csv", OUTPUT_DIR=tmp_path / label,
+                        **{**QUICK_RUN, **constants})
+    assert Main.main(["-c", "-f", str(path)]) == 0
+    (run_dir,) = (tmp_path / label).iterdir()
+    with open(run_dir / "history.csv") as file:
+        return [{key: float(value) if value else None for key, value in row.items()}
+                for row in csv.DictReader(file)]
+
+
+@pytest.mark.parametrize("algorithm, server_optimizer, server_lr", [
+    ("fedavg", "sgd", 1.0), ("fedprox", "sgd", 1.0), ("scaffold", "sgd", 1.0),
+    ("fednova", "sgd", 1.0), ("fedavg", "fedavgm", 0.5), ("fedavg", "fedadam", 0.01),
+    ("fedavg", "fedyogi", 0.01), ("fedavg", "fedadagrad", 0.01)])
+def test_every_algorithm_and_server_optimizer_learns_end_to_end(
+        tmp_path, real_data_once, algorithm, server_optimizer, server_lr):
+    rows = run_in_process(tmp_path, "run", ALGORITHM=algorithm, SERVER_OPTIMIZER=server_optimizer,
+                          SERVER_LR=server_lr)
+    assert len(rows) == 3
+    assert rows[-1]["test_accuracy"] > 0.4, rows
+
+
+def test_fedprox_with_mu_zero_is_fedavg(tmp_path, real_data_once):
+    fedavg = run_in_process(tmp_path, "fedavg")
+    fedprox = run_in_process(tmp_path, "fedprox", ALGORITHM="fedprox", PROX_MU=0.0)
+    assert [row["test_accuracy"] for row in fedavg] == [row["test_accuracy"] for row in fedprox]
+    assert [row["test_loss"] for row in fedavg] == [row["test_loss"] for row in fedprox]
+
+
+def test_centralized_baseline_is_logged_and_leaves_the_federated_curve_alone(
+        tmp_path, real_data_once, capsys):
+    alone = run_in_process(tmp_path, "alone")
+    with_baseline = run_in_process(tmp_path, "baseline", CENTRALIZED_BASELINE=True)
+    assert [row["test_accuracy"] for row in alone] == \
+        [row["test_accuracy"] for row in with_baseline]
+    assert all(row["baseline_accuracy"] > 0.1 for row in with_baseline)
+    assert "percentage points below it" in capsys.readouterr().out
+
+
+def test_several_csv_files_run_in_turn_and_are_compared(tmp_path, real_data_once):
+    output = tmp_path / "out"
+    files = [write_config(tmp_path / f"{name}.csv", OUTPUT_DIR=output, ALGORITHM=name,
+                          TARGET_ACCURACY=0.3, **{**QUICK_RUN, "ROUNDS": 2})
+             for name in ("fedavg", "fednova")]
+    assert Main.main(["-c", "-f", *map(str, files)]) == 0
+    table = (output / "comparison.md").read_text().splitlines()
+    assert table[0].startswith("| run | algorithm") and len(table) == 4
+    assert table[2].startswith("| fedavg | fedavg |") and table[3].startswith("| fednova |")
+    assert (output / "comparison.png").stat().st_size > 0
+
+
+def test_two_csv_files_writing_one_folder_are_refused(tmp_path, capsys):
+    files = [write_config(tmp_path / f"{name}.csv", OUTPUT_DIR=tmp_path / "out", PROX_MU=mu)
+             for name, mu in (("a", 0.1), ("b", 0.2))]
+    assert Main.main(["-c", "-f", *map(str, files)]) == 2
+    assert "would both write" in capsys.readouterr().err

@@ -70,12 +70,6 @@ def global_weights_of(run_dir):
     return metadata["round"], [arrays[name] for name in sorted(arrays) if name.startswith("global")]
 
 
-@pytest.fixture
-def real_data_once(monkeypatch, fashion_mnist):
-    """Serve the session's already loaded data to in-process runs of Main.main."""
-    monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: fashion_mnist)
-
-
 def corrupt_data_dir(tmp_path):
     """A copy of the real data folder whose training labels are cut short."""
     folder = tmp_path / "corrupt_data"
@@ -258,7 +252,7 @@ def test_a_round_where_no_client_returns_keeps_the_global_model(fashion_mnist):
     generators = Utils.make_generators(config["SEED"])
     data = fashion_mnist[:2] + (fashion_mnist[2][:500], fashion_mnist[3][:500], "test")
     client_indices = Main.partition_data(config, data[1], generators["partition"])
-    federation = Main.build_federation(config, data, client_indices)
+    federation = Main.build_federation(config, data, client_indices, generators)
     weights = federation.global_model.get_weights()
     new_weights, row = Main.run_round(1, config, federation, weights, generators)
     assert row["returned"] == 0 and row["samples"] == 0 and row["train_loss"] == ""
@@ -271,7 +265,29 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_history(tmp_path):
                         LEARNING_RATE=5000, **SMALL_RUN)
     returncode, _, stderr = run_main(path)
     assert returncode == Main.EXIT_DIVERGED
-    assert "diverged" in stderr and "LEARNING_RATE 5000.0 is too high" in stderr
+    assert "diverged" in stderr and "LEARNING_RATE 5000.0 (or SERVER_LR 1.0) is too high" in stderr
     assert "Traceback" not in stderr
     run_dir = tmp_path / "out" / "fedavg_iid_K50_C0.1_E1_B32"
     assert read_history(run_dir) == []  # the first round already diverged: no row is invented
+
+
+def test_resume_restores_scaffold_variates_server_optimizer_and_baseline(tmp_path, real_data_once):
+    """A run extended from its round-2 checkpoint to round 4 equals a straight 4-round run.
+
+    SCAFFOLD's client and server variates, FedAdam's moments and the centralized baseline's
+    weights and sample stream all live in the checkpoint; losing any one changes rounds 3-4.
+    """
+    constants = {**SMALL_RUN, "CLIENT_FRACTION": 0.04, "ALGORITHM": "scaffold",
+                 "SERVER_OPTIMIZER": "fedadam", "SERVER_LR": 0.01, "CENTRALIZED_BASELINE": True}
+    straight = write_config(tmp_path / "straight.csv", OUTPUT_DIR=tmp_path / "straight",
+                            ROUNDS=4, **constants)
+    assert Main.main(["-c", "-f", str(straight)]) == 0
+    first = write_config(tmp_path / "first.csv", OUTPUT_DIR=tmp_path / "split", ROUNDS=2,
+                         **constants)
+    assert Main.main(["-c", "-f", str(first)]) == 0
+    extended = write_config(tmp_path / "extended.csv", OUTPUT_DIR=tmp_path / "split", ROUNDS=4,
+                            RESUME=True, **constants)
+    assert Main.main(["-c", "-f", str(extended)]) == 0
+    (straight_dir,) = (tmp_path / "straight").iterdir()
+    (split_dir,) = (tmp_path / "split").iterdir()
+    assert without_seconds(read_history(split_dir)) == without_seconds(read_history(straight_dir))

@@ -104,3 +104,80 @@ def test_evaluator_matches_keras_evaluate(fashion_mnist):
     keras_loss, keras_accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
     assert loss == pytest.approx(keras_loss, rel=1e-4)
     assert accuracy == pytest.approx(keras_accuracy, abs=1e-6)
+
+
+def test_client_deltas_are_float64_differences():
+    deltas = Server_side.client_deltas([[np.array([1.5], np.float32)]], [np.array([1.0], np.float32)])
+    assert deltas[0][0].dtype == np.float64 and deltas[0][0][0] == 0.5
+
+
+def test_fednova_normalizes_by_local_steps_by_hand():
+    """p = [1/4, 3/4], tau = [2, 6], updates [2] and [3]:
+    tau_eff = 1/4*2 + 3/4*6 = 5; sum p_i Delta_i / tau_i = 1/4*2/2 + 3/4*3/6 = 0.625;
+    FedNova's Delta = 5 * 0.625 = 3.125, where FedAvg's would be 1/4*2 + 3/4*3 = 2.75.
+    """
+    deltas = [[np.array([2.0])], [np.array([3.0])]]
+    delta = Server_side.fednova_delta(deltas, [1, 3], [2.0, 6.0])
+    assert delta[0][0] == pytest.approx(3.125)
+    assert Server_side.fedavg(deltas, [1, 3])[0][0] == pytest.approx(2.75)
+
+
+def test_fednova_normalizer_with_momentum_sums_the_momentum_weights():
+    """tau = 2, rho = 0.5: step k of a constant gradient moves (1 - rho^(k+1)) / (1 - rho),
+    so a = 1 + 1.5 = 2.5; the formula gives (2 - 0.5 * 0.75 / 0.5) / 0.5 = 2.5."""
+    assert Server_side.fednova_normalizer(2, 0.5) == pytest.approx(2.5)
+    assert Server_side.fednova_normalizer(7, 0.0) == 7.0
+
+
+def test_scaffold_server_variate_moves_by_participating_fraction():
+    """c = 0, two of ten clients return deltas 1 and 3: c = 0 + 2/10 * mean(1, 3) = 0.4."""
+    variate = Server_side.ScaffoldServerVariate([(1,)])
+    variate.update([[np.array([1.0])], [np.array([3.0])]], num_clients=10)
+    assert variate.arrays[0][0] == pytest.approx(0.4)
+
+
+LR, BETA1, BETA2, TAU = 0.1, 0.9, 0.99, 1e-3
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sgd", 1 + LR * 0.5),
+    ("fedavgm", 1 + LR * 0.5),
+    # m = (1 - beta1) * 0.5 = 0.05 for the three adaptive ones; v starts at tau^2.
+    ("fedadagrad", 1 + LR * 0.05 / (np.sqrt(TAU**2 + 0.25) + TAU)),
+    ("fedadam", 1 + LR * 0.05 / (np.sqrt(BETA2 * TAU**2 + (1 - BETA2) * 0.25) + TAU)),
+    ("fedyogi", 1 + LR * 0.05 / (np.sqrt(TAU**2 + (1 - BETA2) * 0.25) + TAU)),
+])
+def test_one_server_optimizer_step_by_hand(name, expected):
+    optimizer = Server_side.ServerOptimizer(name, [(1,)], LR, 0.9, BETA1, BETA2, TAU)
+    new_weights = optimizer.step([np.array([1.0], np.float32)], [np.array([0.5])])
+    assert new_weights[0].dtype == np.float32
+    assert new_weights[0][0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_fedavgm_accumulates_momentum_over_steps():
+    """v = 0.5, then 0.9 * 0.5 + 0.5 = 0.95: x = 1 + 0.1 * 0.5 + 0.1 * 0.95 = 1.145."""
+    optimizer = Server_side.ServerOptimizer("fedavgm", [(1,)], learning_rate=0.1, momentum=0.9)
+    weights = [np.array([1.0], np.float32)]
+    for _ in range(2):
+        weights = optimizer.step(weights, [np.array([0.5])])
+    assert weights[0][0] == pytest.approx(1.145, rel=1e-6)
+
+
+def test_sgd_server_with_rate_one_and_one_client_returns_that_client():
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5).astype(np.float32)]
+    client = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5).astype(np.float32)]
+    delta = Server_side.fedavg(Server_side.client_deltas([client], start), [123])
+    new_weights = Server_side.ServerOptimizer("sgd", [(3, 4), (5,)], 1.0).step(start, delta)
+    for expected, actual in zip(client, new_weights):
+        np.testing.assert_array_equal(expected, actual)
+
+
+def test_server_optimizer_state_round_trips():
+    first = Server_side.ServerOptimizer("fedadam", [(2,)], 0.1)
+    first.step([np.zeros(2, np.float32)], [np.array([0.5, -1.0])])
+    second = Server_side.ServerOptimizer("fedadam", [(2,)], 0.1)
+    second.set_state(first.get_state())
+    weights = [np.ones(2, np.float32)]
+    np.testing.assert_array_equal(first.step(weights, [np.array([0.2, 0.2])]),
+                                  second.step(weights, [np.array([0.2, 0.2])]))

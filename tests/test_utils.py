@@ -59,9 +59,12 @@ def test_read_overrides_names_a_missing_file(tmp_path):
 
 
 def test_run_name_describes_the_configuration():
-    config = {"DISTRIBUTION": "noniid_ib", "NUM_CLIENTS": 100, "CLIENT_FRACTION": 0.3,
-              "LOCAL_EPOCHS": 1, "BATCH_SIZE": 32}
+    config = {"ALGORITHM": "fedavg", "DISTRIBUTION": "noniid_ib", "NUM_CLIENTS": 100,
+              "CLIENT_FRACTION": 0.3, "LOCAL_EPOCHS": 1, "BATCH_SIZE": 32,
+              "SERVER_OPTIMIZER": "sgd"}
     assert Utils.run_name(config) == "fedavg_noniid_ib_K100_C0.3_E1_B32"
+    config.update(ALGORITHM="scaffold", SERVER_OPTIMIZER="fedadam")
+    assert Utils.run_name(config) == "scaffold_noniid_ib_K100_C0.3_E1_B32_fedadam"
 
 
 def test_generators_repeat_for_a_seed_and_are_independent_streams():
