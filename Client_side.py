@@ -266,3 +266,66 @@ class CentralizedBaseline:
         self._order = np.array(arrays[num_layers])
         self._position = int(arrays[num_layers + 1])
         self.trainer.set_state(arrays[num_layers + 2:])
+
+
+def update_norm(delta):
+    """Return the L2 norm of an update over all its layers."""
+    return float(np.sqrt(sum(np.sum(np.square(np.float64(layer))) for layer in delta)))
+
+
+def clip_update(delta, clip_norm):
+    """Scale an update down to L2 norm `clip_norm` if it is longer (DP-FedAvg's client step)."""
+    norm = update_norm(delta)
+    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return [factor * np.float64(layer) for layer in delta]
+
+
+def attack_update(delta, attack, scale, rng):
+    """Replace an honest update by a malicious one.
+
+    sign_flip: -scale * delta; gaussian: Gaussian noise rescaled to the update's L2 norm.
+    (label_flip attacks the training data instead, so it leaves the update as trained.)
+    """
+    if attack == "sign_flip":
+        return [-scale * np.float64(layer) for layer in delta]
+    if attack == "gaussian":
+        noise = [rng.standard_normal(np.shape(layer)) for layer in delta]
+        return [layer * update_norm(delta) / max(update_norm(noise), 1e-12) for layer in noise]
+    return delta
+
+
+def encode_update(delta, compression, rng=None, topk_fraction=0.01, stochastic_rounding=False):
+    """Encode an update for upload, one dict of arrays per layer (the seed's Local_compression_).
+
+    none: the float32 values. int8: per-tensor uniform 8-bit codes q in 0..255 with the offset
+    (the minimum) and the step ((max - min) / 255), so x ~ offset + q * step; rounding to nearest,
+    or stochastic (unbiased, needs `rng`). topk: the ceil(topk_fraction * size) entries of largest
+    magnitude, as int32 flat indices and float32 values.
+    Returns:
+        list of dicts; every array in them crosses the simulated wire and is counted in bytes.
+    """
+    return [_encode_layer(np.asarray(layer, np.float64), compression, rng, topk_fraction,
+                          stochastic_rounding) for layer in delta]
+
+
+def _encode_layer(layer, compression, rng, topk_fraction, stochastic_rounding):
+    if compression == "none":
+        return {"values": layer.astype(np.float32)}
+    flat = layer.ravel()
+    if compression == "int8":
+        low, high = (flat.min(), flat.max()) if flat.size else (0.0, 0.0)
+        step = (high - low) / 255 if high > low else 1.0
+        scaled = (flat - low) / step
+        codes = np.floor(scaled + rng.random(flat.size)) if stochastic_rounding else np.rint(scaled)
+        return {"codes": np.clip(codes, 0, 255).astype(np.uint8).reshape(layer.shape),
+                "offset": np.float32(low), "step": np.float32(step)}
+    count = min(flat.size, max(1, int(np.ceil(topk_fraction * flat.size))))
+    indices = np.argpartition(np.abs(flat), flat.size - count)[flat.size - count:]
+    return {"indices": np.sort(indices).astype(np.int32),
+            "values": flat[np.sort(indices)].astype(np.float32), "shape": layer.shape}
+
+
+def encoded_bytes(encoded):
+    """Return the bytes an encoded update takes on the wire: the sizes of its arrays."""
+    return int(sum(np.asarray(value).nbytes for layer in encoded for key, value in layer.items()
+                   if key != "shape"))

@@ -55,6 +55,21 @@ DATA_DIR = None  # folder with the four Fashion-MNIST .gz files; None = search t
 CLIENT_DROPOUT = 0.0  # chance that a selected client never returns its update, in [0, 1)
 CHECKPOINT_EVERY = 1  # save a checkpoint every this many rounds (and at the end), int >= 1
 RESUME = False  # True: continue this configuration's run from its last checkpoint
+# Communication
+COMPRESSION = "none"  # none | int8 | topk: how a client encodes its update before upload
+TOPK_FRACTION = 0.01  # topk: share of each tensor's entries sent (rest kept as error feedback)
+STOCHASTIC_ROUNDING = False  # int8: unbiased random rounding instead of rounding to nearest
+# Privacy (DP-FedAvg, McMahan et al. 2018)
+DP_CLIP_NORM = 0.0  # S: clip each client update to this L2 norm, >= 0; 0 turns DP off
+DP_NOISE_MULTIPLIER = 1.0  # z: server noise std is z * S / (clients averaged), >= 0
+DP_DELTA = 1e-5  # delta of the (epsilon, delta) reported, in (0, 1)
+# Robustness
+AGGREGATION = "fedavg"  # fedavg | median | trimmed_mean | krum | multi_krum
+TRIM_RATIO = 0.1  # trimmed_mean: share of values dropped at each end, in [0, 0.5)
+KRUM_F = 1  # krum, multi_krum: attackers assumed per round, integer >= 0
+MALICIOUS_FRACTION = 0.0  # share of clients that attack, fixed per run by SEED, in [0, 1)
+ATTACK = "sign_flip"  # label_flip | sign_flip | gaussian
+ATTACK_SCALE = 1.0  # sign_flip: attackers upload -ATTACK_SCALE x their update, > 0
 # Output
 OUTPUT_DIR = pathlib.Path(__file__).resolve().parent / "results"  # runs go in subfolders here
 TARGET_ACCURACY = 0.8  # comparisons report the first round reaching this test accuracy, (0, 1]
@@ -63,9 +78,14 @@ TARGET_ACCURACY = 0.8  # comparisons report the first round reaching this test a
 CONSTANT_NAMES = tuple(name for name in dir() if name.isupper())
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova")
+COMPRESSIONS = ("none", "int8", "topk")
+AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
+ATTACKS = ("label_flip", "sign_flip", "gaussian")
 HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "returned",
-                   "samples", "seconds")
+                   "malicious", "samples", "bytes_down", "bytes_up", "mb_down_total",
+                   "mb_up_total", "seconds")
 BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
+PRIVACY_COLUMNS = ("epsilon",)
 CHECKPOINT_NAME = "checkpoint.npz"
 # Constants that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT_DIR",
@@ -123,6 +143,18 @@ RULES = {
     "OUTPUT_DIR": (lambda v: isinstance(v, (str, pathlib.Path)) and str(v) != "",
                    "a folder path"),
     "TARGET_ACCURACY": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "COMPRESSION": (lambda v: v in COMPRESSIONS, "one of " + ", ".join(COMPRESSIONS)),
+    "TOPK_FRACTION": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "STOCHASTIC_ROUNDING": (lambda v: isinstance(v, bool), "True or False"),
+    "DP_CLIP_NORM": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a number >= 0"),
+    "DP_NOISE_MULTIPLIER": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a number >= 0"),
+    "DP_DELTA": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "AGGREGATION": (lambda v: v in AGGREGATIONS, "one of " + ", ".join(AGGREGATIONS)),
+    "TRIM_RATIO": (lambda v: _is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "KRUM_F": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "MALICIOUS_FRACTION": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "ATTACK": (lambda v: v in ATTACKS, "one of " + ", ".join(ATTACKS)),
+    "ATTACK_SCALE": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
 }
 
 
@@ -131,6 +163,18 @@ def validate_config(config):
     for name, (is_allowed, allowed) in RULES.items():
         if not is_allowed(config[name]):
             raise ValueError(f"{name} must be {allowed}, got {config[name]!r}")
+    averaging = config["ALGORITHM"] in ("fedavg", "fedprox")
+    if config["AGGREGATION"] != "fedavg" and not averaging:
+        raise ValueError(f"AGGREGATION {config['AGGREGATION']} needs ALGORITHM fedavg or "
+                         f"fedprox, got {config['ALGORITHM']}")
+    if config["DP_CLIP_NORM"] > 0 and not (averaging and config["AGGREGATION"] == "fedavg"):
+        raise ValueError("DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM fedavg or fedprox and "
+                         "AGGREGATION fedavg")
+    per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
+    if config["AGGREGATION"] in ("krum", "multi_krum") and per_round < 2 * config["KRUM_F"] + 3:
+        raise ValueError(f"KRUM_F must leave at least 2 * KRUM_F + 3 clients a round for Krum; "
+                         f"with {per_round} clients a round KRUM_F can be at most "
+                         f"{max(0, (per_round - 3) // 2)}, got {config['KRUM_F']}")
     return config
 
 
@@ -273,7 +317,8 @@ def partition_data(config, train_labels, rng):
 
 
 def history_columns(config):
-    return HISTORY_COLUMNS + (BASELINE_COLUMNS if config["CENTRALIZED_BASELINE"] else ())
+    return (HISTORY_COLUMNS + (BASELINE_COLUMNS if config["CENTRALIZED_BASELINE"] else ())
+            + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ()))
 
 
 def run(config, data, client_indices, generators, output_dir, checkpoint=None):
@@ -297,6 +342,7 @@ def run(config, data, client_indices, generators, output_dir, checkpoint=None):
         for round_num in range(len(rows) + 1, config["ROUNDS"] + 1):
             global_weights, row = run_round(round_num, config, federation, global_weights,
                                             generators)
+            add_totals(row, rows)
             check_finite(round_num, global_weights, row, config, output_dir)
             rows.append(row)
             # Ctrl-C waits until the row and the checkpoint are whole on disk.
@@ -310,16 +356,27 @@ def run(config, data, client_indices, generators, output_dir, checkpoint=None):
         history.close()
         if rows:
             Utils.plot_history(output_dir / "accuracy.png", rows, name)
+            Utils.plot_communication(output_dir / "communication.png", rows, name)
     federation.global_model.set_weights(global_weights)
     federation.global_model.save(output_dir / "global_model.keras")
     print_summary(config, rows, output_dir)
     return rows
 
 
+def add_totals(row, rows):
+    """Add the cumulative megabytes sent down and up, including this round, to its row."""
+    previous = rows[-1] if rows else {"mb_down_total": 0.0, "mb_up_total": 0.0}
+    row["mb_down_total"] = round(previous["mb_down_total"] + row["bytes_down"] / 1e6, 6)
+    row["mb_up_total"] = round(previous["mb_up_total"] + row["bytes_up"] / 1e6, 6)
+
+
 def print_summary(config, rows, output_dir):
-    """Print the final accuracy, and the gap to the centralized baseline when it ran."""
+    """Print the final accuracy, traffic, privacy spent and the gap to the baseline."""
     print(f"final test accuracy {rows[-1]['test_accuracy']:.4f} after {config['ROUNDS']} rounds; "
-          f"results in {output_dir}")
+          f"uploaded {rows[-1]['mb_up_total']:.1f} MB, downloaded "
+          f"{rows[-1]['mb_down_total']:.1f} MB; results in {output_dir}")
+    if config["DP_CLIP_NORM"] > 0:
+        print(f"privacy spent: epsilon {rows[-1]['epsilon']:.3f} at delta {config['DP_DELTA']}")
     if config["CENTRALIZED_BASELINE"]:
         gap = 100 * (rows[-1]["baseline_accuracy"] - rows[-1]["test_accuracy"])
         print(f"centralized baseline {rows[-1]['baseline_accuracy']:.4f} on the same samples: "
@@ -354,13 +411,23 @@ def build_federation(config, data, client_indices, generators):
 
     `components` lists every object whose state a checkpoint must carry.
     """
-    x_train, y_train, x_test, y_test, _ = data
+    _, y_train, x_test, y_test, _ = data
+    # One tensor of the training images, shared by every trainer (no copy per trainer).
+    x_train = Client_side.tf.convert_to_tensor(data[0])
     Utils.seed_everything(config["SEED"])
     global_model = Server_side.create_model()
     prox_mu = config["PROX_MU"] if config["ALGORITHM"] == "fedprox" else 0.0
     trainer = Client_side.LocalTrainer(
         Server_side.create_model(), x_train, y_train, config["LEARNING_RATE"],
         config["LOCAL_MOMENTUM"], config["BATCH_SIZE"], config["LOCAL_EPOCHS"], prox_mu)
+    num_malicious = int(round(config["MALICIOUS_FRACTION"] * config["NUM_CLIENTS"]))
+    malicious = set(generators["attack"].choice(config["NUM_CLIENTS"], num_malicious,
+                                                replace=False).tolist())
+    # Label-flipping attackers train the same model on labels 9 - y.
+    flipped_trainer = Client_side.LocalTrainer(
+        trainer.model, x_train, 9 - y_train, config["LEARNING_RATE"], config["LOCAL_MOMENTUM"],
+        config["BATCH_SIZE"], config["LOCAL_EPOCHS"], prox_mu) \
+        if malicious and config["ATTACK"] == "label_flip" else None
     shapes = [layer.shape for layer in global_model.get_weights()]
     components = {"trainer": trainer, "server_optimizer": Server_side.ServerOptimizer(
         config["SERVER_OPTIMIZER"], shapes, config["SERVER_LR"], config["SERVER_MOMENTUM"],
@@ -368,6 +435,8 @@ def build_federation(config, data, client_indices, generators):
     if config["ALGORITHM"] == "scaffold":
         components["client_variates"] = Client_side.ClientMemory(shapes)
         components["server_variate"] = Server_side.ScaffoldServerVariate(shapes)
+    if config["COMPRESSION"] == "topk":
+        components["residuals"] = Client_side.ClientMemory(shapes)
     if config["CENTRALIZED_BASELINE"]:
         # Built last, so the federated models' initial weights and dropout seeds do not change.
         baseline_trainer = Client_side.LocalTrainer(
@@ -376,7 +445,10 @@ def build_federation(config, data, client_indices, generators):
         components["baseline"] = Client_side.CentralizedBaseline(
             baseline_trainer, global_model.get_weights(), len(y_train), generators["baseline"])
     return types.SimpleNamespace(global_model=global_model, trainer=trainer,
+                                 flipped_trainer=flipped_trainer, malicious=malicious,
                                  evaluate=Server_side.Evaluator(global_model, x_test, y_test),
+                                 model_bytes=sum(layer.nbytes
+                                                 for layer in global_model.get_weights()),
                                  client_indices=client_indices, components=components)
 
 
@@ -394,11 +466,19 @@ def run_round(round_num, config, federation, global_weights, generators):
                                               generators["dropout"])
     updates = [local_update(client, config, federation, global_weights, generators)
                for client in returning]
+    uploads = [client_upload(client, update, config, federation, global_weights, generators)
+               for client, update in zip(returning, updates)]
     if updates:
-        global_weights = aggregate(config, federation, global_weights, updates)
+        deltas = [Server_side.decode_update(upload) for upload in uploads]
+        global_weights = aggregate(config, federation, global_weights, updates, deltas, generators)
     test_loss, test_accuracy = federation.evaluate(global_weights)
     row = round_row(round_num, test_accuracy, test_loss, len(selected), updates,
                     time.perf_counter() - start)
+    row.update(traffic(config, federation, selected, returning, uploads))
+    if config["DP_CLIP_NORM"] > 0:
+        row["epsilon"] = round(Server_side.privacy_spent(
+            config["DP_NOISE_MULTIPLIER"], config["CLIENT_FRACTION"], round_num,
+            config["DP_DELTA"]), 6)
     if config["CENTRALIZED_BASELINE"]:
         baseline = federation.components["baseline"]
         baseline.train(row["samples"] * config["LOCAL_EPOCHS"])
@@ -408,16 +488,54 @@ def run_round(round_num, config, federation, global_weights, generators):
     return global_weights, row
 
 
+def traffic(config, federation, selected, returning, uploads):
+    """Count bytes down (the global model to every selected client) and up (encoded updates).
+
+    SCAFFOLD also sends the server variate down and the client variate change up, uncompressed.
+    """
+    per_model = federation.model_bytes * (2 if config["ALGORITHM"] == "scaffold" else 1)
+    variate_up = federation.model_bytes if config["ALGORITHM"] == "scaffold" else 0
+    return {"malicious": sum(int(client) in federation.malicious for client in returning),
+            "bytes_down": len(selected) * per_model,
+            "bytes_up": sum(Client_side.encoded_bytes(upload) + variate_up for upload in uploads)}
+
+
+def client_upload(client, update, config, federation, global_weights, generators):
+    """What a client sends: its update y_i - x, attacked, clipped and encoded as configured.
+
+    Top-k keeps what it did not send as the client's residual and adds it to its next update
+    (error feedback).
+    """
+    delta = Server_side.client_deltas([update.weights], global_weights)[0]
+    if int(client) in federation.malicious and config["ATTACK"] != "label_flip":
+        delta = Client_side.attack_update(delta, config["ATTACK"], config["ATTACK_SCALE"],
+                                          generators["attack"])
+    if config["DP_CLIP_NORM"] > 0:
+        delta = Client_side.clip_update(delta, config["DP_CLIP_NORM"])
+    if config["COMPRESSION"] == "topk":
+        residuals = federation.components["residuals"]
+        delta = [layer + residual for layer, residual in zip(delta, residuals.get(client))]
+    encoded = Client_side.encode_update(delta, config["COMPRESSION"], generators["compression"],
+                                        config["TOPK_FRACTION"], config["STOCHASTIC_ROUNDING"])
+    if config["COMPRESSION"] == "topk":
+        residuals.put(client, [layer - sent for layer, sent
+                               in zip(delta, Server_side.decode_update(encoded))])
+    return encoded
+
+
 def local_update(client, config, federation, global_weights, generators):
     """Train one client; for SCAFFOLD also correct its gradients and update its variate."""
     indices = federation.client_indices[client]
+    trainer = federation.trainer
+    if federation.flipped_trainer is not None and int(client) in federation.malicious:
+        trainer = federation.flipped_trainer
     if config["ALGORITHM"] != "scaffold":
-        return federation.trainer.train(global_weights, indices, generators["training"])
+        return trainer.train(global_weights, indices, generators["training"])
     client_variates = federation.components["client_variates"]
     server_variate = federation.components["server_variate"].arrays
     own_variate = client_variates.get(client)
     correction = [shared - own for shared, own in zip(server_variate, own_variate)]
-    update = federation.trainer.train(global_weights, indices, generators["training"], correction)
+    update = trainer.train(global_weights, indices, generators["training"], correction)
     new_variate = Client_side.scaffold_client_variate(
         own_variate, server_variate, global_weights, update.weights, update.num_steps,
         config["LEARNING_RATE"])
@@ -426,15 +544,27 @@ def local_update(client, config, federation, global_weights, generators):
     return update
 
 
-def aggregate(config, federation, global_weights, updates):
-    """Combine the client updates into a pseudo-gradient and take one server optimizer step.
+def aggregate(config, federation, global_weights, updates, deltas, generators):
+    """Combine the decoded client updates into a pseudo-gradient; take one server step.
 
     FedAvg and FedProx weight updates by sample count; SCAFFOLD averages them uniformly and
     updates the server variate, as in its paper; FedNova normalizes each by its local steps.
+    A robust AGGREGATION replaces the average; DP-FedAvg averages uniformly and adds noise.
     """
-    deltas = Server_side.client_deltas([update.weights for update in updates], global_weights)
     num_examples = [update.num_examples for update in updates]
-    if config["ALGORITHM"] == "fednova":
+    rule = config["AGGREGATION"]
+    if rule == "median":
+        delta = Server_side.coordinate_median(deltas)
+    elif rule == "trimmed_mean":
+        delta = Server_side.trimmed_mean(deltas, config["TRIM_RATIO"])
+    elif rule in ("krum", "multi_krum"):
+        keep = 1 if rule == "krum" else max(1, len(deltas) - config["KRUM_F"])
+        delta = Server_side.multi_krum(deltas, config["KRUM_F"], keep)
+    elif config["DP_CLIP_NORM"] > 0:
+        delta = Server_side.add_dp_noise(
+            Server_side.fedavg(deltas, [1] * len(deltas)), config["DP_NOISE_MULTIPLIER"],
+            config["DP_CLIP_NORM"], len(deltas), generators["privacy"])
+    elif config["ALGORITHM"] == "fednova":
         normalizers = [Server_side.fednova_normalizer(update.num_steps, config["LOCAL_MOMENTUM"])
                        for update in updates]
         delta = Server_side.fednova_delta(deltas, num_examples, normalizers)

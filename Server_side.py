@@ -221,3 +221,77 @@ class Evaluator:
             for start in range(0, len(self.y_test), EVAL_BATCH_SIZE)])
         accuracy = float(np.mean(np.argmax(probabilities, axis=1) == self.y_test))
         return cross_entropy(probabilities, self.y_test), accuracy
+
+
+def decode_update(encoded):
+    """Turn what encode_update produced back into float64 layer arrays (the seed's uncompression_)."""
+    return [_decode_layer(layer) for layer in encoded]
+
+
+def _decode_layer(layer):
+    if "codes" in layer:
+        return np.float64(layer["offset"]) + np.float64(layer["step"]) * layer["codes"]
+    if "indices" in layer:
+        dense = np.zeros(int(np.prod(layer["shape"])))
+        dense[layer["indices"]] = layer["values"]
+        return dense.reshape(layer["shape"])
+    return np.float64(layer["values"])
+
+
+def _stacked(deltas, layer):
+    return np.stack([np.float64(delta[layer]) for delta in deltas])
+
+
+def coordinate_median(deltas):
+    """Coordinate-wise median of the client updates (Yin et al. 2018)."""
+    return [np.median(_stacked(deltas, layer), axis=0) for layer in range(len(deltas[0]))]
+
+
+def trimmed_mean(deltas, trim_ratio):
+    """Coordinate-wise mean after dropping the floor(trim_ratio * m) largest and smallest values."""
+    cut = int(trim_ratio * len(deltas))
+    return [np.mean(np.sort(_stacked(deltas, layer), axis=0)[cut:len(deltas) - cut], axis=0)
+            for layer in range(len(deltas[0]))]
+
+
+def krum_scores(deltas, num_attackers):
+    """Krum's score per client: the summed squared distances to its m - f - 2 nearest others.
+
+    Blanchard et al. (2017) need m > 2f + 2; when dropout leaves fewer clients, at least one
+    neighbour is still used.
+    """
+    flat = np.stack([np.concatenate([np.ravel(layer) for layer in delta]) for delta in deltas])
+    squared = np.sum((flat[:, np.newaxis, :] - flat[np.newaxis, :, :]) ** 2, axis=2)
+    num_neighbours = max(1, len(deltas) - num_attackers - 2)
+    return np.array([np.sort(np.delete(row, client))[:num_neighbours].sum()
+                     for client, row in enumerate(squared)])
+
+
+def multi_krum(deltas, num_attackers, num_selected):
+    """Average the `num_selected` updates with the lowest Krum scores (Krum: num_selected=1)."""
+    chosen = np.argsort(krum_scores(deltas, num_attackers), kind="stable")[:num_selected]
+    return fedavg([deltas[index] for index in chosen], [1] * len(chosen))
+
+
+def add_dp_noise(average, noise_multiplier, clip_norm, num_clients, rng):
+    """DP-FedAvg's server noise: N(0, (z * S / m)^2) on each coordinate of the uniform average."""
+    deviation = noise_multiplier * clip_norm / num_clients
+    return [layer + rng.normal(0.0, deviation, np.shape(layer)) for layer in average]
+
+
+def privacy_spent(noise_multiplier, sampling_rate, rounds, delta):
+    """Epsilon of DP-FedAvg after `rounds` rounds, from Google's dp-accounting (RDP).
+
+    Each round is a sampled Gaussian mechanism, accounted as Poisson sampling at rate
+    C = CLIENT_FRACTION (the paper's analysis; our sampling is fixed-size, as is common).
+    Integer Renyi orders only: fractional ones below 2 fail to converge for some rates.
+    """
+    import dp_accounting  # Imported here: only runs with DP pay for SciPy.
+
+    if noise_multiplier == 0:
+        return float("inf")
+    accountant = dp_accounting.rdp.RdpAccountant(list(range(2, 257)) + [512, 1024])
+    event = dp_accounting.PoissonSampledDpEvent(
+        sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    accountant.compose(event, rounds)
+    return float(accountant.get_epsilon(delta))

@@ -19,7 +19,8 @@ TRUE_WORDS = ("true", "yes", "1")
 FALSE_WORDS = ("false", "no", "0")
 # One independent random stream per job. New jobs go at the end: SeedSequence children are keyed
 # by position, so adding a name never changes the streams before it.
-GENERATOR_NAMES = ("partition", "selection", "training", "dropout", "baseline")
+GENERATOR_NAMES = ("partition", "selection", "training", "dropout", "baseline", "attack",
+                   "privacy", "compression")
 
 
 def seed_everything(seed):
@@ -105,13 +106,21 @@ def read_overrides(path, defaults):
 def run_name(config):
     """Name a run by its configuration, e.g. fedavg_noniid_ib_K100_C0.3_E1_B32.
 
-    A server optimizer other than plain sgd is appended, e.g. ..._B32_fedadam.
+    Options away from their plain setting are appended: the server optimizer (_fedadam), the
+    compression (_int8), DP's noise multiplier (_dp1.0), a robust rule (_median) and an attack
+    with its share of clients (_sign_flip0.2).
     """
     name = (f"{config['ALGORITHM']}_{config['DISTRIBUTION']}_K{config['NUM_CLIENTS']}"
             f"_C{config['CLIENT_FRACTION']}_E{config['LOCAL_EPOCHS']}_B{config['BATCH_SIZE']}")
-    if config["SERVER_OPTIMIZER"] != "sgd":
-        name += f"_{config['SERVER_OPTIMIZER']}"
-    return name
+    suffixes = [
+        config.get("SERVER_OPTIMIZER", "sgd") != "sgd" and config.get("SERVER_OPTIMIZER"),
+        config.get("COMPRESSION", "none") != "none" and config.get("COMPRESSION"),
+        config.get("DP_CLIP_NORM", 0) > 0 and f"dp{config['DP_NOISE_MULTIPLIER']}",
+        config.get("AGGREGATION", "fedavg") != "fedavg" and config.get("AGGREGATION"),
+        config.get("MALICIOUS_FRACTION", 0) > 0
+        and f"{config['ATTACK']}{config['MALICIOUS_FRACTION']}",
+    ]
+    return "_".join([name] + [suffix for suffix in suffixes if suffix])
 
 
 def save_config(path, config):
@@ -277,6 +286,20 @@ def plot_history(path, rows, title):
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_communication(path, rows, title):
+    """Save test accuracy against the cumulative megabytes clients uploaded."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([row["mb_up_total"] for row in rows], [row["test_accuracy"] for row in rows],
+              marker=".")
+    axis.set_xlabel("cumulative MB uploaded")
+    axis.set_ylabel("test accuracy")
+    axis.set_title(title, fontsize="small")
+    axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

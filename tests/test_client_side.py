@@ -174,3 +174,67 @@ def test_centralized_baseline_walks_reshuffled_passes_over_all_samples(tiny_clie
     before = [layer.copy() for layer in baseline.weights]
     baseline.train(30)
     assert any(not np.array_equal(old, new) for old, new in zip(before, baseline.weights))
+
+
+def test_int8_round_trip_error_is_within_half_a_step():
+    import Server_side
+
+    rng = np.random.default_rng(0)
+    delta = [rng.normal(size=(3, 3, 1, 32)), rng.normal(size=10) * 1e-3, np.full(4, 0.25)]
+    encoded = Client_side.encode_update(delta, "int8")
+    decoded = Server_side.decode_update(encoded)
+    for original, restored, layer in zip(delta, decoded, encoded):
+        assert layer["codes"].dtype == np.uint8
+        step = (original.max() - original.min()) / 255
+        assert np.max(np.abs(original - restored)) <= step / 2 + 1e-7
+    np.testing.assert_allclose(decoded[2], 0.25)  # a constant tensor survives exactly
+
+
+def test_stochastic_int8_rounding_is_unbiased_and_within_one_step():
+    import Server_side
+
+    rng = np.random.default_rng(1)
+    delta = [np.linspace(-1, 1, 1000)]
+    step = 2 / 255
+    draws = np.stack([Server_side.decode_update(Client_side.encode_update(
+        delta, "int8", rng, stochastic_rounding=True))[0] for _ in range(400)])
+    assert np.max(np.abs(draws - delta[0])) < step + 1e-7
+    assert np.max(np.abs(draws.mean(axis=0) - delta[0])) < step / 5
+
+
+def test_topk_keeps_exactly_k_largest_entries():
+    import Server_side
+
+    layer = np.array([0.1, -5.0, 0.2, 3.0, -0.3, 0.05, 4.0, 0.0, 0.01, -0.02])
+    encoded = Client_side.encode_update([layer], "topk", topk_fraction=0.3)
+    assert len(encoded[0]["indices"]) == 3
+    np.testing.assert_array_equal(Server_side.decode_update(encoded)[0],
+                                  [0, -5.0, 0, 3.0, 0, 0, 4.0, 0, 0, 0])
+
+
+def test_encoded_bytes_are_the_sizes_of_the_encoded_arrays():
+    delta = [np.zeros((100, 10)), np.zeros(10)]
+    assert Client_side.encoded_bytes(Client_side.encode_update(delta, "none")) == 4 * 1010
+    # int8: one byte a value plus a float32 offset and step per tensor.
+    assert Client_side.encoded_bytes(Client_side.encode_update(delta, "int8")) == 1010 + 2 * 8
+    # topk 1%: ceil(10) and ceil(0.1) = 1 entries, 4 bytes of index and 4 of value each.
+    assert Client_side.encoded_bytes(
+        Client_side.encode_update(delta, "topk", topk_fraction=0.01)) == (10 + 1) * 8
+
+
+def test_clipping_bounds_the_update_norm_and_keeps_short_updates():
+    long_update = [np.full(4, 3.0), np.full(5, 4.0)]
+    clipped = Client_side.clip_update(long_update, 2.0)
+    assert Client_side.update_norm(clipped) == pytest.approx(2.0)
+    np.testing.assert_allclose(clipped[0] / clipped[1][0], 0.75)  # direction kept
+    short = [np.array([0.3, 0.4])]
+    np.testing.assert_array_equal(Client_side.clip_update(short, 2.0)[0], short[0])
+
+
+def test_attacks_flip_the_sign_or_replace_by_noise_of_the_same_norm():
+    delta = [np.array([1.0, -2.0]), np.array([[0.5]])]
+    flipped = Client_side.attack_update(delta, "sign_flip", 3.0, None)
+    np.testing.assert_array_equal(flipped[0], [-3.0, 6.0])
+    noise = Client_side.attack_update(delta, "gaussian", 1.0, np.random.default_rng(0))
+    assert Client_side.update_norm(noise) == pytest.approx(Client_side.update_norm(delta))
+    assert not np.allclose(noise[0], delta[0])

@@ -156,3 +156,47 @@ def test_two_csv_files_writing_one_folder_are_refused(tmp_path, capsys):
              for name, mu in (("a", 0.1), ("b", 0.2))]
     assert Main.main(["-c", "-f", *map(str, files)]) == 2
     assert "would both write" in capsys.readouterr().err
+
+
+def test_compression_shrinks_uploads_and_still_learns(tmp_path, real_data_once):
+    uploads = {}
+    for compression in ("none", "int8", "topk"):
+        rows = run_in_process(tmp_path, compression, COMPRESSION=compression, TOPK_FRACTION=0.1)
+        uploads[compression] = rows[-1]["mb_up_total"]
+        assert rows[-1]["test_accuracy"] > 0.3, (compression, rows)
+        assert rows[0]["bytes_down"] == 2 * 4 * 34826  # the float32 model to both clients
+    # Per client: 139,304 bytes raw; as int8 one byte a weight plus an offset and a step per
+    # tensor (6 tensors: a kernel and a bias for each convolution and for the dense layer);
+    # as topk 10% of the entries at 8 bytes (index and value) each.
+    assert uploads["none"] == pytest.approx(3 * 2 * 139_304 / 1e6)
+    assert uploads["int8"] == pytest.approx(3 * 2 * (34_826 + 6 * 8) / 1e6)
+    assert uploads["topk"] < 0.25 * uploads["none"]
+
+
+def test_dp_fedavg_logs_a_growing_epsilon(tmp_path, real_data_once, capsys):
+    rows = run_in_process(tmp_path, "dp", DP_CLIP_NORM=1.0, DP_NOISE_MULTIPLIER=0.5)
+    epsilons = [row["epsilon"] for row in rows]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
+    assert "privacy spent: epsilon" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("attack, aggregation", [
+    ("sign_flip", "median"), ("label_flip", "trimmed_mean"), ("gaussian", "krum"),
+    ("sign_flip", "multi_krum")])
+def test_attacks_and_robust_rules_run_and_are_counted(tmp_path, real_data_once, attack,
+                                                      aggregation):
+    rows = run_in_process(tmp_path, "attack", CLIENT_FRACTION=0.1, MALICIOUS_FRACTION=0.2,
+                          ATTACK=attack, AGGREGATION=aggregation, TRIM_RATIO=0.2)
+    assert sum(row["malicious"] for row in rows) > 0
+    assert all(row["malicious"] <= row["returned"] for row in rows)
+    assert rows[-1]["test_accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("constants, message", [
+    ({"AGGREGATION": "median", "ALGORITHM": "scaffold"}, "AGGREGATION median needs ALGORITHM"),
+    ({"DP_CLIP_NORM": 1.0, "ALGORITHM": "fednova"}, "DP_CLIP_NORM > 0 (DP-FedAvg) needs"),
+    ({"AGGREGATION": "krum", "KRUM_F": 14}, "KRUM_F must leave at least"),
+])
+def test_invalid_combinations_are_rejected_up_front(constants, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Main.validate_config(config_with(**constants))

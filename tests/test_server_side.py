@@ -181,3 +181,63 @@ def test_server_optimizer_state_round_trips():
     weights = [np.ones(2, np.float32)]
     np.testing.assert_array_equal(first.step(weights, [np.array([0.2, 0.2])]),
                                   second.step(weights, [np.array([0.2, 0.2])]))
+
+
+# Four honest clients near 1 and one outlier at 100, in a single one-coordinate layer.
+HONEST_AND_OUTLIER = [[np.array([value])] for value in (0.9, 1.0, 1.05, 1.2, 100.0)]
+
+
+def test_median_ignores_one_outlier():
+    assert Server_side.coordinate_median(HONEST_AND_OUTLIER)[0][0] == pytest.approx(1.05)
+
+
+def test_trimmed_mean_drops_the_extremes_by_hand():
+    """TRIM_RATIO 0.2 of 5 clients drops 1 at each end: mean(1.0, 1.05, 1.2) = 1.0833."""
+    assert Server_side.trimmed_mean(HONEST_AND_OUTLIER, 0.2)[0][0] == pytest.approx(3.25 / 3)
+    # With nothing trimmed it is the plain mean, which the outlier drags to 20.83.
+    assert Server_side.trimmed_mean(HONEST_AND_OUTLIER, 0.0)[0][0] == pytest.approx(20.83)
+
+
+def test_krum_scores_and_choice_by_hand():
+    """f = 1, m = 5: each score sums the squared distances to the m - f - 2 = 2 nearest others.
+
+    0.9: 0.01 + 0.0225; 1.0: 0.01 + 0.0025; 1.05: 0.0025 + 0.0225; 1.2: 0.0225 + 0.04;
+    100: 98.8^2 + 98.95^2. Krum picks the lowest, the client at 1.0.
+    """
+    scores = Server_side.krum_scores(HONEST_AND_OUTLIER, num_attackers=1)
+    np.testing.assert_allclose(scores[:4], [0.0325, 0.0125, 0.025, 0.0625], atol=1e-12)
+    assert scores[4] == pytest.approx(98.8**2 + 98.95**2)
+    assert Server_side.multi_krum(HONEST_AND_OUTLIER, 1, 1)[0][0] == pytest.approx(1.0)
+    # Multi-Krum with m - f = 4 averages the four honest clients: 4.15 / 4.
+    assert Server_side.multi_krum(HONEST_AND_OUTLIER, 1, 4)[0][0] == pytest.approx(4.15 / 4)
+
+
+def test_dp_noise_has_the_documented_standard_deviation():
+    rng = np.random.default_rng(0)
+    average = [np.zeros(200_000)]
+    noisy = Server_side.add_dp_noise(average, noise_multiplier=1.5, clip_norm=2.0,
+                                     num_clients=10, rng=rng)
+    assert np.std(noisy[0]) == pytest.approx(1.5 * 2.0 / 10, rel=0.01)
+    assert abs(np.mean(noisy[0])) < 0.002
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
+    few = Server_side.privacy_spent(1.0, 0.1, 10, 1e-5)
+    many = Server_side.privacy_spent(1.0, 0.1, 100, 1e-5)
+    noisier = Server_side.privacy_spent(2.0, 0.1, 100, 1e-5)
+    assert few < many and noisier < many
+    assert Server_side.privacy_spent(0.0, 0.1, 10, 1e-5) == float("inf")
+
+
+def test_epsilon_matches_the_library_and_a_published_case():
+    """Abadi et al. 2016: q = 0.01, sigma = 4, 10,000 steps, delta = 1e-5 gives epsilon ~ 1.26
+    with the moments accountant; RDP over integer orders lands close to that."""
+    import dp_accounting
+
+    epsilon = Server_side.privacy_spent(4.0, 0.01, 10_000, 1e-5)
+    assert 1.0 < epsilon < 1.4
+    accountant = dp_accounting.rdp.RdpAccountant(list(range(2, 257)) + [512, 1024])
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        0.3, dp_accounting.GaussianDpEvent(1.1)), 50)
+    assert Server_side.privacy_spent(1.1, 0.3, 50, 1e-5) == pytest.approx(
+        accountant.get_epsilon(1e-5))

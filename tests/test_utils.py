@@ -65,6 +65,11 @@ def test_run_name_describes_the_configuration():
     assert Utils.run_name(config) == "fedavg_noniid_ib_K100_C0.3_E1_B32"
     config.update(ALGORITHM="scaffold", SERVER_OPTIMIZER="fedadam")
     assert Utils.run_name(config) == "scaffold_noniid_ib_K100_C0.3_E1_B32_fedadam"
+    config.update(SERVER_OPTIMIZER="sgd", COMPRESSION="topk", DP_CLIP_NORM=1.0,
+                  DP_NOISE_MULTIPLIER=0.5, AGGREGATION="median", MALICIOUS_FRACTION=0.2,
+                  ATTACK="sign_flip")
+    assert Utils.run_name(config) == \
+        "scaffold_noniid_ib_K100_C0.3_E1_B32_topk_dp0.5_median_sign_flip0.2"
 
 
 def test_generators_repeat_for_a_seed_and_are_independent_streams():
