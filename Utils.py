@@ -311,36 +311,43 @@ def rounds_to_reach(rows, target):
 
 
 def comparison_table(labels, configs, histories, target):
-    """Return a Markdown table: one line per run, final/best accuracy, rounds to target, time."""
+    """Return a Markdown table, one line per run: accuracy, rounds to target, traffic, time."""
     lines = [f"| run | algorithm | server | distribution | rounds | final acc | best acc | "
-             f"rounds to {target} | wall time (s) | centralized acc |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"rounds to {target} | MB up | wall time (s) | centralized acc | epsilon |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, config, rows in zip(labels, configs, histories):
         reached = rounds_to_reach(rows, target)
-        baseline = rows[-1].get("baseline_accuracy")
+        baseline, epsilon = rows[-1].get("baseline_accuracy"), rows[-1].get("epsilon")
         lines.append(
             f"| {label} | {config['ALGORITHM']} | {config['SERVER_OPTIMIZER']} "
             f"(lr {config['SERVER_LR']}) | {config['DISTRIBUTION']} | {len(rows)} | "
             f"{rows[-1]['test_accuracy']:.4f} | {max(row['test_accuracy'] for row in rows):.4f} "
-            f"| {reached if reached else 'not reached'} | "
+            f"| {reached if reached else 'not reached'} | {rows[-1]['mb_up_total']:.1f} | "
             f"{sum(float(row['seconds']) for row in rows):.0f} | "
-            f"{'' if baseline is None else f'{baseline:.4f}'} |")
+            f"{'' if baseline is None else f'{baseline:.4f}'} | "
+            f"{'' if epsilon is None else f'{epsilon:.2f}'} |")
     return "\n".join(lines) + "\n"
 
 
 def write_comparison(table_path, plot_path, labels, configs, histories):
-    """Write the comparison table (Markdown) and an overlay plot of the accuracy curves."""
+    """Write the comparison table (Markdown) and the overlaid accuracy curves.
+
+    The plot has two panels: test accuracy per round, and per cumulative MB uploaded.
+    """
     target = configs[0]["TARGET_ACCURACY"]
     pathlib.Path(table_path).write_text(comparison_table(labels, configs, histories, target))
-    figure, axis = plt.subplots(figsize=(9, 5))
+    figure, (round_axis, traffic_axis) = plt.subplots(1, 2, figsize=(13, 5))
     for label, rows in zip(labels, histories):
-        axis.plot([row["round"] for row in rows], [row["test_accuracy"] for row in rows],
-                  label=label)
-    axis.axhline(target, color="grey", linestyle=":", label=f"target {target}")
-    axis.set_xlabel("round")
-    axis.set_ylabel("test accuracy")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+        accuracies = [row["test_accuracy"] for row in rows]
+        round_axis.plot([row["round"] for row in rows], accuracies, label=label)
+        traffic_axis.plot([row["mb_up_total"] for row in rows], accuracies, label=label)
+    for axis, quantity in ((round_axis, "round"), (traffic_axis, "cumulative MB uploaded")):
+        axis.axhline(target, color="grey", linestyle=":", label=f"target {target}")
+        axis.set_xlabel(quantity)
+        axis.set_ylabel("test accuracy")
+        axis.grid(alpha=0.3)
+    traffic_axis.set_xscale("log")
+    round_axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(plot_path, dpi=100)
     plt.close(figure)
