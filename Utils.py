@@ -337,10 +337,13 @@ def write_comparison(table_path, plot_path, labels, configs, histories):
     target = configs[0]["TARGET_ACCURACY"]
     pathlib.Path(table_path).write_text(comparison_table(labels, configs, histories, target))
     figure, (round_axis, traffic_axis) = plt.subplots(1, 2, figsize=(13, 5))
-    for label, rows in zip(labels, histories):
+    # tab20 gives 20 distinct colours; line styles cycle after that.
+    colors, styles = plt.get_cmap("tab20").colors, ("-", "--", ":")
+    for index, (label, rows) in enumerate(zip(labels, histories)):
         accuracies = [row["test_accuracy"] for row in rows]
-        round_axis.plot([row["round"] for row in rows], accuracies, label=label)
-        traffic_axis.plot([row["mb_up_total"] for row in rows], accuracies, label=label)
+        style = {"color": colors[index % 20], "linestyle": styles[index // 20 % 3], "label": label}
+        round_axis.plot([row["round"] for row in rows], accuracies, **style)
+        traffic_axis.plot([row["mb_up_total"] for row in rows], accuracies, **style)
     for axis, quantity in ((round_axis, "round"), (traffic_axis, "cumulative MB uploaded")):
         axis.axhline(target, color="grey", linestyle=":", label=f"target {target}")
         axis.set_xlabel(quantity)
