@@ -94,7 +94,14 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 class DivergenceError(Exception):
-    """The global model's weights or test loss stopped being finite numbers."""
+    """The global model's weights or test loss stopped being finite numbers.
+
+    `rows` holds the history of the rounds before, for comparisons.
+    """
+
+    def __init__(self, message, rows=()):
+        super().__init__(message)
+        self.rows = list(rows)
 
 
 def default_config():
@@ -280,13 +287,15 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     Utils.make_deterministic()
-    histories = []
+    histories, exit_code = [], 0
     for prepared in runs:
         try:
             histories.append(run(**vars(prepared)))
         except DivergenceError as error:
+            # In a comparison the other runs still go on; the table marks this one.
             print(f"error: {error}", file=sys.stderr)
-            return EXIT_DIVERGED
+            histories.append(error.rows)
+            exit_code = EXIT_DIVERGED
         except KeyboardInterrupt:
             print(f"\ninterrupted: {prepared.output_dir} keeps the history and the last "
                   "checkpoint; to continue, run again with RESUME set to True (e.g. a CSV row "
@@ -294,7 +303,7 @@ def main(argv=None):
             return EXIT_INTERRUPTED
     if len(runs) > 1:
         write_comparison(arguments.file, runs, histories)
-    return 0
+    return exit_code
 
 
 def write_comparison(files, runs, histories):
@@ -343,7 +352,7 @@ def run(config, data, client_indices, generators, output_dir, checkpoint=None):
             global_weights, row = run_round(round_num, config, federation, global_weights,
                                             generators)
             add_totals(row, rows)
-            check_finite(round_num, global_weights, row, config, output_dir)
+            check_finite(round_num, global_weights, row, config, output_dir, rows)
             rows.append(row)
             # Ctrl-C waits until the row and the checkpoint are whole on disk.
             with Utils.deferred_interrupts():
@@ -383,7 +392,7 @@ def print_summary(config, rows, output_dir):
               f"federated is {gap:.2f} percentage points below it")
 
 
-def check_finite(round_num, global_weights, row, config, output_dir):
+def check_finite(round_num, global_weights, row, config, output_dir, rows):
     """Stop the run with DivergenceError when the new global model is NaN or infinite."""
     finite_weights = all(np.isfinite(layer).all() for layer in global_weights)
     if finite_weights and np.isfinite(row["test_loss"]):
@@ -393,7 +402,7 @@ def check_finite(round_num, global_weights, row, config, output_dir):
     raise DivergenceError(
         f"round {round_num}: the global model diverged (test loss {row['test_loss']}, "
         f"finite weights: {finite_weights}); likely cause: LEARNING_RATE {config['LEARNING_RATE']} "
-        f"(or SERVER_LR {config['SERVER_LR']}) is too high; {kept}")
+        f"(or SERVER_LR {config['SERVER_LR']}) is too high; {kept}", rows)
 
 
 def print_setup(config, source, client_indices, output_dir):

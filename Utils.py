@@ -316,6 +316,11 @@ def comparison_table(labels, configs, histories, target):
              f"rounds to {target} | MB up | wall time (s) | centralized acc | epsilon |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, config, rows in zip(labels, configs, histories):
+        if len(rows) < config["ROUNDS"]:
+            lines.append(f"| {label} | {config['ALGORITHM']} | {config['SERVER_OPTIMIZER']} "
+                         f"(lr {config['SERVER_LR']}) | {config['DISTRIBUTION']} | "
+                         f"diverged in round {len(rows) + 1} | | | | | | | |")
+            continue
         reached = rounds_to_reach(rows, target)
         baseline, epsilon = rows[-1].get("baseline_accuracy"), rows[-1].get("epsilon")
         lines.append(

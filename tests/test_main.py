@@ -200,3 +200,14 @@ def test_attacks_and_robust_rules_run_and_are_counted(tmp_path, real_data_once, 
 def test_invalid_combinations_are_rejected_up_front(constants, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Main.validate_config(config_with(**constants))
+
+
+def test_a_diverging_run_in_a_comparison_is_marked_and_the_others_go_on(tmp_path, real_data_once):
+    output = tmp_path / "out"
+    files = [write_config(tmp_path / f"{name}.csv", OUTPUT_DIR=output, ALGORITHM=name,
+                          **{**QUICK_RUN, "ROUNDS": 2, "LEARNING_RATE": rate})
+             for name, rate in (("fedavg", 1e30), ("fednova", 0.05))]
+    assert Main.main(["-c", "-f", *map(str, files)]) == Main.EXIT_DIVERGED
+    table = (output / "comparison.md").read_text().splitlines()
+    assert "diverged in round 1" in table[2]
+    assert table[3].startswith("| fednova | fednova |") and "diverged" not in table[3]
