@@ -399,6 +399,8 @@ def check_finite(round_num, global_weights, row, config, output_dir, rows):
         return
     kept = (f"{output_dir} keeps the history of rounds 1-{round_num - 1} and its last checkpoint"
             if round_num > 1 else "no round had finished")
+    if config["MALICIOUS_FRACTION"] > 0:
+        kept = f"the {config['ATTACK']} attackers may have pushed it there; {kept}"
     raise DivergenceError(
         f"round {round_num}: the global model diverged (test loss {row['test_loss']}, "
         f"finite weights: {finite_weights}); likely cause: LEARNING_RATE {config['LEARNING_RATE']} "
