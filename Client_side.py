@@ -132,7 +132,8 @@ class LocalTrainer:
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             probabilities = self.model(images, training=True)
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
+            loss = tf.reduce_mean(
+                keras.losses.sparse_categorical_crossentropy(labels, probabilities))
             objective = loss
             if self.prox_mu:
                 objective += self.prox_mu / 2 * tf.add_n([

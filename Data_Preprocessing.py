@@ -117,8 +117,9 @@ def load_fashion_mnist(data_dir=None):
     """Load Fashion-MNIST scaled for the CNN.
 
     Returns:
-        (x_train, y_train, x_test, y_test, source): images float32 in [0, 1] of shape (N, 28, 28, 1),
-        labels int32 of shape (N,), N = 60,000 and 10,000, and the folder read (or "keras download").
+        (x_train, y_train, x_test, y_test, source): images float32 in [0, 1] of shape
+        (N, 28, 28, 1), labels int32 of shape (N,), N = 60,000 and 10,000, and the folder read
+        (or "keras download").
     """
     directory = find_data_dir(data_dir)
     if directory is None:
@@ -221,7 +222,8 @@ def _class_holders(num_clients, classes_per_client, rng):
     holders = {label: [] for label in range(NUM_CLASSES)}
     for client in range(num_clients):
         for slot in range(classes_per_client):
-            holders[int(class_order[(client * classes_per_client + slot) % NUM_CLASSES])].append(client)
+            label = int(class_order[(client * classes_per_client + slot) % NUM_CLASSES])
+            holders[label].append(client)
     return holders
 
 

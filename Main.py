@@ -573,14 +573,14 @@ def aggregate(config, federation, global_weights, updates, deltas, generators):
         delta = Server_side.multi_krum(deltas, config["KRUM_F"], keep)
     elif config["DP_CLIP_NORM"] > 0:
         delta = Server_side.add_dp_noise(
-            Server_side.fedavg(deltas, [1] * len(deltas)), config["DP_NOISE_MULTIPLIER"],
+            Server_side.uniform_mean(deltas), config["DP_NOISE_MULTIPLIER"],
             config["DP_CLIP_NORM"], len(deltas), generators["privacy"])
     elif config["ALGORITHM"] == "fednova":
         normalizers = [Server_side.fednova_normalizer(update.num_steps, config["LOCAL_MOMENTUM"])
                        for update in updates]
         delta = Server_side.fednova_delta(deltas, num_examples, normalizers)
     elif config["ALGORITHM"] == "scaffold":
-        delta = Server_side.fedavg(deltas, [1] * len(deltas))
+        delta = Server_side.uniform_mean(deltas)
         federation.components["server_variate"].update(
             [update.variate_delta for update in updates], config["NUM_CLIENTS"])
     else:

@@ -82,6 +82,11 @@ def fedavg(client_weights, num_examples):
     ]
 
 
+def uniform_mean(updates):
+    """Average updates with equal weights, as SCAFFOLD, DP-FedAvg and Multi-Krum do."""
+    return fedavg(updates, [1] * len(updates))
+
+
 def client_deltas(client_weights, global_weights):
     """Return each client's update y_i - x as float64 layer arrays."""
     return [[np.float64(new) - np.float64(start) for new, start in zip(weights, global_weights)]
@@ -119,7 +124,7 @@ class ScaffoldServerVariate:
 
     def update(self, variate_deltas, num_clients):
         """c <- c + (|S| / N) * mean_i (c_i+ - c_i), over the |S| clients that returned."""
-        mean_delta = fedavg(variate_deltas, [1] * len(variate_deltas))
+        mean_delta = uniform_mean(variate_deltas)
         share = len(variate_deltas) / num_clients
         self.arrays = [(np.float64(variate) + share * delta).astype(np.float32)
                        for variate, delta in zip(self.arrays, mean_delta)]
@@ -224,7 +229,7 @@ class Evaluator:
 
 
 def decode_update(encoded):
-    """Turn what encode_update produced back into float64 layer arrays (the seed's uncompression_)."""
+    """Turn encode_update's output back into float64 layer arrays (the seed's uncompression_)."""
     return [_decode_layer(layer) for layer in encoded]
 
 
@@ -270,7 +275,7 @@ def krum_scores(deltas, num_attackers):
 def multi_krum(deltas, num_attackers, num_selected):
     """Average the `num_selected` updates with the lowest Krum scores (Krum: num_selected=1)."""
     chosen = np.argsort(krum_scores(deltas, num_attackers), kind="stable")[:num_selected]
-    return fedavg([deltas[index] for index in chosen], [1] * len(chosen))
+    return uniform_mean([deltas[index] for index in chosen])
 
 
 def add_dp_noise(average, noise_multiplier, clip_norm, num_clients, rng):

@@ -137,7 +137,8 @@ def main():
         "rounds": arguments.rounds,
         "op_determinism": not arguments.no_determinism,
         "limit_fits_samples_per_s": [round(rate) for rate in limits],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, TF {Main.Client_side.tf.__version__}",
+        "machine": (f"{platform.machine()}, {os.cpu_count()} cores, "
+                    f"TF {Main.Client_side.tf.__version__}"),
     }
     print(f"machine: {result['machine']}")
     print(f"{'what':<44}{'samples/s':>12}{'ratio':>8}")

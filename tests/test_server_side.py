@@ -107,7 +107,8 @@ def test_evaluator_matches_keras_evaluate(fashion_mnist):
 
 
 def test_client_deltas_are_float64_differences():
-    deltas = Server_side.client_deltas([[np.array([1.5], np.float32)]], [np.array([1.0], np.float32)])
+    deltas = Server_side.client_deltas([[np.array([1.5], np.float32)]],
+                                       [np.array([1.0], np.float32)])
     assert deltas[0][0].dtype == np.float64 and deltas[0][0][0] == 0.5
 
 
