@@ -291,7 +291,8 @@ def attack_update(delta, attack, scale, rng):
         return [-scale * np.float64(layer) for layer in delta]
     if attack == "gaussian":
         noise = [rng.standard_normal(np.shape(layer)) for layer in delta]
-        return [layer * update_norm(delta) / max(update_norm(noise), 1e-12) for layer in noise]
+        factor = update_norm(delta) / max(update_norm(noise), 1e-12)
+        return [factor * layer for layer in noise]
     return delta
 
 
@@ -321,9 +322,9 @@ def _encode_layer(layer, compression, rng, topk_fraction, stochastic_rounding):
         return {"codes": np.clip(codes, 0, 255).astype(np.uint8).reshape(layer.shape),
                 "offset": np.float32(low), "step": np.float32(step)}
     count = min(flat.size, max(1, int(np.ceil(topk_fraction * flat.size))))
-    indices = np.argpartition(np.abs(flat), flat.size - count)[flat.size - count:]
-    return {"indices": np.sort(indices).astype(np.int32),
-            "values": flat[np.sort(indices)].astype(np.float32), "shape": layer.shape}
+    indices = np.sort(np.argpartition(np.abs(flat), flat.size - count)[flat.size - count:])
+    return {"indices": indices.astype(np.int32), "values": flat[indices].astype(np.float32),
+            "shape": layer.shape}
 
 
 def encoded_bytes(encoded):
