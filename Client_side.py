@@ -177,14 +177,33 @@ class LocalTrainer:
         return loss
 
 
+def effective_steps(num_steps, momentum):
+    """Return a_i = ||a_i||_1, how far tau local steps move the weights, in units of eta * g.
+
+    Under a constant gradient g, tau steps of SGD move the weights by tau * eta * g; with
+    momentum rho (Keras' v = rho v - eta g, w = w + v, v starting at 0) by
+    (tau - rho (1 - rho**tau) / (1 - rho)) / (1 - rho) * eta * g (Wang et al. 2020, eq. 9).
+    FedNova normalizes by it, and SCAFFOLD's variate needs it to turn a change of weights back
+    into a mean gradient.
+    """
+    if momentum == 0:
+        return float(num_steps)
+    return (num_steps - momentum * (1 - momentum ** num_steps) / (1 - momentum)) / (1 - momentum)
+
+
 def scaffold_client_variate(client_variate, server_variate, global_weights, new_weights,
                             num_steps, learning_rate):
-    """SCAFFOLD's option II: c_i+ = c_i - c + (x - y_i) / (K * eta_l).
+    """SCAFFOLD's option II: c_i+ = c_i - c + (x - y_i) / (a_i * eta_l).
+
+    The paper divides by K * eta_l, K local steps of plain SGD. With momentum the same K steps
+    move the weights a_i * eta_l times the mean corrected gradient (see `effective_steps`), so
+    dividing by K would inflate the variates every time a client takes part; a_i = K without
+    momentum, so plain SGD is the paper's formula.
 
     Args:
         client_variate, server_variate: c_i and c, lists of layer arrays.
-        global_weights, new_weights: x (the round's start) and y_i (after K local steps).
-        num_steps: K; learning_rate: eta_l.
+        global_weights, new_weights: x (the round's start) and y_i (after the local steps).
+        num_steps: a_i, the client's effective steps; learning_rate: eta_l.
     Returns:
         c_i+ as float32 layer arrays.
     """
@@ -281,6 +300,59 @@ def clip_update(delta, clip_norm):
     return [factor * np.float64(layer) for layer in delta]
 
 
+def prepare_upload(delta, residual, compression, rng, clip_norm=0.0, topk_fraction=0.01,
+                   stochastic_rounding=False):
+    """Clip, add the error-feedback residual, and encode an update; return what is sent.
+
+    With DP (clip_norm > 0) the update is clipped to S, and then what is actually sent is
+    clipped again: adding a top-k residual, or int8's rounding, could otherwise upload more
+    than S while the server's noise assumes S. Whatever that last clip removes stays in the
+    residual, as does everything top-k leaves out.
+
+    Args:
+        delta: the client's update y_i - x, a list of layer arrays.
+        residual: its kept top-k residual (list of arrays), or None without top-k.
+        compression, topk_fraction, stochastic_rounding: see `encode_update`; rng draws its
+            random rounding.
+    Returns:
+        (encoded update, the new residual or None).
+    """
+    if clip_norm > 0:
+        delta = clip_update(delta, clip_norm)
+    if residual is not None:
+        delta = [np.float64(layer) + carried for layer, carried in zip(delta, residual)]
+    encoded = encode_update(delta, compression, rng, topk_fraction, stochastic_rounding)
+    if clip_norm > 0:
+        encoded = _scale_encoded(encoded, _shrink_factor(decode_update(encoded), clip_norm))
+    if residual is None:
+        return encoded, None
+    return encoded, [layer - sent for layer, sent in zip(delta, decode_update(encoded))]
+
+
+def _shrink_factor(delta, clip_norm):
+    """Return the factor <= 1 that brings `delta` within norm `clip_norm` after float32 storage.
+
+    It shrinks by a hair (2**-20) more than needed: float32 rounding of the scaled values
+    (relative error 2**-24) can then not push the norm back above the bound.
+    """
+    norm = update_norm(delta)
+    return 1.0 if norm <= clip_norm else clip_norm / norm * (1 - 2.0 ** -20)
+
+
+def _scale_encoded(encoded, factor):
+    """Multiply the update an encoding stands for by `factor`, keeping its format."""
+    if factor == 1.0:
+        return encoded
+    scaled = []
+    for layer in encoded:
+        layer = dict(layer)
+        for key in ("values", "offset", "step"):
+            if key in layer:
+                layer[key] = (np.float64(layer[key]) * factor).astype(np.float32)
+        scaled.append(layer)
+    return scaled
+
+
 def attack_update(delta, attack, scale, rng):
     """Replace an honest update by a malicious one.
 
@@ -331,3 +403,18 @@ def encoded_bytes(encoded):
     """Return the bytes an encoded update takes on the wire: the sizes of its arrays."""
     return int(sum(np.asarray(value).nbytes for layer in encoded for key, value in layer.items()
                    if key != "shape"))
+
+
+def decode_update(encoded):
+    """Turn encode_update's output back into float64 layer arrays (the seed's uncompression_)."""
+    return [_decode_layer(layer) for layer in encoded]
+
+
+def _decode_layer(layer):
+    if "codes" in layer:
+        return np.float64(layer["offset"]) + np.float64(layer["step"]) * layer["codes"]
+    if "indices" in layer:
+        dense = np.zeros(int(np.prod(layer["shape"])))
+        dense[layer["indices"]] = layer["values"]
+        return dense.reshape(layer["shape"])
+    return np.float64(layer["values"])

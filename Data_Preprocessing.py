@@ -210,41 +210,44 @@ def _split_quantity_skew(num_samples, num_clients, rng, max_sample_share):
 
 
 def _class_holders(num_clients, classes_per_client, rng):
-    """Give client k the classes order[(k*c + j) % 10], j < c; return the holders of each class.
+    """Choose each client's classes as NIID-Bench's #C=k does; return the holders of each class.
 
-    Walking a random class order in steps of c spreads the classes evenly: every class is held by
-    floor or ceil of K*c/10 clients, and no client holds a class twice.
+    Client k holds class k mod 10, then `classes_per_client` - 1 other distinct classes drawn at
+    random. The first class spreads the classes evenly; the random rest gives clients many
+    different label sets (a fixed cycle would give only a handful).
     """
     if not 1 <= classes_per_client <= NUM_CLASSES:
         raise ValueError(f"CLASSES_PER_CLIENT must be between 1 and {NUM_CLASSES}, "
                          f"got {classes_per_client}")
-    class_order = rng.permutation(NUM_CLASSES)
     holders = {label: [] for label in range(NUM_CLASSES)}
     for client in range(num_clients):
-        for slot in range(classes_per_client):
-            label = int(class_order[(client * classes_per_client + slot) % NUM_CLASSES])
+        first = client % NUM_CLASSES
+        others = rng.choice([label for label in range(NUM_CLASSES) if label != first],
+                            classes_per_client - 1, replace=False)
+        for label in sorted([first, *others.tolist()]):
             holders[label].append(client)
     return holders
 
 
 def _split_label_skew(labels, num_clients, rng, classes_per_client):
-    """`noniid_bi`: equal sizes, each client holds exactly `classes_per_client` classes.
+    """`noniid_bi` (NIID-Bench's #C=k): each client holds exactly `classes_per_client` classes.
 
-    Each (client, class) slot gets the same number of samples, the largest that every class can
-    give all of its holders. Samples beyond that (none on Fashion-MNIST with 100 clients and 3
-    classes, which splits exactly) and classes no client holds (when K*c < 10) stay unused.
+    Each class's samples are split over its holders as evenly as possible (sizes differ by at
+    most one), so all samples of held classes are used; a class no client holds (possible only
+    when K < 10) stays unused. Client sizes differ when classes have different numbers of holders.
     """
     holders = _class_holders(num_clients, classes_per_client, rng)
-    per_slot = min(np.sum(labels == label) // len(clients)
-                   for label, clients in holders.items() if clients)
-    if per_slot == 0:
-        raise ValueError(f"NUM_CLIENTS x CLASSES_PER_CLIENT is too large for noniid_bi: a class "
-                         f"would have more holders than samples")
     parts = [[] for _ in range(num_clients)]
     for label, clients in holders.items():
+        if not clients:
+            continue
         class_indices = rng.permutation(np.flatnonzero(labels == label))
-        for position, client in enumerate(clients):
-            parts[client].append(class_indices[position * per_slot:(position + 1) * per_slot])
+        if len(class_indices) < len(clients):
+            raise ValueError(f"NUM_CLIENTS x CLASSES_PER_CLIENT is too large for noniid_bi: class "
+                             f"{label} would have {len(clients)} holders but has "
+                             f"{len(class_indices)} samples")
+        for client, chunk in zip(clients, np.array_split(class_indices, len(clients))):
+            parts[client].append(chunk)
     return [np.concatenate(part) for part in parts]
 
 

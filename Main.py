@@ -28,6 +28,7 @@ import Utils
 NUM_CLIENTS = 100  # K: number of clients, an integer >= 1
 ROUNDS = 100  # T: communication rounds, an integer >= 1
 CLIENT_FRACTION = 0.3  # C: share of clients trained each round, in (0, 1]
+CLIENT_SAMPLING = "fixed"  # fixed: round(C K) clients a round | poisson: each with chance C
 # Local training
 LOCAL_EPOCHS = 1  # E: passes over its data each selected client makes, an integer >= 1
 BATCH_SIZE = 32  # B: local minibatch size, integer >= 0; 0 = all local data (B = inf, FedSGD)
@@ -122,6 +123,8 @@ RULES = {
     "NUM_CLIENTS": (lambda v: _is_int(v) and 1 <= v <= 60000, "an integer from 1 to 60000"),
     "ROUNDS": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "CLIENT_FRACTION": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "CLIENT_SAMPLING": (lambda v: v in Server_side.CLIENT_SAMPLINGS,
+                        "one of " + ", ".join(Server_side.CLIENT_SAMPLINGS)),
     "LOCAL_EPOCHS": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "BATCH_SIZE": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = all local data)"),
     "LEARNING_RATE": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
@@ -212,8 +215,13 @@ def load_configs(arguments):
 
 
 def run_dir(config):
-    """Return the run's output folder: OUTPUT_DIR/<name made of the configuration>."""
-    return pathlib.Path(config["OUTPUT_DIR"]).expanduser() / Utils.run_name(config)
+    """Return the run's output folder: OUTPUT_DIR/<readable name>_<hash of every constant>.
+
+    The hash covers every constant that can change results, so two different configurations
+    never share a folder, while a resumed run (more ROUNDS) finds its own.
+    """
+    return (pathlib.Path(config["OUTPUT_DIR"]).expanduser()
+            / f"{Utils.run_name(config)}_{Utils.config_hash(config, RESUMABLE_CHANGES)}")
 
 
 def find_checkpoint(config, output_dir):
@@ -224,17 +232,12 @@ def find_checkpoint(config, output_dir):
     """
     path = output_dir / CHECKPOINT_NAME
     if not config["RESUME"]:
-        if path.is_file():
-            _, metadata = Utils.load_checkpoint(path)
-            if metadata["round"] < metadata["config"]["ROUNDS"]:
-                raise ValueError(
-                    f"{output_dir} holds an unfinished run (round {metadata['round']} of "
-                    f"{metadata['config']['ROUNDS']}): set RESUME to True to continue it, or "
-                    "delete that folder to start over")
+        refuse_to_overwrite(path, output_dir)
         return None
     if not path.is_file():
-        raise FileNotFoundError(f"RESUME is True but there is no checkpoint {path}; "
-                                "run once without RESUME first")
+        raise FileNotFoundError(f"RESUME is True but there is no checkpoint {path}: no run "
+                                "with exactly these constants (ROUNDS aside) was saved; run "
+                                "once without RESUME first")
     arrays, metadata = Utils.load_checkpoint(path)
     differing = Utils.config_differences(metadata["config"], config, RESUMABLE_CHANGES)
     if differing:
@@ -244,6 +247,21 @@ def find_checkpoint(config, output_dir):
         raise ValueError(f"ROUNDS must be at least the checkpoint's round {metadata['round']} "
                          f"to resume, got {config['ROUNDS']}")
     return arrays, metadata
+
+
+def refuse_to_overwrite(checkpoint_path, output_dir):
+    """Raise ValueError when `output_dir` holds rounds of an earlier run, finished or not."""
+    if checkpoint_path.is_file():
+        _, metadata = Utils.load_checkpoint(checkpoint_path)
+        done, planned = metadata["round"], metadata["config"]["ROUNDS"]
+        state = (f"a finished run ({done} rounds)" if done >= planned
+                 else f"an unfinished run (round {done} of {planned})")
+    elif Utils.history_length(output_dir / "history.csv"):
+        state = "the history of an earlier run"
+    else:
+        return
+    raise ValueError(f"{output_dir} holds {state} of this configuration: set RESUME to True "
+                     "to continue or extend it (more ROUNDS), or delete that folder to start over")
 
 
 def prepare_run(config, loaded_data):
@@ -399,18 +417,35 @@ def check_finite(round_num, global_weights, row, config, output_dir, rows):
         return
     kept = (f"{output_dir} keeps the history of rounds 1-{round_num - 1} and its last checkpoint"
             if round_num > 1 else "no round had finished")
-    if config["MALICIOUS_FRACTION"] > 0:
-        kept = f"the {config['ATTACK']} attackers may have pushed it there; {kept}"
     raise DivergenceError(
         f"round {round_num}: the global model diverged (test loss {row['test_loss']}, "
-        f"finite weights: {finite_weights}); likely cause: LEARNING_RATE {config['LEARNING_RATE']} "
-        f"(or SERVER_LR {config['SERVER_LR']}) is too high; {kept}", rows)
+        f"finite weights: {finite_weights}); likely cause: {likely_divergence_cause(config)}; "
+        f"{kept}", rows)
+
+
+def likely_divergence_cause(config):
+    """Name what most likely made this configuration diverge, most specific first."""
+    if config["MALICIOUS_FRACTION"] > 0:
+        return (f"the {config['ATTACK']} attackers (MALICIOUS_FRACTION "
+                f"{config['MALICIOUS_FRACTION']}, AGGREGATION {config['AGGREGATION']})")
+    if config["SERVER_OPTIMIZER"] != "sgd" or config["SERVER_LR"] > 1:
+        return (f"the server step: SERVER_OPTIMIZER {config['SERVER_OPTIMIZER']} with SERVER_LR "
+                f"{config['SERVER_LR']} is too large")
+    if config["ALGORITHM"] == "scaffold":
+        return (f"SCAFFOLD's control variates grew: lower LEARNING_RATE "
+                f"{config['LEARNING_RATE']} or LOCAL_MOMENTUM {config['LOCAL_MOMENTUM']}")
+    if config["LOCAL_MOMENTUM"] > 0:
+        return (f"LEARNING_RATE {config['LEARNING_RATE']} is too high for LOCAL_MOMENTUM "
+                f"{config['LOCAL_MOMENTUM']} (the effective step is about lr / (1 - momentum))")
+    return f"LEARNING_RATE {config['LEARNING_RATE']} is too high"
 
 
 def print_setup(config, source, client_indices, output_dir):
     """Print the quantities derived from the constants, before training starts."""
     sizes = [len(indices) for indices in client_indices]
-    per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
+    per_round = (f"{config['CLIENT_FRACTION'] * config['NUM_CLIENTS']:g} expected (poisson)"
+                 if config["CLIENT_SAMPLING"] == "poisson" else
+                 Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"]))
     print(f"data: {source}  clients: {len(sizes)}  samples per client: min {min(sizes)}, "
           f"max {max(sizes)}, total {sum(sizes):,}  clients per round: {per_round}")
     print(f"algorithm: {config['ALGORITHM']}  server optimizer: {config['SERVER_OPTIMIZER']} "
@@ -471,7 +506,7 @@ def run_round(round_num, config, federation, global_weights, generators):
     """
     start = time.perf_counter()
     selected = Server_side.select_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"],
-                                          generators["selection"])
+                                          generators["selection"], config["CLIENT_SAMPLING"])
     # Clients that drop out never send an update, so they are not trained at all.
     returning = Server_side.surviving_clients(selected, config["CLIENT_DROPOUT"],
                                               generators["dropout"])
@@ -479,8 +514,10 @@ def run_round(round_num, config, federation, global_weights, generators):
                for client in returning]
     uploads = [client_upload(client, update, config, federation, global_weights, generators)
                for client, update in zip(returning, updates)]
-    if updates:
-        deltas = [Server_side.decode_update(upload) for upload in uploads]
+    # DP with Poisson sampling adds its noise even when no client returned: the accounted
+    # mechanism always does.
+    if updates or (config["DP_CLIP_NORM"] > 0 and config["CLIENT_SAMPLING"] == "poisson"):
+        deltas = [Client_side.decode_update(upload) for upload in uploads]
         global_weights = aggregate(config, federation, global_weights, updates, deltas, generators)
     test_loss, test_accuracy = federation.evaluate(global_weights)
     row = round_row(round_num, test_accuracy, test_loss, len(selected), updates,
@@ -488,8 +525,8 @@ def run_round(round_num, config, federation, global_weights, generators):
     row.update(traffic(config, federation, selected, returning, uploads))
     if config["DP_CLIP_NORM"] > 0:
         row["epsilon"] = round(Server_side.privacy_spent(
-            config["DP_NOISE_MULTIPLIER"], config["CLIENT_FRACTION"], round_num,
-            config["DP_DELTA"]), 6)
+            config["DP_NOISE_MULTIPLIER"], config["CLIENT_SAMPLING"], config["NUM_CLIENTS"],
+            config["CLIENT_FRACTION"], round_num, config["DP_DELTA"]), 6)
     if config["CENTRALIZED_BASELINE"]:
         baseline = federation.components["baseline"]
         baseline.train(row["samples"] * config["LOCAL_EPOCHS"])
@@ -521,16 +558,13 @@ def client_upload(client, update, config, federation, global_weights, generators
     if int(client) in federation.malicious and config["ATTACK"] != "label_flip":
         delta = Client_side.attack_update(delta, config["ATTACK"], config["ATTACK_SCALE"],
                                           generators["attack"])
-    if config["DP_CLIP_NORM"] > 0:
-        delta = Client_side.clip_update(delta, config["DP_CLIP_NORM"])
-    if config["COMPRESSION"] == "topk":
-        residuals = federation.components["residuals"]
-        delta = [layer + residual for layer, residual in zip(delta, residuals.get(client))]
-    encoded = Client_side.encode_update(delta, config["COMPRESSION"], generators["compression"],
-                                        config["TOPK_FRACTION"], config["STOCHASTIC_ROUNDING"])
-    if config["COMPRESSION"] == "topk":
-        residuals.put(client, [layer - sent for layer, sent
-                               in zip(delta, Server_side.decode_update(encoded))])
+    residuals = federation.components.get("residuals")
+    encoded, residual = Client_side.prepare_upload(
+        delta, residuals.get(client) if residuals else None, config["COMPRESSION"],
+        generators["compression"], config["DP_CLIP_NORM"], config["TOPK_FRACTION"],
+        config["STOCHASTIC_ROUNDING"])
+    if residuals:
+        residuals.put(client, residual)
     return encoded
 
 
@@ -548,7 +582,8 @@ def local_update(client, config, federation, global_weights, generators):
     correction = [shared - own for shared, own in zip(server_variate, own_variate)]
     update = trainer.train(global_weights, indices, generators["training"], correction)
     new_variate = Client_side.scaffold_client_variate(
-        own_variate, server_variate, global_weights, update.weights, update.num_steps,
+        own_variate, server_variate, global_weights, update.weights,
+        Client_side.effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]),
         config["LEARNING_RATE"])
     client_variates.put(client, new_variate)
     update.variate_delta = [new - old for new, old in zip(new_variate, own_variate)]
@@ -560,7 +595,7 @@ def aggregate(config, federation, global_weights, updates, deltas, generators):
 
     FedAvg and FedProx weight updates by sample count; SCAFFOLD averages them uniformly and
     updates the server variate, as in its paper; FedNova normalizes each by its local steps.
-    A robust AGGREGATION replaces the average; DP-FedAvg averages uniformly and adds noise.
+    A robust AGGREGATION replaces the average; DP-FedAvg clips, sums, adds noise and divides.
     """
     num_examples = [update.num_examples for update in updates]
     rule = config["AGGREGATION"]
@@ -572,11 +607,14 @@ def aggregate(config, federation, global_weights, updates, deltas, generators):
         keep = 1 if rule == "krum" else max(1, len(deltas) - config["KRUM_F"])
         delta = Server_side.multi_krum(deltas, config["KRUM_F"], keep)
     elif config["DP_CLIP_NORM"] > 0:
-        delta = Server_side.add_dp_noise(
-            Server_side.uniform_mean(deltas), config["DP_NOISE_MULTIPLIER"],
-            config["DP_CLIP_NORM"], len(deltas), generators["privacy"])
+        denominator = Server_side.dp_denominator(
+            config["CLIENT_SAMPLING"], len(deltas), config["NUM_CLIENTS"],
+            config["CLIENT_FRACTION"], config["CLIENT_DROPOUT"])
+        delta = Server_side.dp_noisy_mean(
+            deltas, [np.shape(layer) for layer in global_weights], config["DP_CLIP_NORM"],
+            config["DP_NOISE_MULTIPLIER"], denominator, generators["privacy"])
     elif config["ALGORITHM"] == "fednova":
-        normalizers = [Server_side.fednova_normalizer(update.num_steps, config["LOCAL_MOMENTUM"])
+        normalizers = [Client_side.effective_steps(update.num_steps, config["LOCAL_MOMENTUM"])
                        for update in updates]
         delta = Server_side.fednova_delta(deltas, num_examples, normalizers)
     elif config["ALGORITHM"] == "scaffold":

@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import pathlib
@@ -121,6 +122,24 @@ def run_name(config):
         and f"{config['ATTACK']}{config['MALICIOUS_FRACTION']}",
     ]
     return "_".join([name] + [suffix for suffix in suffixes if suffix])
+
+
+def config_hash(config, ignored=()):
+    """Return 8 hex digits of a SHA-256 over every constant except `ignored`, by name and value.
+
+    Paths and other non-JSON values count by their text, so the hash repeats across processes.
+    """
+    kept = {name: value for name, value in config.items() if name not in ignored}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def history_length(path):
+    """Return the number of rounds in a history.csv, 0 when it is missing or holds no rows."""
+    if not pathlib.Path(path).is_file():
+        return 0
+    with open(path, newline="") as file:
+        return sum(1 for _ in csv.DictReader(file))
 
 
 def save_config(path, config):

@@ -139,11 +139,102 @@ def test_scaffold_step_applies_minus_lr_times_corrected_gradient(tiny_client):
 
 
 def test_scaffold_client_variate_option_two_by_hand():
-    """c_i+ = c_i - c + (x - y_i) / (K * lr) = [1, 2] - [0.5, 0.5] + [0.2, -0.2] / (2 * 0.1)."""
+    """c_i+ = c_i - c + (x - y_i) / (a_i * lr) = [1, 2] - [0.5, 0.5] + [0.2, -0.2] / (2 * 0.1)."""
     new_variate = Client_side.scaffold_client_variate(
         [np.array([1.0, 2.0])], [np.array([0.5, 0.5])], [np.array([1.0, 1.0])],
         [np.array([0.8, 1.2])], num_steps=2, learning_rate=0.1)
     np.testing.assert_allclose(new_variate[0], [1.5, 0.5], rtol=1e-6)
+
+
+def local_momentum_sgd(start, gradient_at, steps, learning_rate, momentum):
+    """Keras' SGD with momentum from a zero buffer: v = rho v - eta g; w = w + v."""
+    weights, velocity = start.copy(), np.zeros_like(start)
+    for _ in range(steps):
+        velocity = momentum * velocity - learning_rate * gradient_at(weights)
+        weights = weights + velocity
+    return weights
+
+
+def run_scaffold_on_quadratics(momentum, rounds=60, steps=20, learning_rate=0.01):
+    """SCAFFOLD with the project's variate updates on f_i(w) = sum_j h_ij (w_j - b_ij)^2 / 2.
+
+    Returns the distance of the global model to the minimizer of the mean objective, and the
+    size of the server variate.
+    """
+    rng = np.random.default_rng(0)
+    centers, curvatures = rng.normal(0, 3, (10, 5)), rng.uniform(0.5, 4, (10, 5))
+    global_weights, server_variate = np.zeros(5), Server_side.ScaffoldServerVariate([(5,)])
+    memory = Client_side.ClientMemory([(5,)])
+    for _ in range(rounds):
+        deltas, variate_deltas = [], []
+        for client in range(10):
+            own = memory.get(client)[0]
+            correction = server_variate.arrays[0] - own
+            new = local_momentum_sgd(
+                global_weights,
+                lambda w: curvatures[client] * (w - centers[client]) + correction,
+                steps, learning_rate, momentum)
+            variate = Client_side.scaffold_client_variate(
+                [own], server_variate.arrays, [global_weights], [new],
+                Client_side.effective_steps(steps, momentum), learning_rate)
+            memory.put(client, variate)
+            deltas.append([new - global_weights])
+            variate_deltas.append([variate[0] - own])
+        global_weights = global_weights + Server_side.uniform_mean(deltas)[0]
+        server_variate.update(variate_deltas, 10)
+    optimum = (curvatures * centers).sum(axis=0) / curvatures.sum(axis=0)
+    return np.linalg.norm(global_weights - optimum), np.linalg.norm(server_variate.arrays[0])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_scaffold_with_momentum_converges_on_heterogeneous_quadratics(momentum):
+    """Dividing by K steps instead of the momentum-aware a_i made the variates (and the model)
+    grow past 1e30 here at momentum 0.9."""
+    distance, variate_norm = run_scaffold_on_quadratics(momentum)
+    assert distance < 1e-3 and variate_norm < 100
+
+
+def test_scaffold_variate_with_momentum_recovers_a_constant_gradient():
+    """Under a constant gradient g (no correction), c_i+ = c_i - c + g exactly, with momentum."""
+    gradient = np.array([0.5, -2.0])
+    new = local_momentum_sgd(np.zeros(2), lambda w: gradient, 7, 0.1, 0.9)
+    variate = Client_side.scaffold_client_variate(
+        [np.zeros(2)], [np.zeros(2)], [np.zeros(2)], [new], Client_side.effective_steps(7, 0.9),
+        0.1)
+    np.testing.assert_allclose(variate[0], gradient, rtol=1e-6)
+
+
+ADVERSARIAL_CASES = [(compression, stochastic) for compression in ("none", "int8", "topk")
+                     for stochastic in (False, True) if compression == "int8" or not stochastic]
+
+
+@pytest.mark.parametrize("compression, stochastic_rounding", ADVERSARIAL_CASES)
+def test_what_is_sent_under_dp_never_exceeds_the_clip_norm(compression, stochastic_rounding):
+    """Clipping before adding a top-k residual uploaded about 3.7 S; int8 rounding slightly
+    over S. Every decoded upload must stay within S, whatever residual the client holds."""
+    rng = np.random.default_rng(0)
+    clip_norm = 0.1
+    for trial in range(20):
+        delta = [rng.standard_normal((30, 20)) * 10 ** rng.uniform(-3, 2),
+                 rng.standard_normal(7) * 10 ** rng.uniform(-3, 2)]
+        residual = ([rng.standard_normal((30, 20)) * 50, rng.standard_normal(7) * 50]
+                    if compression == "topk" else None)
+        encoded, new_residual = Client_side.prepare_upload(
+            delta, residual, compression, rng, clip_norm, topk_fraction=0.05,
+            stochastic_rounding=stochastic_rounding)
+        sent = Client_side.decode_update(encoded)
+        assert Client_side.update_norm(sent) <= clip_norm, (compression, trial)
+        if compression == "topk":
+            # Error feedback: what was not sent is kept, nothing is lost or invented.
+            kept = Client_side.clip_update(delta, clip_norm)
+            for layer_sent, layer_kept, old, new in zip(sent, kept, residual, new_residual):
+                np.testing.assert_allclose(layer_sent + new, layer_kept + old, atol=1e-9)
+
+
+def test_dp_upload_of_a_short_update_is_the_update():
+    delta = [np.array([0.03, 0.04])]
+    encoded, _ = Client_side.prepare_upload(delta, None, "none", None, clip_norm=1.0)
+    np.testing.assert_allclose(Client_side.decode_update(encoded)[0], delta[0], rtol=1e-7)
 
 
 def test_client_memory_keeps_each_clients_arrays_and_round_trips_its_state():
@@ -177,12 +268,10 @@ def test_centralized_baseline_walks_reshuffled_passes_over_all_samples(tiny_clie
 
 
 def test_int8_round_trip_error_is_within_half_a_step():
-    import Server_side
-
     rng = np.random.default_rng(0)
     delta = [rng.normal(size=(3, 3, 1, 32)), rng.normal(size=10) * 1e-3, np.full(4, 0.25)]
     encoded = Client_side.encode_update(delta, "int8")
-    decoded = Server_side.decode_update(encoded)
+    decoded = Client_side.decode_update(encoded)
     for original, restored, layer in zip(delta, decoded, encoded):
         assert layer["codes"].dtype == np.uint8
         step = (original.max() - original.min()) / 255
@@ -191,24 +280,20 @@ def test_int8_round_trip_error_is_within_half_a_step():
 
 
 def test_stochastic_int8_rounding_is_unbiased_and_within_one_step():
-    import Server_side
-
     rng = np.random.default_rng(1)
     delta = [np.linspace(-1, 1, 1000)]
     step = 2 / 255
-    draws = np.stack([Server_side.decode_update(Client_side.encode_update(
+    draws = np.stack([Client_side.decode_update(Client_side.encode_update(
         delta, "int8", rng, stochastic_rounding=True))[0] for _ in range(400)])
     assert np.max(np.abs(draws - delta[0])) < step + 1e-7
     assert np.max(np.abs(draws.mean(axis=0) - delta[0])) < step / 5
 
 
 def test_topk_keeps_exactly_k_largest_entries():
-    import Server_side
-
     layer = np.array([0.1, -5.0, 0.2, 3.0, -0.3, 0.05, 4.0, 0.0, 0.01, -0.02])
     encoded = Client_side.encode_update([layer], "topk", topk_fraction=0.3)
     assert len(encoded[0]["indices"]) == 3
-    np.testing.assert_array_equal(Server_side.decode_update(encoded)[0],
+    np.testing.assert_array_equal(Client_side.decode_update(encoded)[0],
                                   [0, -5.0, 0, 3.0, 0, 0, 4.0, 0, 0, 0])
 
 

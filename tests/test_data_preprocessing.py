@@ -87,7 +87,7 @@ def test_every_scheme_gives_disjoint_nonempty_deterministic_parts(train_labels, 
     assert not all(np.array_equal(first, second) for first, second in zip(parts, other_seed))
 
 
-@pytest.mark.parametrize("distribution", ["iid", "noniid_ib", "noniid_ii", "dirichlet", "shards"])
+@pytest.mark.parametrize("distribution", Data_Preprocessing.DISTRIBUTIONS)
 def test_schemes_that_promise_it_drop_no_sample(train_labels, distribution):
     assert sum(len(part) for part in split(train_labels, distribution)) == len(train_labels)
 
@@ -114,12 +114,38 @@ def test_noniid_ib_rejects_more_clients_than_its_minimum_allows(train_labels):
         split(train_labels, "noniid_ib", num_clients=501)
 
 
-@pytest.mark.parametrize("classes_per_client", [1, 3, 10])
-def test_noniid_bi_gives_equal_sizes_and_exactly_c_classes(train_labels, classes_per_client):
+@pytest.mark.parametrize("classes_per_client", [1, 2, 3, 10])
+def test_noniid_bi_is_niid_bench_label_skew(train_labels, classes_per_client):
+    """NIID-Bench's #C=k: client i holds class i mod 10 and k - 1 others, exactly k in all."""
     parts = split(train_labels, "noniid_bi", classes_per_client=classes_per_client)
     counts = Data_Preprocessing.class_counts(train_labels, parts)
     assert ((counts > 0).sum(axis=1) == classes_per_client).all()
-    assert len({len(part) for part in parts}) == 1
+    assert (counts[np.arange(NUM_CLIENTS), np.arange(NUM_CLIENTS) % 10] > 0).all()
+    # Each class is split over its holders as evenly as possible.
+    for label in range(10):
+        held = counts[:, label][counts[:, label] > 0]
+        assert held.max() - held.min() <= 1
+
+
+def test_noniid_bi_gives_many_distinct_label_sets(train_labels):
+    """A fixed cycle of classes gave only 5 distinct pairs for K = 100, 2 classes."""
+    counts = Data_Preprocessing.class_counts(
+        train_labels, split(train_labels, "noniid_bi", classes_per_client=2))
+    label_sets = {tuple(np.flatnonzero(row)) for row in counts}
+    assert len(label_sets) >= 30
+
+
+def test_noniid_bi_uses_every_sample_for_uneven_holder_counts(train_labels):
+    """K = 7, 3 classes used to keep only 42,000 samples (slots sized by the rarest class)."""
+    parts = split(train_labels, "noniid_bi", num_clients=7, classes_per_client=3)
+    counts = Data_Preprocessing.class_counts(train_labels, parts)
+    held_classes = counts.sum(axis=0) > 0
+    assert counts.sum() == 6000 * held_classes.sum()
+
+
+def test_noniid_bi_names_the_constants_when_a_class_has_too_many_holders(train_labels):
+    with pytest.raises(ValueError, match="NUM_CLIENTS x CLASSES_PER_CLIENT is too large"):
+        split(train_labels, "noniid_bi", num_clients=60000, classes_per_client=10)
 
 
 def test_noniid_ii_gives_c_classes_in_imbalanced_counts(train_labels):

@@ -1,11 +1,13 @@
 """Tests of the server: model, client sampling, FedAvg and evaluation."""
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
 import keras
 
+import Client_side
 import Server_side
 
 
@@ -19,13 +21,24 @@ def test_create_model_is_the_seed_cnn():
 
 
 @pytest.mark.parametrize("num_clients, fraction, expected", [
-    (100, 0.3, 30), (10, 0.01, 1), (7, 1.0, 7), (3, 0.5, 2)])
+    (100, 0.3, 30), (10, 0.01, 1), (7, 1.0, 7), (3, 0.5, 2), (5, 0.5, 3), (5, 0.1, 1),
+    (10, 0.35, 4), (10, 0.25, 3)])
 def test_select_clients_draws_round_of_c_times_k_distinct_clients(num_clients, fraction, expected):
+    """C K is rounded half up: K = 5, C = 0.5 gives 3 (Python's round gave 2)."""
     selected = Server_side.select_clients(num_clients, fraction, np.random.default_rng(0))
     assert len(selected) == expected == len(set(selected.tolist()))
     assert selected.min() >= 0 and selected.max() < num_clients
     again = Server_side.select_clients(num_clients, fraction, np.random.default_rng(0))
     np.testing.assert_array_equal(selected, again)
+
+
+def test_poisson_sampling_takes_each_client_with_probability_c():
+    rng = np.random.default_rng(0)
+    counts = [len(Server_side.select_clients(100, 0.1, rng, "poisson")) for _ in range(2000)]
+    assert np.mean(counts) == pytest.approx(10, rel=0.03)
+    assert np.var(counts) == pytest.approx(100 * 0.1 * 0.9, rel=0.15)  # binomial, not fixed
+    one = Server_side.select_clients(100, 0.1, np.random.default_rng(5), "poisson")
+    assert np.all(np.diff(one) > 0)
 
 
 def test_fedavg_weights_by_example_count_by_hand():
@@ -123,11 +136,11 @@ def test_fednova_normalizes_by_local_steps_by_hand():
     assert Server_side.fedavg(deltas, [1, 3])[0][0] == pytest.approx(2.75)
 
 
-def test_fednova_normalizer_with_momentum_sums_the_momentum_weights():
+def test_effective_steps_with_momentum_sum_the_momentum_weights():
     """tau = 2, rho = 0.5: step k of a constant gradient moves (1 - rho^(k+1)) / (1 - rho),
     so a = 1 + 1.5 = 2.5; the formula gives (2 - 0.5 * 0.75 / 0.5) / 0.5 = 2.5."""
-    assert Server_side.fednova_normalizer(2, 0.5) == pytest.approx(2.5)
-    assert Server_side.fednova_normalizer(7, 0.0) == 7.0
+    assert Client_side.effective_steps(2, 0.5) == pytest.approx(2.5)
+    assert Client_side.effective_steps(7, 0.0) == 7.0
 
 
 def test_scaffold_server_variate_moves_by_participating_fraction():
@@ -213,32 +226,87 @@ def test_krum_scores_and_choice_by_hand():
     assert Server_side.multi_krum(HONEST_AND_OUTLIER, 1, 4)[0][0] == pytest.approx(4.15 / 4)
 
 
+def test_krum_scores_of_200_clients_need_little_memory():
+    """The old broadcast built an m x m x d tensor (200 x 200 x 5,000 floats = 1.6 GB here)."""
+    rng = np.random.default_rng(0)
+    deltas = [[rng.standard_normal(5000)] for _ in range(200)]
+    tracemalloc.start()
+    scores = Server_side.krum_scores(deltas, num_attackers=10)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 50e6, f"peak {peak / 1e6:.0f} MB"
+    flat = np.stack([delta[0] for delta in deltas[:5]])
+    direct = ((flat[:, None] - flat[None]) ** 2).sum(axis=2)
+    expected = np.sort(direct[0])[1:3].sum()
+    assert Server_side.krum_scores(deltas[:5], num_attackers=1)[0] == pytest.approx(expected)
+    assert scores.shape == (200,)
+
+
 def test_dp_noise_has_the_documented_standard_deviation():
     rng = np.random.default_rng(0)
-    average = [np.zeros(200_000)]
-    noisy = Server_side.add_dp_noise(average, noise_multiplier=1.5, clip_norm=2.0,
-                                     num_clients=10, rng=rng)
+    noisy = Server_side.dp_noisy_mean([], [(200_000,)], clip_norm=2.0, noise_multiplier=1.5,
+                                      denominator=10, rng=rng)
     assert np.std(noisy[0]) == pytest.approx(1.5 * 2.0 / 10, rel=0.01)
     assert abs(np.mean(noisy[0])) < 0.002
 
 
+def test_dp_mean_clips_every_update_at_the_server():
+    """Without noise: updates of norm 10 and 0.5 with S = 1 average to (1 + 0.5) / 2."""
+    deltas = [[np.array([6.0, 8.0])], [np.array([0.3, 0.4])]]
+    mean = Server_side.dp_noisy_mean(deltas, [(2,)], clip_norm=1.0, noise_multiplier=0.0,
+                                     denominator=2, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(mean[0], [(0.6 + 0.3) / 2, (0.8 + 0.4) / 2])
+
+
+def test_dp_denominator_is_the_count_or_the_expected_count():
+    assert Server_side.dp_denominator("fixed", 7, 100, 0.1, 0.3) == 7
+    assert Server_side.dp_denominator("poisson", 7, 100, 0.1, 0.3) == pytest.approx(7.0)
+    assert Server_side.dp_denominator("poisson", 12, 100, 0.1, 0.0) == pytest.approx(10.0)
+
+
 def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
-    few = Server_side.privacy_spent(1.0, 0.1, 10, 1e-5)
-    many = Server_side.privacy_spent(1.0, 0.1, 100, 1e-5)
-    noisier = Server_side.privacy_spent(2.0, 0.1, 100, 1e-5)
-    assert few < many and noisier < many
-    assert Server_side.privacy_spent(0.0, 0.1, 10, 1e-5) == float("inf")
+    for sampling in Server_side.CLIENT_SAMPLINGS:
+        few = Server_side.privacy_spent(1.0, sampling, 100, 0.1, 10, 1e-5)
+        many = Server_side.privacy_spent(1.0, sampling, 100, 0.1, 100, 1e-5)
+        noisier = Server_side.privacy_spent(2.0, sampling, 100, 0.1, 100, 1e-5)
+        assert few < many and noisier < many
+        assert Server_side.privacy_spent(0.0, sampling, 100, 0.1, 10, 1e-5) == float("inf")
 
 
-def test_epsilon_matches_the_library_and_a_published_case():
+def library_epsilon(event, rounds, relation=None):
+    import dp_accounting
+
+    relation = relation or dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    accountant = dp_accounting.rdp.RdpAccountant(list(range(2, 257)) + [512, 1024], relation)
+    accountant.compose(event, rounds)
+    return accountant.get_epsilon(1e-5)
+
+
+def test_poisson_epsilon_matches_the_library_and_a_published_case():
     """Abadi et al. 2016: q = 0.01, sigma = 4, 10,000 steps, delta = 1e-5 gives epsilon ~ 1.26
     with the moments accountant; RDP over integer orders lands close to that."""
     import dp_accounting
 
-    epsilon = Server_side.privacy_spent(4.0, 0.01, 10_000, 1e-5)
+    epsilon = Server_side.privacy_spent(4.0, "poisson", 10_000, 0.01, 10_000, 1e-5)
     assert 1.0 < epsilon < 1.4
-    accountant = dp_accounting.rdp.RdpAccountant(list(range(2, 257)) + [512, 1024])
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+    expected = library_epsilon(dp_accounting.PoissonSampledDpEvent(
         0.3, dp_accounting.GaussianDpEvent(1.1)), 50)
-    assert Server_side.privacy_spent(1.1, 0.3, 50, 1e-5) == pytest.approx(
-        accountant.get_epsilon(1e-5))
+    assert Server_side.privacy_spent(1.1, "poisson", 100, 0.3, 50, 1e-5) == pytest.approx(expected)
+
+
+def test_fixed_size_epsilon_is_sampling_without_replacement_with_replace_one():
+    """m = round(C K) of K without replacement, replace-one neighbours: the sum's sensitivity
+    is 2 S, so the library sees noise multiplier z / 2. K = 5, C = 0.1 takes 1 client in 5:
+    the old report (Poisson at q = C = 0.1) gave 6.0 after 50 rounds at z = 1."""
+    import dp_accounting
+
+    expected = library_epsilon(dp_accounting.SampledWithoutReplacementDpEvent(
+        5, 1, dp_accounting.GaussianDpEvent(0.5)), 50,
+        dp_accounting.NeighboringRelation.REPLACE_ONE)
+    epsilon = Server_side.privacy_spent(1.0, "fixed", 5, 0.1, 50, 1e-5)
+    assert epsilon == pytest.approx(expected)
+    assert epsilon > 2 * Server_side.privacy_spent(1.0, "poisson", 5, 0.1, 50, 1e-5)
+    expected = library_epsilon(dp_accounting.SampledWithoutReplacementDpEvent(
+        100, 10, dp_accounting.GaussianDpEvent(1.0)), 20,
+        dp_accounting.NeighboringRelation.REPLACE_ONE)
+    assert Server_side.privacy_spent(2.0, "fixed", 100, 0.1, 20, 1e-5) == pytest.approx(expected)

@@ -72,6 +72,16 @@ def test_run_name_describes_the_configuration():
         "scaffold_noniid_ib_K100_C0.3_E1_B32_topk_dp0.5_median_sign_flip0.2"
 
 
+def test_config_hash_covers_every_constant_but_the_ignored_ones():
+    config = {"LEARNING_RATE": 0.01, "ROUNDS": 10, "OUTPUT_DIR": pathlib.Path("/tmp/a")}
+    same = Utils.config_hash(config, ignored=("ROUNDS", "OUTPUT_DIR"))
+    assert len(same) == 8 and int(same, 16) >= 0
+    assert Utils.config_hash({**config, "ROUNDS": 99, "OUTPUT_DIR": "/x"},
+                             ("ROUNDS", "OUTPUT_DIR")) == same
+    assert Utils.config_hash({**config, "LEARNING_RATE": 0.02},
+                             ("ROUNDS", "OUTPUT_DIR")) != same
+
+
 def test_generators_repeat_for_a_seed_and_are_independent_streams():
     first, second = Utils.make_generators(4), Utils.make_generators(4)
     assert first["selection"].integers(1 << 30) == second["selection"].integers(1 << 30)
