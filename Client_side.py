@@ -2,10 +2,15 @@
 
 A client starts from the global weights, runs E epochs of minibatch SGD (batch B, learning rate
 eta, optional momentum with a fresh buffer) over its own samples in a new random order each epoch,
-and returns its new weights, its number of samples, its number of steps and its training loss.
+and returns its update, its number of samples, its number of steps and its training loss.
 Two local variants change the step: FedProx (Li et al. 2020) adds (mu/2)||w - w_global||^2 to the
 loss; SCAFFOLD (Karimireddy et al. 2020) adds the correction c - c_i to every gradient and keeps
 its control variate c_i across rounds (option II update).
+
+`client_round` is a client's whole round, from the global weights to the encoded upload: both
+engines (`python Main.py` in one process, the Flower ClientApp on a SuperNode) call it, and every
+random draw in it is keyed by (SEED, round, client), so a client's upload does not depend on
+which process trains it or in what order.
 
 Speed: a client's whole local training is one call of a compiled TensorFlow function whose
 input shapes are left open, so clients of every size share one trace. This does the same
@@ -19,6 +24,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+import Utils
+
 # Grappler's arithmetic optimizer rewrites sums of gradients inside the nested training loops
 # into temporary variables that collide from the second call on (AlreadyExistsError with FedProx,
 # TensorFlow 2.21). Turning that one rewrite off cost no measurable speed here.
@@ -27,18 +34,60 @@ tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
 
 @dataclasses.dataclass
 class ClientUpdate:
-    """What one client sends back after local training.
+    """What local training returns.
 
-    weights: its layer arrays; num_examples: n, the samples it holds; num_steps: the local SGD
-    steps it took (FedNova normalizes by it); train_loss: mean cross-entropy of its last epoch;
-    variate_delta: SCAFFOLD's c_i(new) - c_i, None for the other algorithms.
+    weights: the client's new layer arrays; num_examples: n, the samples it holds; num_steps:
+    the local SGD steps it took; train_loss: mean cross-entropy of its last epoch.
     """
 
     weights: list
     num_examples: int
     num_steps: int
     train_loss: float
+
+
+@dataclasses.dataclass
+class Upload:
+    """What one client sends the server after a round.
+
+    update: its encoded update y_i - x (see `encode_update`); num_examples, num_steps and
+    train_loss as in ClientUpdate; variate_delta: SCAFFOLD's c_i+ - c_i (float32 layers, sent
+    uncompressed), None for the other algorithms.
+    """
+
+    client: int
+    round_num: int
+    update: list
+    num_examples: int
+    num_steps: int
+    train_loss: float
     variate_delta: list = None
+
+    def to_arrays(self):
+        """Flatten into (arrays by name, metrics by name), the form any transport carries."""
+        arrays = {f"update.{layer}.{key}": np.asarray(value)
+                  for layer, encoded in enumerate(self.update) for key, value in encoded.items()}
+        for layer, value in enumerate(self.variate_delta or []):
+            arrays[f"variate.{layer}"] = np.asarray(value)
+        metrics = {"client": self.client, "round_num": self.round_num,
+                   "num_examples": self.num_examples, "num_steps": self.num_steps,
+                   "train_loss": self.train_loss}
+        return arrays, metrics
+
+    @classmethod
+    def from_arrays(cls, arrays, metrics):
+        """Rebuild an Upload from what `to_arrays` returned."""
+        update, variate = {}, {}
+        for name, value in arrays.items():
+            kind, layer, *key = name.split(".")
+            if kind == "update":
+                update.setdefault(int(layer), {})[key[0]] = value
+            else:
+                variate[int(layer)] = value
+        return cls(int(metrics["client"]), int(metrics["round_num"]),
+                   [update[layer] for layer in sorted(update)], int(metrics["num_examples"]),
+                   int(metrics["num_steps"]), float(metrics["train_loss"]),
+                   [variate[layer] for layer in sorted(variate)] if variate else None)
 
 
 class LocalTrainer:
@@ -97,15 +146,22 @@ class LocalTrainer:
         Args:
             global_weights: list of the global model's layer arrays.
             client_indices: int array (n,) of the client's rows in the training set.
-            rng: np.random.Generator that draws the per-epoch shuffles.
+            rng: np.random.Generator that seeds the model's dropout, then draws the
+                per-epoch shuffles.
             correction: SCAFFOLD's c - c_i, added to every gradient; None adds nothing.
         Returns:
             ClientUpdate with float32 layer arrays, n, the number of steps, and the
             sample-weighted mean training loss of the last local epoch (what `fit` reports).
         """
+        self.seed_dropout(int(rng.integers(2**31)))
         new_weights, loss, num_steps = self.run(
             global_weights, self.epoch_orders(client_indices, rng), correction)
         return ClientUpdate(new_weights, len(client_indices), num_steps, loss)
+
+    def seed_dropout(self, seed):
+        """Restart the model's dropout masks from `seed` (Keras keeps [seed, counter] states)."""
+        for variable in self.model.non_trainable_variables:
+            variable.assign(np.array([seed, 0], variable.dtype))
 
     def run(self, start_weights, orders, correction=None):
         """Train from `start_weights` over the rows `orders` (E, n), epoch by epoch.
@@ -245,20 +301,119 @@ class ClientMemory:
                         for position, client in enumerate(clients)}
 
 
+ATTACKS = ("label_flip", "sign_flip", "gaussian")
+COMPRESSIONS = ("none", "int8", "topk")
+
+
+def malicious_clients(num_clients, malicious_fraction, seed):
+    """Return the set of attacking clients: C_mal K of them (rounded half up), fixed by SEED."""
+    count = int(np.floor(malicious_fraction * num_clients + 0.5))
+    return set(Utils.rng(seed, "attack").choice(num_clients, count, replace=False).tolist())
+
+
+def kept_state_names(config):
+    """Name what each client keeps between rounds: SCAFFOLD's variate, top-k's residual."""
+    return ((("variate",) if config["ALGORITHM"] == "scaffold" else ())
+            + (("residual",) if config["COMPRESSION"] == "topk" else ()))
+
+
+def client_round(config, client, round_num, global_weights, trainer, client_indices, memory,
+                 server_variate=None, malicious=False):
+    """One client's whole round: from the global weights and its kept state to its upload.
+
+    It trains (with SCAFFOLD's correction c - c_i when it keeps a variate), forms its update
+    y_i - x, forges it if it is a malicious client, then clips and encodes it (with top-k's
+    error feedback). Every random draw is keyed by (SEED, round, client).
+
+    Args:
+        config: the run's constants by name.
+        trainer: a LocalTrainer (one whose labels are flipped for a label-flipping attacker).
+        client_indices: the client's rows in the training set.
+        memory: dict of ClientMemory by `kept_state_names`; the client's entries are updated.
+        server_variate: SCAFFOLD's c (layer arrays), else None.
+    Returns:
+        Upload.
+    """
+    seed, variates = config["SEED"], memory.get("variate")
+    own_variate = variates.get(client) if variates else None
+    correction = (None if own_variate is None else
+                  [shared - own for shared, own in zip(server_variate, own_variate)])
+    update = trainer.train(global_weights, client_indices,
+                           Utils.rng(seed, "training", round_num, client), correction)
+    variate_delta = None
+    if own_variate is not None:
+        new_variate = scaffold_client_variate(
+            own_variate, server_variate, global_weights, update.weights,
+            effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]), config["LEARNING_RATE"])
+        variates.put(client, new_variate)
+        variate_delta = [new - old for new, old in zip(new_variate, own_variate)]
+    delta = [np.float64(new) - np.float64(start)
+             for new, start in zip(update.weights, global_weights)]
+    if malicious and config["ATTACK"] != "label_flip":
+        delta = attack_update(delta, config["ATTACK"], config["ATTACK_SCALE"],
+                              Utils.rng(seed, "attack", round_num, client))
+    residuals = memory.get("residual")
+    encoded, residual = prepare_upload(
+        delta, residuals.get(client) if residuals else None, config["COMPRESSION"],
+        Utils.rng(seed, "compression", round_num, client), config["DP_CLIP_NORM"],
+        config["TOPK_FRACTION"], config["STOCHASTIC_ROUNDING"])
+    if residuals:
+        residuals.put(client, residual)
+    return Upload(int(client), int(round_num), encoded, update.num_examples, update.num_steps,
+                  update.train_loss, variate_delta)
+
+
+class ClientHost:
+    """The clients one process hosts: the training set, reusable trainers and kept state.
+
+    `python Main.py` hosts all K clients in one; on Flower every SuperNode hosts its share.
+
+    Args:
+        config: the run's constants by name.
+        model: a Keras model of the global architecture (its weights are overwritten).
+        x_train, y_train: the whole training set; client_indices: every client's rows.
+    """
+
+    def __init__(self, config, model, x_train, y_train, client_indices):
+        self.config, self.client_indices = config, client_indices
+        x_train = tf.convert_to_tensor(x_train)  # One copy, shared by both trainers.
+        settings = (config["LEARNING_RATE"], config["LOCAL_MOMENTUM"], config["BATCH_SIZE"],
+                    config["LOCAL_EPOCHS"],
+                    config["PROX_MU"] if config["ALGORITHM"] == "fedprox" else 0.0)
+        self.trainer = LocalTrainer(model, x_train, y_train, *settings)
+        self.malicious = malicious_clients(config["NUM_CLIENTS"], config["MALICIOUS_FRACTION"],
+                                           config["SEED"])
+        # Label-flipping attackers train the same model on labels 9 - y.
+        self.flipped_trainer = (LocalTrainer(model, x_train, 9 - np.asarray(y_train), *settings)
+                                if self.malicious and config["ATTACK"] == "label_flip" else None)
+        shapes = [variable.shape for variable in model.trainable_variables]
+        self.memory = {name: ClientMemory(shapes) for name in kept_state_names(config)}
+
+    def train(self, round_num, clients, global_weights, server_variate=None):
+        """Run `client_round` for each of `clients`; return their Uploads in that order."""
+        uploads = []
+        for client in clients:
+            malicious = int(client) in self.malicious
+            trainer = self.flipped_trainer if malicious and self.flipped_trainer else self.trainer
+            uploads.append(client_round(self.config, client, round_num, global_weights, trainer,
+                                        self.client_indices[client], self.memory,
+                                        server_variate, malicious))
+        return uploads
+
+
 class CentralizedBaseline:
     """Train the same CNN on the pooled training set, as many samples as the federation trained.
 
     It walks through reshuffled passes over all training samples, continuing where the previous
-    round stopped, with the clients' batch size and SGD settings. Its momentum buffer (if any)
-    restarts every round, as a client's does.
+    round stopped, with the clients' batch size and SGD settings; pass p is ordered by
+    (SEED, p) alone. Its momentum buffer (if any) restarts every round, as a client's does.
     """
 
-    def __init__(self, trainer, initial_weights, num_samples, rng):
+    def __init__(self, trainer, initial_weights, num_samples, seed):
         self.trainer = trainer
         self.weights = [np.array(layer) for layer in initial_weights]
-        self._rng = rng
-        self._order = rng.permutation(num_samples)
-        self._position = 0
+        self._num_samples, self._seed = num_samples, seed
+        self._pass, self._position = 0, 0
 
     def train(self, num_samples):
         """Train on the next `num_samples` samples of the stream; return the new weights."""
@@ -268,24 +423,24 @@ class CentralizedBaseline:
     def _next(self, count):
         taken = []
         while count > 0:
-            if self._position == len(self._order):
-                self._order, self._position = self._rng.permutation(len(self._order)), 0
-            chunk = self._order[self._position:self._position + count]
+            if self._position == self._num_samples:
+                self._pass, self._position = self._pass + 1, 0
+            order = Utils.rng(self._seed, "baseline", self._pass).permutation(self._num_samples)
+            chunk = order[self._position:self._position + count]
             taken.append(chunk)
             self._position += len(chunk)
             count -= len(chunk)
         return np.concatenate(taken)
 
     def get_state(self):
-        return (self.weights + [self._order, np.array(self._position)]
+        return (self.weights + [np.array([self._pass, self._position])]
                 + self.trainer.get_state())
 
     def set_state(self, arrays):
         num_layers = len(self.weights)
         self.weights = [np.array(layer) for layer in arrays[:num_layers]]
-        self._order = np.array(arrays[num_layers])
-        self._position = int(arrays[num_layers + 1])
-        self.trainer.set_state(arrays[num_layers + 2:])
+        self._pass, self._position = (int(value) for value in arrays[num_layers])
+        self.trainer.set_state(arrays[num_layers + 1:])
 
 
 def update_norm(delta):
@@ -322,11 +477,13 @@ def prepare_upload(delta, residual, compression, rng, clip_norm=0.0, topk_fracti
     if residual is not None:
         delta = [np.float64(layer) + carried for layer, carried in zip(delta, residual)]
     encoded = encode_update(delta, compression, rng, topk_fraction, stochastic_rounding)
+    shapes = [np.shape(layer) for layer in delta]
     if clip_norm > 0:
-        encoded = _scale_encoded(encoded, _shrink_factor(decode_update(encoded), clip_norm))
+        sent = decode_update(encoded, shapes)
+        encoded = _scale_encoded(encoded, _shrink_factor(sent, clip_norm))
     if residual is None:
         return encoded, None
-    return encoded, [layer - sent for layer, sent in zip(delta, decode_update(encoded))]
+    return encoded, [layer - sent for layer, sent in zip(delta, decode_update(encoded, shapes))]
 
 
 def _shrink_factor(delta, clip_norm):
@@ -348,7 +505,7 @@ def _scale_encoded(encoded, factor):
         layer = dict(layer)
         for key in ("values", "offset", "step"):
             if key in layer:
-                layer[key] = (np.float64(layer[key]) * factor).astype(np.float32)
+                layer[key] = np.asarray(np.float64(layer[key]) * factor, np.float32)
         scaled.append(layer)
     return scaled
 
@@ -374,9 +531,9 @@ def encode_update(delta, compression, rng=None, topk_fraction=0.01, stochastic_r
     none: the float32 values. int8: per-tensor uniform 8-bit codes q in 0..255 with the offset
     (the minimum) and the step ((max - min) / 255), so x ~ offset + q * step; rounding to nearest,
     or stochastic (unbiased, needs `rng`). topk: the ceil(topk_fraction * size) entries of largest
-    magnitude, as int32 flat indices and float32 values.
+    magnitude, as int32 flat indices and float32 values. Scalars are 0-d arrays.
     Returns:
-        list of dicts; every array in them crosses the simulated wire and is counted in bytes.
+        list of dicts of arrays; every array crosses the wire and is counted in bytes.
     """
     return [_encode_layer(np.asarray(layer, np.float64), compression, rng, topk_fraction,
                           stochastic_rounding) for layer in delta]
@@ -392,29 +549,28 @@ def _encode_layer(layer, compression, rng, topk_fraction, stochastic_rounding):
         scaled = (flat - low) / step
         codes = np.floor(scaled + rng.random(flat.size)) if stochastic_rounding else np.rint(scaled)
         return {"codes": np.clip(codes, 0, 255).astype(np.uint8).reshape(layer.shape),
-                "offset": np.float32(low), "step": np.float32(step)}
+                "offset": np.array(low, np.float32), "step": np.array(step, np.float32)}
     count = min(flat.size, max(1, int(np.ceil(topk_fraction * flat.size))))
     indices = np.sort(np.argpartition(np.abs(flat), flat.size - count)[flat.size - count:])
-    return {"indices": indices.astype(np.int32), "values": flat[indices].astype(np.float32),
-            "shape": layer.shape}
+    return {"indices": indices.astype(np.int32), "values": flat[indices].astype(np.float32)}
 
 
 def encoded_bytes(encoded):
     """Return the bytes an encoded update takes on the wire: the sizes of its arrays."""
-    return int(sum(np.asarray(value).nbytes for layer in encoded for key, value in layer.items()
-                   if key != "shape"))
+    return int(sum(np.asarray(value).nbytes for layer in encoded for value in layer.values()))
 
 
-def decode_update(encoded):
-    """Turn encode_update's output back into float64 layer arrays (the seed's uncompression_)."""
-    return [_decode_layer(layer) for layer in encoded]
+def decode_update(encoded, shapes):
+    """Turn encode_update's output back into float64 layer arrays of `shapes` (the seed's
+    uncompression_); the shapes are the model's, known to both sides."""
+    return [_decode_layer(layer, shape) for layer, shape in zip(encoded, shapes, strict=True)]
 
 
-def _decode_layer(layer):
+def _decode_layer(layer, shape):
     if "codes" in layer:
         return np.float64(layer["offset"]) + np.float64(layer["step"]) * layer["codes"]
     if "indices" in layer:
-        dense = np.zeros(int(np.prod(layer["shape"])))
+        dense = np.zeros(int(np.prod(shape)))
         dense[layer["indices"]] = layer["values"]
-        return dense.reshape(layer["shape"])
+        return dense.reshape(shape)
     return np.float64(layer["values"])

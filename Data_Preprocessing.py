@@ -9,6 +9,7 @@ from Decentralized Data".
 import gzip
 import os
 import pathlib
+import typing
 import zlib
 
 import numpy as np
@@ -35,6 +36,16 @@ MAX_DIRICHLET_TRIES = 1000
 # The seed's quantity-skewed split: a guaranteed minimum, then turns until this share is left.
 IB_MIN_SHARE = 0.002
 IB_STOP_SHARE = 0.001
+
+
+class FashionMNIST(typing.NamedTuple):
+    """The data set as the CNN reads it (see `load_fashion_mnist`)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source: str
 
 
 class DataError(ValueError):
@@ -117,7 +128,7 @@ def load_fashion_mnist(data_dir=None):
     """Load Fashion-MNIST scaled for the CNN.
 
     Returns:
-        (x_train, y_train, x_test, y_test, source): images float32 in [0, 1] of shape
+        FashionMNIST(x_train, y_train, x_test, y_test, source): images float32 in [0, 1] of shape
         (N, 28, 28, 1), labels int32 of shape (N,), N = 60,000 and 10,000, and the folder read
         (or "keras download").
     """
@@ -137,7 +148,7 @@ def load_fashion_mnist(data_dir=None):
     x_test = (arrays["test_images"].astype(np.float32) / 255.0)[..., np.newaxis]
     y_train = arrays["train_labels"].astype(np.int32)
     y_test = arrays["test_labels"].astype(np.int32)
-    return x_train, y_train, x_test, y_test, source
+    return FashionMNIST(x_train, y_train, x_test, y_test, source)
 
 
 def partition(labels, num_clients, distribution, rng, max_sample_share=0.1,

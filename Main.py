@@ -10,11 +10,11 @@ Run:   python Main.py                  (the constants below)
 """
 
 import argparse
+import dataclasses
 import numbers
 import pathlib
 import sys
 import time
-import types
 
 import numpy as np
 
@@ -78,10 +78,10 @@ TARGET_ACCURACY = 0.8  # comparisons report the first round reaching this test a
 # Taken here, before any other upper-case name exists: exactly the constants above.
 CONSTANT_NAMES = tuple(name for name in dir() if name.isupper())
 
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova")
-COMPRESSIONS = ("none", "int8", "topk")
-AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
-ATTACKS = ("label_flip", "sign_flip", "gaussian")
+ALGORITHMS = Server_side.ALGORITHMS
+AGGREGATIONS = Server_side.AGGREGATIONS
+COMPRESSIONS = Client_side.COMPRESSIONS
+ATTACKS = Client_side.ATTACKS
 HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "returned",
                    "malicious", "samples", "bytes_down", "bytes_up", "mb_down_total",
                    "mb_up_total", "seconds")
@@ -264,6 +264,17 @@ def refuse_to_overwrite(checkpoint_path, output_dir):
                      "to continue or extend it (more ROUNDS), or delete that folder to start over")
 
 
+@dataclasses.dataclass
+class PreparedRun:
+    """A checked configuration with its data, its partition, its folder and its checkpoint."""
+
+    config: dict
+    data: Data_Preprocessing.FashionMNIST
+    client_indices: list
+    output_dir: pathlib.Path
+    checkpoint: tuple = None
+
+
 def prepare_run(config, loaded_data):
     """Load data, partition and find the checkpoint: every input check, nothing written yet.
 
@@ -272,12 +283,10 @@ def prepare_run(config, loaded_data):
     if config["DATA_DIR"] not in loaded_data:
         loaded_data[config["DATA_DIR"]] = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
     data = loaded_data[config["DATA_DIR"]]
-    generators = Utils.make_generators(config["SEED"])
-    client_indices = partition_data(config, data[1], generators["partition"])
+    client_indices = partition_data(config, data.y_train)
     output_dir = run_dir(config)
-    return types.SimpleNamespace(config=config, data=data, client_indices=client_indices,
-                                 generators=generators, output_dir=output_dir,
-                                 checkpoint=find_checkpoint(config, output_dir))
+    return PreparedRun(config, data, client_indices, output_dir,
+                       find_checkpoint(config, output_dir))
 
 
 def prepare_output_dir(config, output_dir):
@@ -290,15 +299,22 @@ def prepare_output_dir(config, output_dir):
             from None
 
 
-def main(argv=None):
+def main(argv=None, make_engine=None):
     """Run federated training; return the exit code (0 done, 2 bad input, 3 diverged, 130 Ctrl-C).
 
     Everything that can be wrong with the input is checked before any output folder is touched.
+
+    Args:
+        argv: the command line (default: sys.argv).
+        make_engine: None trains every client in this process; the Flower ServerApp passes a
+            function config -> train_clients (see `run`) that may refuse a configuration with
+            ValueError.
     """
     arguments = parse_arguments(argv)
     try:
         loaded_data = {}
         runs = [prepare_run(config, loaded_data) for config in load_configs(arguments)]
+        engines = [make_engine(prepared.config) if make_engine else None for prepared in runs]
         for prepared in runs:
             prepare_output_dir(prepared.config, prepared.output_dir)
     except (ValueError, FileNotFoundError) as error:
@@ -306,9 +322,9 @@ def main(argv=None):
         return EXIT_BAD_INPUT
     Utils.make_deterministic()
     histories, exit_code = [], 0
-    for prepared in runs:
+    for prepared, engine in zip(runs, engines):
         try:
-            histories.append(run(**vars(prepared)))
+            histories.append(run(prepared, engine))
         except DivergenceError as error:
             # In a comparison the other runs still go on; the table marks this one.
             print(f"error: {error}", file=sys.stderr)
@@ -333,10 +349,11 @@ def write_comparison(files, runs, histories):
     print(f"comparison: {output_dir / 'comparison.md'} and {output_dir / 'comparison.png'}")
 
 
-def partition_data(config, train_labels, rng):
-    """Split the training set over the clients as DISTRIBUTION says."""
+def partition_data(config, train_labels):
+    """Split the training set over the clients as DISTRIBUTION says, from SEED alone."""
     return Data_Preprocessing.partition(
-        train_labels, config["NUM_CLIENTS"], config["DISTRIBUTION"], rng,
+        train_labels, config["NUM_CLIENTS"], config["DISTRIBUTION"],
+        Utils.rng(config["SEED"], "partition"),
         max_sample_share=config["MAX_SAMPLE_SHARE"],
         classes_per_client=config["CLASSES_PER_CLIENT"],
         dirichlet_alpha=config["DIRICHLET_ALPHA"],
@@ -348,27 +365,35 @@ def history_columns(config):
             + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ()))
 
 
-def run(config, data, client_indices, generators, output_dir, checkpoint=None):
+def run(prepared, train_clients=None):
     """Train for ROUNDS rounds (from the checkpoint, if any), logging and checkpointing each.
 
+    Args:
+        prepared: a PreparedRun.
+        train_clients: the engine, called as train_clients(round_num, clients, global_weights,
+            server_variate) -> list of Client_side.Upload; None trains every client here, in
+            this process (the Flower ServerApp passes one that asks the SuperNodes).
     Returns:
         the history rows, one dict per round.
     """
+    config, output_dir = prepared.config, prepared.output_dir
     name = Utils.run_name(config)
-    print_setup(config, data[4], client_indices, output_dir)
+    print_setup(config, prepared.data.source, prepared.client_indices, output_dir)
     Utils.plot_distribution(output_dir / "distribution.png",
-                            Data_Preprocessing.class_counts(data[1], client_indices), name)
-    federation = build_federation(config, data, client_indices, generators)
+                            Data_Preprocessing.class_counts(prepared.data.y_train,
+                                                            prepared.client_indices), name)
+    federation = build_federation(config, prepared.data, prepared.client_indices,
+                                  in_process=train_clients is None)
+    train_clients = train_clients or federation.host.train
     global_weights, rows = federation.global_model.get_weights(), []
-    if checkpoint is not None:
-        global_weights, rows = Utils.restore_run_state(checkpoint, federation.components,
-                                                       generators)
+    if prepared.checkpoint is not None:
+        global_weights, rows = Utils.restore_run_state(prepared.checkpoint, federation.components)
         print(f"resuming after round {len(rows)}")
     history = Utils.HistoryWriter(output_dir / "history.csv", history_columns(config), rows)
     try:
         for round_num in range(len(rows) + 1, config["ROUNDS"] + 1):
             global_weights, row = run_round(round_num, config, federation, global_weights,
-                                            generators)
+                                            train_clients)
             add_totals(row, rows)
             check_finite(round_num, global_weights, row, config, output_dir, rows)
             rows.append(row)
@@ -377,7 +402,7 @@ def run(config, data, client_indices, generators, output_dir, checkpoint=None):
                 history.append(row)
                 if round_num % config["CHECKPOINT_EVERY"] == 0 or round_num == config["ROUNDS"]:
                     Utils.save_run_state(output_dir / CHECKPOINT_NAME, config, rows,
-                                         global_weights, federation.components, generators)
+                                         global_weights, federation.components)
             print(Utils.format_progress(row, config["ROUNDS"]), flush=True)
     finally:
         history.close()
@@ -452,191 +477,93 @@ def print_setup(config, source, client_indices, output_dir):
           f"(lr {config['SERVER_LR']})  output: {output_dir}")
 
 
-def build_federation(config, data, client_indices, generators):
-    """Create the models, the one reusable client trainer, the server state and the evaluator.
+@dataclasses.dataclass
+class Federation:
+    """The server side of a run and, in process, its clients.
 
-    `components` lists every object whose state a checkpoint must carry.
+    components: every object whose state a checkpoint must carry.
     """
-    _, y_train, x_test, y_test, _ = data
-    # One tensor of the training images, shared by every trainer (no copy per trainer).
-    x_train = Client_side.tf.convert_to_tensor(data[0])
+
+    global_model: object
+    server: Server_side.Server
+    evaluate: Server_side.Evaluator
+    model_bytes: int
+    malicious: set
+    components: dict
+    host: Client_side.ClientHost = None
+    baseline: Client_side.CentralizedBaseline = None
+
+
+def build_federation(config, data, client_indices, in_process=True):
+    """Create the global model, the server, the evaluator and (in process) the clients."""
     Utils.seed_everything(config["SEED"])
     global_model = Server_side.create_model()
-    prox_mu = config["PROX_MU"] if config["ALGORITHM"] == "fedprox" else 0.0
-    trainer = Client_side.LocalTrainer(
-        Server_side.create_model(), x_train, y_train, config["LEARNING_RATE"],
-        config["LOCAL_MOMENTUM"], config["BATCH_SIZE"], config["LOCAL_EPOCHS"], prox_mu)
-    num_malicious = int(round(config["MALICIOUS_FRACTION"] * config["NUM_CLIENTS"]))
-    malicious = set(generators["attack"].choice(config["NUM_CLIENTS"], num_malicious,
-                                                replace=False).tolist())
-    # Label-flipping attackers train the same model on labels 9 - y.
-    flipped_trainer = Client_side.LocalTrainer(
-        trainer.model, x_train, 9 - y_train, config["LEARNING_RATE"], config["LOCAL_MOMENTUM"],
-        config["BATCH_SIZE"], config["LOCAL_EPOCHS"], prox_mu) \
-        if malicious and config["ATTACK"] == "label_flip" else None
-    shapes = [layer.shape for layer in global_model.get_weights()]
-    components = {"trainer": trainer, "server_optimizer": Server_side.ServerOptimizer(
-        config["SERVER_OPTIMIZER"], shapes, config["SERVER_LR"], config["SERVER_MOMENTUM"],
-        config["SERVER_BETA1"], config["SERVER_BETA2"], config["SERVER_TAU"])}
-    if config["ALGORITHM"] == "scaffold":
-        components["client_variates"] = Client_side.ClientMemory(shapes)
-        components["server_variate"] = Server_side.ScaffoldServerVariate(shapes)
-    if config["COMPRESSION"] == "topk":
-        components["residuals"] = Client_side.ClientMemory(shapes)
+    initial_weights = global_model.get_weights()
+    shapes = [layer.shape for layer in initial_weights]
+    server = Server_side.Server(config, shapes)
+    components = {"server": server}
+    host = None
+    if in_process:
+        host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
+                                      data.y_train, client_indices)
+        components.update({f"client_{name}": memory for name, memory in host.memory.items()})
+    baseline = None
     if config["CENTRALIZED_BASELINE"]:
-        # Built last, so the federated models' initial weights and dropout seeds do not change.
         baseline_trainer = Client_side.LocalTrainer(
-            Server_side.create_model(), x_train, y_train, config["LEARNING_RATE"],
+            Server_side.create_model(), data.x_train, data.y_train, config["LEARNING_RATE"],
             config["LOCAL_MOMENTUM"], config["BATCH_SIZE"], 1)
-        components["baseline"] = Client_side.CentralizedBaseline(
-            baseline_trainer, global_model.get_weights(), len(y_train), generators["baseline"])
-    return types.SimpleNamespace(global_model=global_model, trainer=trainer,
-                                 flipped_trainer=flipped_trainer, malicious=malicious,
-                                 evaluate=Server_side.Evaluator(global_model, x_test, y_test),
-                                 model_bytes=sum(layer.nbytes
-                                                 for layer in global_model.get_weights()),
-                                 client_indices=client_indices, components=components)
+        baseline_trainer.seed_dropout(config["SEED"])
+        baseline = Client_side.CentralizedBaseline(baseline_trainer, initial_weights,
+                                                   len(data.y_train), config["SEED"])
+        components["baseline"] = baseline
+    return Federation(global_model, server,
+                      Server_side.Evaluator(global_model, data.x_test, data.y_test),
+                      sum(layer.nbytes for layer in initial_weights),
+                      Client_side.malicious_clients(config["NUM_CLIENTS"],
+                                                    config["MALICIOUS_FRACTION"], config["SEED"]),
+                      components, host, baseline)
 
 
-def run_round(round_num, config, federation, global_weights, generators):
-    """One round: sample clients, update locally, aggregate, evaluate.
+def run_round(round_num, config, federation, global_weights, train_clients):
+    """One round of Algorithm 1: sample clients, train them, aggregate, evaluate.
 
     Returns:
         (new global weights, the round's history row).
     """
     start = time.perf_counter()
-    selected = Server_side.select_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"],
-                                          generators["selection"], config["CLIENT_SAMPLING"])
+    selected, returning = Server_side.round_clients(config, round_num)
     # Clients that drop out never send an update, so they are not trained at all.
-    returning = Server_side.surviving_clients(selected, config["CLIENT_DROPOUT"],
-                                              generators["dropout"])
-    updates = [local_update(client, config, federation, global_weights, generators)
-               for client in returning]
-    uploads = [client_upload(client, update, config, federation, global_weights, generators)
-               for client, update in zip(returning, updates)]
-    # DP with Poisson sampling adds its noise even when no client returned: the accounted
-    # mechanism always does.
-    if updates or (config["DP_CLIP_NORM"] > 0 and config["CLIENT_SAMPLING"] == "poisson"):
-        deltas = [Client_side.decode_update(upload) for upload in uploads]
-        global_weights = aggregate(config, federation, global_weights, updates, deltas, generators)
+    uploads = train_clients(round_num, returning, global_weights,
+                            federation.server.server_variate())
+    global_weights = federation.server.aggregate(round_num, global_weights, uploads)
     test_loss, test_accuracy = federation.evaluate(global_weights)
-    row = round_row(round_num, test_accuracy, test_loss, len(selected), updates,
+    row = round_row(round_num, test_accuracy, test_loss, len(selected), uploads,
                     time.perf_counter() - start)
-    row.update(traffic(config, federation, selected, returning, uploads))
+    row["malicious"] = sum(upload.client in federation.malicious for upload in uploads)
+    row.update(Server_side.round_traffic(config, federation.model_bytes, len(selected), uploads))
     if config["DP_CLIP_NORM"] > 0:
         row["epsilon"] = round(Server_side.privacy_spent(
             config["DP_NOISE_MULTIPLIER"], config["CLIENT_SAMPLING"], config["NUM_CLIENTS"],
             config["CLIENT_FRACTION"], round_num, config["DP_DELTA"]), 6)
-    if config["CENTRALIZED_BASELINE"]:
-        baseline = federation.components["baseline"]
-        baseline.train(row["samples"] * config["LOCAL_EPOCHS"])
-        baseline_loss, baseline_accuracy = federation.evaluate(baseline.weights)
+    if federation.baseline is not None:
+        federation.baseline.train(row["samples"] * config["LOCAL_EPOCHS"])
+        baseline_loss, baseline_accuracy = federation.evaluate(federation.baseline.weights)
         row.update(baseline_accuracy=round(baseline_accuracy, 6),
                    baseline_loss=round(baseline_loss, 6))
     return global_weights, row
 
 
-def traffic(config, federation, selected, returning, uploads):
-    """Count bytes down (the global model to every selected client) and up (encoded updates).
-
-    SCAFFOLD also sends the server variate down and the client variate change up, uncompressed.
-    """
-    per_model = federation.model_bytes * (2 if config["ALGORITHM"] == "scaffold" else 1)
-    variate_up = federation.model_bytes if config["ALGORITHM"] == "scaffold" else 0
-    return {"malicious": sum(int(client) in federation.malicious for client in returning),
-            "bytes_down": len(selected) * per_model,
-            "bytes_up": sum(Client_side.encoded_bytes(upload) + variate_up for upload in uploads)}
-
-
-def client_upload(client, update, config, federation, global_weights, generators):
-    """What a client sends: its update y_i - x, attacked, clipped and encoded as configured.
-
-    Top-k keeps what it did not send as the client's residual and adds it to its next update
-    (error feedback).
-    """
-    delta = Server_side.client_deltas([update.weights], global_weights)[0]
-    if int(client) in federation.malicious and config["ATTACK"] != "label_flip":
-        delta = Client_side.attack_update(delta, config["ATTACK"], config["ATTACK_SCALE"],
-                                          generators["attack"])
-    residuals = federation.components.get("residuals")
-    encoded, residual = Client_side.prepare_upload(
-        delta, residuals.get(client) if residuals else None, config["COMPRESSION"],
-        generators["compression"], config["DP_CLIP_NORM"], config["TOPK_FRACTION"],
-        config["STOCHASTIC_ROUNDING"])
-    if residuals:
-        residuals.put(client, residual)
-    return encoded
-
-
-def local_update(client, config, federation, global_weights, generators):
-    """Train one client; for SCAFFOLD also correct its gradients and update its variate."""
-    indices = federation.client_indices[client]
-    trainer = federation.trainer
-    if federation.flipped_trainer is not None and int(client) in federation.malicious:
-        trainer = federation.flipped_trainer
-    if config["ALGORITHM"] != "scaffold":
-        return trainer.train(global_weights, indices, generators["training"])
-    client_variates = federation.components["client_variates"]
-    server_variate = federation.components["server_variate"].arrays
-    own_variate = client_variates.get(client)
-    correction = [shared - own for shared, own in zip(server_variate, own_variate)]
-    update = trainer.train(global_weights, indices, generators["training"], correction)
-    new_variate = Client_side.scaffold_client_variate(
-        own_variate, server_variate, global_weights, update.weights,
-        Client_side.effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]),
-        config["LEARNING_RATE"])
-    client_variates.put(client, new_variate)
-    update.variate_delta = [new - old for new, old in zip(new_variate, own_variate)]
-    return update
-
-
-def aggregate(config, federation, global_weights, updates, deltas, generators):
-    """Combine the decoded client updates into a pseudo-gradient; take one server step.
-
-    FedAvg and FedProx weight updates by sample count; SCAFFOLD averages them uniformly and
-    updates the server variate, as in its paper; FedNova normalizes each by its local steps.
-    A robust AGGREGATION replaces the average; DP-FedAvg clips, sums, adds noise and divides.
-    """
-    num_examples = [update.num_examples for update in updates]
-    rule = config["AGGREGATION"]
-    if rule == "median":
-        delta = Server_side.coordinate_median(deltas)
-    elif rule == "trimmed_mean":
-        delta = Server_side.trimmed_mean(deltas, config["TRIM_RATIO"])
-    elif rule in ("krum", "multi_krum"):
-        keep = 1 if rule == "krum" else max(1, len(deltas) - config["KRUM_F"])
-        delta = Server_side.multi_krum(deltas, config["KRUM_F"], keep)
-    elif config["DP_CLIP_NORM"] > 0:
-        denominator = Server_side.dp_denominator(
-            config["CLIENT_SAMPLING"], len(deltas), config["NUM_CLIENTS"],
-            config["CLIENT_FRACTION"], config["CLIENT_DROPOUT"])
-        delta = Server_side.dp_noisy_mean(
-            deltas, [np.shape(layer) for layer in global_weights], config["DP_CLIP_NORM"],
-            config["DP_NOISE_MULTIPLIER"], denominator, generators["privacy"])
-    elif config["ALGORITHM"] == "fednova":
-        normalizers = [Client_side.effective_steps(update.num_steps, config["LOCAL_MOMENTUM"])
-                       for update in updates]
-        delta = Server_side.fednova_delta(deltas, num_examples, normalizers)
-    elif config["ALGORITHM"] == "scaffold":
-        delta = Server_side.uniform_mean(deltas)
-        federation.components["server_variate"].update(
-            [update.variate_delta for update in updates], config["NUM_CLIENTS"])
-    else:
-        delta = Server_side.fedavg(deltas, num_examples)
-    return federation.components["server_optimizer"].step(global_weights, delta)
-
-
-def round_row(round_num, test_accuracy, test_loss, num_selected, updates, seconds):
+def round_row(round_num, test_accuracy, test_loss, num_selected, uploads, seconds):
     """Summarise one round for history.csv.
 
     train_loss is the returned clients' sample-weighted mean, empty when none returned.
     """
-    num_samples = sum(update.num_examples for update in updates)
-    train_loss = (round(sum(update.train_loss * update.num_examples for update in updates)
-                        / num_samples, 6) if updates else "")
+    num_samples = sum(upload.num_examples for upload in uploads)
+    train_loss = (round(sum(upload.train_loss * upload.num_examples for upload in uploads)
+                        / num_samples, 6) if uploads else "")
     return {"round": round_num, "test_accuracy": round(test_accuracy, 6),
             "test_loss": round(test_loss, 6), "train_loss": train_loss, "clients": num_selected,
-            "returned": len(updates), "samples": num_samples, "seconds": round(seconds, 3)}
+            "returned": len(uploads), "samples": num_samples, "seconds": round(seconds, 3)}
 
 
 if __name__ == "__main__":

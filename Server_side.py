@@ -7,6 +7,11 @@ Reddi et al. (2021), "Adaptive Federated Optimization": clients' updates y_i - x
 into a pseudo-gradient Delta and a server optimizer moves x along it (plain FedAvg is SGD with
 server learning rate 1). FedNova (Wang et al. 2020) and SCAFFOLD (Karimireddy et al. 2020) change
 how Delta is formed.
+
+`Server.aggregate` is the server's whole round, from the clients' uploads to the next global
+weights: both engines (`python Main.py` in one process, the Flower ServerApp) call it. Uploads
+are combined in client-id order and every server-side draw (selection, dropout, DP noise) is
+keyed by (SEED, round), so the result does not depend on the order replies arrive in.
 """
 
 import functools
@@ -17,6 +22,7 @@ import tensorflow as tf
 import keras
 
 import Client_side
+import Utils
 
 # Test images are pushed through the model in chunks this large: big enough that per-call
 # overhead vanishes, small enough to keep activations in cache-friendly sizes (measured fastest).
@@ -201,6 +207,115 @@ class ServerOptimizer:
         half = len(arrays) // 2
         self.first_moment = [np.array(array) for array in arrays[:half]]
         self.second_moment = [np.array(array) for array in arrays[half:]]
+
+
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova")
+AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
+
+
+def round_clients(config, round_num):
+    """Return (selected, returning): the round's sampled clients and those whose update comes
+    back (each selected client drops out independently with CLIENT_DROPOUT)."""
+    selected = select_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"],
+                              Utils.rng(config["SEED"], "selection", round_num),
+                              config["CLIENT_SAMPLING"])
+    returning = surviving_clients(selected, config["CLIENT_DROPOUT"],
+                                  Utils.rng(config["SEED"], "dropout", round_num))
+    return selected, returning
+
+
+class Server:
+    """The server's state across rounds and its round: decode, aggregate, step.
+
+    Args:
+        config: the run's constants by name.
+        shapes: the global model's layer shapes.
+    """
+
+    def __init__(self, config, shapes):
+        if config["ALGORITHM"] not in ALGORITHMS or config["AGGREGATION"] not in AGGREGATIONS:
+            raise ValueError(f"ALGORITHM must be one of {', '.join(ALGORITHMS)} and AGGREGATION "
+                             f"one of {', '.join(AGGREGATIONS)}")
+        self.config, self.shapes = config, [tuple(shape) for shape in shapes]
+        self.optimizer = ServerOptimizer(
+            config["SERVER_OPTIMIZER"], shapes, config["SERVER_LR"], config["SERVER_MOMENTUM"],
+            config["SERVER_BETA1"], config["SERVER_BETA2"], config["SERVER_TAU"])
+        self.variate = (ScaffoldServerVariate(shapes) if config["ALGORITHM"] == "scaffold"
+                        else None)
+
+    def server_variate(self):
+        """SCAFFOLD's c, which clients need for their correction; None otherwise."""
+        return None if self.variate is None else self.variate.arrays
+
+    def aggregate(self, round_num, global_weights, uploads):
+        """Combine the round's uploads into the next global weights (float32 layer arrays).
+
+        A round with no upload keeps the model, except under DP with Poisson sampling, whose
+        accounted mechanism adds its noise whatever the sample.
+        """
+        uploads = sorted(uploads, key=lambda upload: upload.client)
+        config = self.config
+        private = config["DP_CLIP_NORM"] > 0
+        if not uploads and not (private and config["CLIENT_SAMPLING"] == "poisson"):
+            return global_weights
+        deltas = [Client_side.decode_update(upload.update, self.shapes) for upload in uploads]
+        if config["AGGREGATION"] != "fedavg":
+            delta = robust_aggregate(deltas, config)
+        elif private:
+            denominator = dp_denominator(config["CLIENT_SAMPLING"], len(deltas),
+                                         config["NUM_CLIENTS"], config["CLIENT_FRACTION"],
+                                         config["CLIENT_DROPOUT"])
+            delta = dp_noisy_mean(deltas, self.shapes, config["DP_CLIP_NORM"],
+                                  config["DP_NOISE_MULTIPLIER"], denominator,
+                                  Utils.rng(config["SEED"], "privacy", round_num))
+        else:
+            delta = self._average(deltas, uploads)
+        return self.optimizer.step(global_weights, delta)
+
+    def _average(self, deltas, uploads):
+        """FedAvg/FedProx by sample count; FedNova by steps; SCAFFOLD uniform, updating c."""
+        num_examples = [upload.num_examples for upload in uploads]
+        if self.config["ALGORITHM"] == "fednova":
+            normalizers = [Client_side.effective_steps(upload.num_steps,
+                                                       self.config["LOCAL_MOMENTUM"])
+                           for upload in uploads]
+            return fednova_delta(deltas, num_examples, normalizers)
+        if self.config["ALGORITHM"] == "scaffold":
+            self.variate.update([upload.variate_delta for upload in uploads],
+                                self.config["NUM_CLIENTS"])
+            return uniform_mean(deltas)
+        return fedavg(deltas, num_examples)
+
+    def get_state(self):
+        return self.optimizer.get_state() + (self.variate.get_state() if self.variate else [])
+
+    def set_state(self, arrays):
+        num_optimizer = 2 * len(self.shapes)
+        self.optimizer.set_state(arrays[:num_optimizer])
+        if self.variate:
+            self.variate.set_state(arrays[num_optimizer:])
+
+
+def robust_aggregate(deltas, config):
+    """Apply AGGREGATION's robust rule (median, trimmed_mean, krum, multi_krum) to the updates."""
+    rule = config["AGGREGATION"]
+    if rule == "median":
+        return coordinate_median(deltas)
+    if rule == "trimmed_mean":
+        return trimmed_mean(deltas, config["TRIM_RATIO"])
+    keep = 1 if rule == "krum" else max(1, len(deltas) - config["KRUM_F"])
+    return multi_krum(deltas, config["KRUM_F"], keep)
+
+
+def round_traffic(config, model_bytes, num_selected, uploads):
+    """Count bytes down (the global model to every selected client) and up (what clients sent).
+
+    SCAFFOLD also sends the server variate down and the client variate change up, uncompressed.
+    """
+    scaffold = config["ALGORITHM"] == "scaffold"
+    return {"bytes_down": num_selected * model_bytes * (2 if scaffold else 1),
+            "bytes_up": sum(Client_side.encoded_bytes(upload.update)
+                            + (model_bytes if scaffold else 0) for upload in uploads)}
 
 
 def cross_entropy(probabilities, labels):

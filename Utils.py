@@ -18,10 +18,10 @@ import numpy as np  # noqa: E402
 
 TRUE_WORDS = ("true", "yes", "1")
 FALSE_WORDS = ("false", "no", "0")
-# One independent random stream per job. New jobs go at the end: SeedSequence children are keyed
-# by position, so adding a name never changes the streams before it.
-GENERATOR_NAMES = ("partition", "selection", "training", "dropout", "baseline", "attack",
-                   "privacy", "compression")
+# One independent random stream per job. New jobs go at the end: a stream is keyed by its
+# position, so adding a name never changes the streams before it.
+STREAMS = ("partition", "selection", "training", "dropout", "baseline", "attack", "privacy",
+           "compression")
 
 
 def seed_everything(seed):
@@ -42,14 +42,16 @@ def make_deterministic():
     tf.config.experimental.enable_op_determinism()
 
 
-def make_generators(seed):
-    """Return a dict of independent NumPy generators, one per name in GENERATOR_NAMES.
+def rng(seed, stream, *keys):
+    """Return the generator of one job, keyed by (SEED, stream, round, client, ...).
 
-    Separate streams keep each reproducible on its own: e.g. changing LOCAL_EPOCHS changes how
-    many shuffles training draws but not which clients are selected.
+    Every draw in a run comes from such a generator, made where it is needed: the same
+    (SEED, round, client) gives the same shuffles, dropout seeds, attack and compression draws
+    in whichever process, machine or order a client is trained, and a run resumed from a
+    checkpoint needs no generator state. Separate streams keep each job reproducible on its
+    own: changing LOCAL_EPOCHS changes the shuffles but not which clients are selected.
     """
-    children = np.random.SeedSequence(seed).spawn(len(GENERATOR_NAMES))
-    return {name: np.random.default_rng(child) for name, child in zip(GENERATOR_NAMES, children)}
+    return np.random.default_rng([seed, STREAMS.index(stream), *keys])
 
 
 def convert_value(name, text, default):
@@ -198,12 +200,13 @@ def load_checkpoint(path):
     return arrays, metadata
 
 
-def save_run_state(path, config, rows, global_weights, components, generators):
-    """Checkpoint a run: weights, every component's state, generator states and the history.
+def save_run_state(path, config, rows, global_weights, components):
+    """Checkpoint a run: weights, every component's state and the history.
 
     Args:
-        components: objects with get_state() -> list of arrays (client trainer, server optimizer,
-            control variates, baseline), saved as '<name>_<index>'.
+        components: objects with get_state() -> list of arrays (server state, client memory,
+            baseline), saved as '<name>_<index>'. Random draws are keyed by round and client
+            (see `rng`), so no generator state needs saving.
     """
     arrays = {f"global_{index}": layer for index, layer in enumerate(global_weights)}
     sizes = {}
@@ -212,21 +215,17 @@ def save_run_state(path, config, rows, global_weights, components, generators):
         sizes[name] = len(state)
         arrays.update({f"{name}_{index}": array for index, array in enumerate(state)})
     metadata = {"round": rows[-1]["round"], "config": config, "history": rows,
-                "state_sizes": sizes, "num_layers": len(global_weights),
-                "generators": {name: generator.bit_generator.state
-                               for name, generator in generators.items()}}
+                "state_sizes": sizes, "num_layers": len(global_weights)}
     save_checkpoint(path, arrays, json.loads(json.dumps(metadata, default=str)))
 
 
-def restore_run_state(checkpoint, components, generators):
-    """Load what save_run_state wrote into the components and generators.
+def restore_run_state(checkpoint, components):
+    """Load what save_run_state wrote into the components.
 
     Returns:
         (global weights, history rows).
     """
     arrays, metadata = checkpoint
-    for name, generator in generators.items():
-        generator.bit_generator.state = metadata["generators"][name]
     for name, component in components.items():
         component.set_state([arrays[f"{name}_{index}"]
                              for index in range(metadata["state_sizes"][name])])

@@ -67,10 +67,11 @@ def single_call_samples_per_second(federation, num_samples, rng):
     """Time the simulator's compiled local training as one client holding `num_samples`."""
     weights = federation.global_model.get_weights()
     indices = np.arange(num_samples)
-    federation.trainer.train(weights, indices[:2000], rng)
+    trainer = federation.host.trainer
+    trainer.train(weights, indices[:2000], rng)
     start = time.perf_counter()
-    federation.trainer.train(weights, indices, rng)
-    return num_samples * federation.trainer.local_epochs / (time.perf_counter() - start)
+    trainer.train(weights, indices, rng)
+    return num_samples * trainer.local_epochs / (time.perf_counter() - start)
 
 
 def simulate(config, data, rounds):
@@ -79,16 +80,16 @@ def simulate(config, data, rounds):
     Returns:
         (samples per second, seconds of each round, RSS after each round, the federation).
     """
-    generators = Utils.make_generators(config["SEED"])
-    client_indices = Main.partition_data(config, data[1], generators["partition"])
-    federation = Main.build_federation(config, data, client_indices, generators)
+    client_indices = Main.partition_data(config, data.y_train)
+    federation = Main.build_federation(config, data, client_indices)
     global_weights, _ = Main.run_round(0, config, federation,
-                                       federation.global_model.get_weights(), generators)
+                                       federation.global_model.get_weights(),
+                                       federation.host.train)
     rss, seconds, samples = [], [], 0
     start = time.perf_counter()
     for round_num in range(1, rounds + 1):
         global_weights, row = Main.run_round(round_num, config, federation, global_weights,
-                                             generators)
+                                             federation.host.train)
         samples += row["samples"] * config["LOCAL_EPOCHS"]
         seconds.append(row["seconds"])
         rss.append(rss_mb())

@@ -41,8 +41,10 @@ def test_fast_path_equals_model_fit(tiny_client, momentum):
     initial_weights = Server_side.create_model().get_weights()
     trainer = Client_side.LocalTrainer(Server_side.create_model(), x_train, y_train,
                                        LEARNING_RATE, momentum, batch_size=32, local_epochs=2)
-    seed_state = dropout_state(trainer.model).numpy()
-    orders = trainer.epoch_orders(np.arange(70), np.random.default_rng(5))
+    # train() draws the dropout seed first, then the per-epoch orders, from its generator.
+    draws = np.random.default_rng(5)
+    seed_state = np.array([draws.integers(2**31), 0])
+    orders = trainer.epoch_orders(np.arange(70), draws)
     update = trainer.train(initial_weights, np.arange(70), np.random.default_rng(5))
     expected_weights, expected_loss = fit_reference(initial_weights, x_train, y_train, orders,
                                                     momentum, 32, seed_state)
@@ -222,7 +224,7 @@ def test_what_is_sent_under_dp_never_exceeds_the_clip_norm(compression, stochast
         encoded, new_residual = Client_side.prepare_upload(
             delta, residual, compression, rng, clip_norm, topk_fraction=0.05,
             stochastic_rounding=stochastic_rounding)
-        sent = Client_side.decode_update(encoded)
+        sent = Client_side.decode_update(encoded, [(30, 20), (7,)])
         assert Client_side.update_norm(sent) <= clip_norm, (compression, trial)
         if compression == "topk":
             # Error feedback: what was not sent is kept, nothing is lost or invented.
@@ -234,7 +236,7 @@ def test_what_is_sent_under_dp_never_exceeds_the_clip_norm(compression, stochast
 def test_dp_upload_of_a_short_update_is_the_update():
     delta = [np.array([0.03, 0.04])]
     encoded, _ = Client_side.prepare_upload(delta, None, "none", None, clip_norm=1.0)
-    np.testing.assert_allclose(Client_side.decode_update(encoded)[0], delta[0], rtol=1e-7)
+    np.testing.assert_allclose(Client_side.decode_update(encoded, [(2,)])[0], delta[0], rtol=1e-7)
 
 
 def test_client_memory_keeps_each_clients_arrays_and_round_trips_its_state():
@@ -257,8 +259,7 @@ def test_fedsgd_batch_size_zero_takes_one_step_per_epoch(tiny_client):
 def test_centralized_baseline_walks_reshuffled_passes_over_all_samples(tiny_client):
     x_train, y_train = tiny_client
     trainer = tiny_trainer(x_train, y_train, batch_size=10)
-    baseline = Client_side.CentralizedBaseline(trainer, random_weights(trainer, 0), 70,
-                                               np.random.default_rng(0))
+    baseline = Client_side.CentralizedBaseline(trainer, random_weights(trainer, 0), 70, seed=0)
     seen = np.concatenate([baseline._next(50), baseline._next(50), baseline._next(40)])
     # Two whole passes: every sample exactly twice.
     np.testing.assert_array_equal(np.bincount(seen, minlength=70), np.full(70, 2))
@@ -271,7 +272,7 @@ def test_int8_round_trip_error_is_within_half_a_step():
     rng = np.random.default_rng(0)
     delta = [rng.normal(size=(3, 3, 1, 32)), rng.normal(size=10) * 1e-3, np.full(4, 0.25)]
     encoded = Client_side.encode_update(delta, "int8")
-    decoded = Client_side.decode_update(encoded)
+    decoded = Client_side.decode_update(encoded, [np.shape(layer) for layer in delta])
     for original, restored, layer in zip(delta, decoded, encoded):
         assert layer["codes"].dtype == np.uint8
         step = (original.max() - original.min()) / 255
@@ -284,7 +285,7 @@ def test_stochastic_int8_rounding_is_unbiased_and_within_one_step():
     delta = [np.linspace(-1, 1, 1000)]
     step = 2 / 255
     draws = np.stack([Client_side.decode_update(Client_side.encode_update(
-        delta, "int8", rng, stochastic_rounding=True))[0] for _ in range(400)])
+        delta, "int8", rng, stochastic_rounding=True), [(1000,)])[0] for _ in range(400)])
     assert np.max(np.abs(draws - delta[0])) < step + 1e-7
     assert np.max(np.abs(draws.mean(axis=0) - delta[0])) < step / 5
 
@@ -293,7 +294,7 @@ def test_topk_keeps_exactly_k_largest_entries():
     layer = np.array([0.1, -5.0, 0.2, 3.0, -0.3, 0.05, 4.0, 0.0, 0.01, -0.02])
     encoded = Client_side.encode_update([layer], "topk", topk_fraction=0.3)
     assert len(encoded[0]["indices"]) == 3
-    np.testing.assert_array_equal(Client_side.decode_update(encoded)[0],
+    np.testing.assert_array_equal(Client_side.decode_update(encoded, [(10,)])[0],
                                   [0, -5.0, 0, 3.0, 0, 0, 4.0, 0, 0, 0])
 
 

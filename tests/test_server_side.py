@@ -294,6 +294,7 @@ def test_poisson_epsilon_matches_the_library_and_a_published_case():
     assert Server_side.privacy_spent(1.1, "poisson", 100, 0.3, 50, 1e-5) == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_fixed_size_epsilon_is_sampling_without_replacement_with_replace_one():
     """m = round(C K) of K without replacement, replace-one neighbours: the sum's sensitivity
     is 2 S, so the library sees noise multiplier z / 2. K = 5, C = 0.1 takes 1 client in 5:

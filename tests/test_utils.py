@@ -82,10 +82,13 @@ def test_config_hash_covers_every_constant_but_the_ignored_ones():
                              ("ROUNDS", "OUTPUT_DIR")) != same
 
 
-def test_generators_repeat_for_a_seed_and_are_independent_streams():
-    first, second = Utils.make_generators(4), Utils.make_generators(4)
-    assert first["selection"].integers(1 << 30) == second["selection"].integers(1 << 30)
-    assert first["partition"].integers(1 << 30) != first["training"].integers(1 << 30)
+def test_generators_repeat_for_their_keys_and_differ_across_streams_and_keys():
+    def draw(*key):
+        return Utils.rng(*key).integers(1 << 62)
+
+    assert draw(4, "training", 3, 17) == draw(4, "training", 3, 17)
+    assert len({draw(4, "training", 3, 17), draw(4, "attack", 3, 17), draw(5, "training", 3, 17),
+                draw(4, "training", 4, 17), draw(4, "training", 3, 18)}) == 5
 
 
 def test_history_writer_flushes_every_row(tmp_path):

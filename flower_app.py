@@ -1,0 +1,190 @@
+"""Run Main.py's federation across machines on Flower's Deployment Engine (flwr 1.42).
+
+The ServerApp is `Main.main` with another engine: instead of training the round's clients in its
+own process, it sends every SuperNode one message a round (the global weights and the clients it
+hosts), and each node's ClientApp runs `Client_side.client_round` for them, as `python Main.py`
+does. Selection, dropout, decoding, aggregation, server optimizers, DP, evaluation, history,
+plots and checkpoints are the project's own code on the server side; Flower only carries the
+messages. SuperNode p of N hosts the clients c with c mod N == p (its node config), loads its
+own copy of the data, partitions it from SEED and keeps its clients' state (SCAFFOLD's c_i, top-k
+residuals) between rounds in its context.
+
+Run on one machine (the README's "Across machines" section has TLS and authentication):
+    flower-superlink --insecure --disable-runtime-dependency-installation
+    flower-supernode --insecure --superlink 127.0.0.1:8000 --port 9094 \
+        --node-config "partition-id=0 num-partitions=2"        (and partition-id=1, port 9095)
+    flwr run . local-deployment --stream --run-config 'config-file="/abs/path/my.csv"'
+"""
+
+import contextlib
+import json
+import logging
+import pathlib
+import sys
+import time
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+import Client_side
+import Data_Preprocessing
+import Main
+import Server_side
+import Utils
+
+MESSAGE_TYPE = "train.round"
+# The ServerApp asks the SuperLink for replies this often (Grid.send_and_receive waits 3 s).
+POLL_SECONDS = 0.2
+LOGGER = logging.getLogger("flower_app")
+EXIT_MEANINGS = {Main.EXIT_BAD_INPUT: "bad input", Main.EXIT_DIVERGED: "diverged",
+                 Main.EXIT_INTERRUPTED: "interrupted"}
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+@server_app.main()
+def server_main(grid, context):
+    """Run Main.main on the run config's CSV(s), training clients on the SuperNodes."""
+    run_config = context.run_config
+    files = str(run_config.get("config-file", "")).split()
+    engine = FlowerEngine(grid, int(run_config["num-nodes"]), float(run_config["round-timeout"]))
+    # Flower streams the ServerApp's standard output to `flwr run --stream`; Main.py's one-line
+    # errors go to standard error, so they are sent there too.
+    with contextlib.redirect_stderr(sys.stdout):
+        exit_code = Main.main(["-c", "-f", *files] if files else [], engine.for_config)
+    if exit_code:
+        # Flower marks a run failed, with this text, when the ServerApp raises (sys.exit would
+        # kill the process before its status and logs are sent).
+        raise RunFailed(f"Main.py exit code {exit_code} ({EXIT_MEANINGS[exit_code]})")
+
+
+class RunFailed(Exception):
+    """Main.main ended with a non-zero exit code on Flower."""
+
+
+class FlowerEngine:
+    """Train a round's clients on the SuperNodes: one message per node and round.
+
+    Args:
+        grid: Flower's Grid of the ServerApp.
+        num_nodes: N, how many SuperNodes share the K clients (client c on node c mod N).
+        timeout: seconds a round waits for replies; a node silent by then counts as dropped.
+    """
+
+    def __init__(self, grid, num_nodes, timeout):
+        self.grid, self.num_nodes, self.timeout = grid, num_nodes, timeout
+        self.config = None
+
+    def for_config(self, config):
+        """Check that `config` can run on Flower; return the train function for Main.run."""
+        refuse_unsupported(config)
+        self.config = config
+        return self.train
+
+    def train(self, round_num, clients, global_weights, server_variate=None):
+        """Send the round to every node; return the Uploads that came back, by client id."""
+        if len(clients) == 0:
+            return []
+        messages = [Message(self._content(round_num, clients, global_weights, server_variate),
+                            dst_node_id=node, message_type=MESSAGE_TYPE,
+                            group_id=str(round_num))
+                    for node in sorted(self.grid.get_node_ids())]
+        wanted, uploads = {int(client) for client in clients}, {}
+        for reply in self._send_and_receive(messages):
+            if reply.has_error():
+                LOGGER.warning("round %d: node %d replied with error %s", round_num,
+                               reply.metadata.src_node_id, reply.error.reason)
+                continue
+            for upload in uploads_from_content(reply.content):
+                if upload.round_num == round_num and upload.client in wanted:
+                    uploads.setdefault(upload.client, upload)
+        missing = sorted(wanted - set(uploads))
+        if missing:
+            LOGGER.warning("round %d: no upload from clients %s within %.0f s (their node is "
+                           "down, late or failed)", round_num, missing, self.timeout)
+        return [uploads[client] for client in sorted(uploads)]
+
+    def _send_and_receive(self, messages):
+        """Grid.send_and_receive, polling every POLL_SECONDS instead of its fixed 3 s."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline, replies = time.monotonic() + self.timeout, []
+        while waiting and time.monotonic() < deadline:
+            received = list(self.grid.pull_messages(waiting))
+            replies += received
+            waiting -= {reply.metadata.reply_to_message_id for reply in received}
+            if waiting:
+                time.sleep(POLL_SECONDS)
+        return replies
+
+    def _content(self, round_num, clients, global_weights, server_variate):
+        settings = {"config": json.dumps(self.config, default=str), "round": int(round_num),
+                    "clients": [int(client) for client in clients],
+                    "num-nodes": self.num_nodes}
+        content = RecordDict({"settings": ConfigRecord(settings),
+                              "global": ArrayRecord(list(global_weights))})
+        if server_variate is not None:
+            content["variate"] = ArrayRecord(list(server_variate))
+        return content
+
+
+def refuse_unsupported(config):
+    """Raise ValueError for what cannot run on Flower, saying why."""
+    for name in ("OUTPUT_DIR", "DATA_DIR"):
+        if config[name] is not None and not pathlib.Path(config[name]).expanduser().is_absolute():
+            raise ValueError(f"{name} must be an absolute path on Flower (the ServerApp runs in "
+                             f"Flower's own folder), got {config[name]}")
+    kept = Client_side.kept_state_names(config)
+    if config["RESUME"] and kept:
+        raise ValueError(f"RESUME cannot continue a run on Flower that keeps client state "
+                         f"({', '.join(kept)}): it lives on the SuperNodes and ends with their "
+                         "run; resume it with python Main.py, or start over")
+
+
+def uploads_from_content(content):
+    """Read the Uploads a node's reply carries (records 'upload.<c>' and 'metrics.<c>')."""
+    return [Client_side.Upload.from_arrays(
+                {name: array.numpy() for name, array in record.items()},
+                content[f"metrics.{name.split('.', 1)[1]}"])
+            for name, record in content.array_records.items() if name.startswith("upload.")]
+
+
+def content_from_uploads(uploads):
+    """The reply of a node: one ArrayRecord and one MetricRecord per client."""
+    content = RecordDict()
+    for upload in uploads:
+        arrays, metrics = upload.to_arrays()
+        content[f"upload.{upload.client}"] = ArrayRecord(
+            {name: Array(array) for name, array in arrays.items()})
+        content[f"metrics.{upload.client}"] = MetricRecord(metrics)
+    return content
+
+
+@client_app.train("round")
+def client_train(message, context):
+    """Train this node's share of the round's clients with Client_side.client_round."""
+    settings = message.content["settings"]
+    config = json.loads(settings["config"])
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    if num_partitions != settings["num-nodes"]:
+        raise ValueError(f"this SuperNode's num-partitions is {num_partitions} but the run's "
+                         f"num-nodes is {settings['num-nodes']}")
+    data = Data_Preprocessing.load_fashion_mnist(
+        context.node_config.get("data-dir") or config["DATA_DIR"])
+    Utils.make_deterministic()
+    Utils.seed_everything(config["SEED"])
+    host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
+                                  data.y_train, Main.partition_data(config, data.y_train))
+    for name, memory in host.memory.items():
+        if f"memory.{name}" in context.state:
+            memory.set_state(context.state[f"memory.{name}"].to_numpy_ndarrays())
+    mine = [client for client in settings["clients"] if client % num_partitions == partition_id]
+    variate = (message.content["variate"].to_numpy_ndarrays()
+               if "variate" in message.content else None)
+    uploads = host.train(settings["round"], mine,
+                         message.content["global"].to_numpy_ndarrays(), variate)
+    for name, memory in host.memory.items():
+        context.state[f"memory.{name}"] = ArrayRecord(memory.get_state())
+    return Message(content_from_uploads(uploads), reply_to=message)

@@ -1,0 +1,188 @@
+"""Tests of the Flower engine: the wire format, refusals, and real SuperLink/SuperNode runs.
+
+The slow tests start Flower's own processes on loopback (tests/flower_cluster.py) and check that
+a run there is the same experiment as `python Main.py`: the same final weights, bit for bit.
+"""
+
+import csv
+import json
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import Client_side
+import flower_app
+import Main
+import Server_side
+import Utils
+from flower_cluster import ROOT, Cluster, make_node_key, make_tls_files
+
+# 20 iid clients of 3,000 samples, 4 a round: a few seconds of training a round.
+TINY = {"NUM_CLIENTS": 20, "CLIENT_FRACTION": 0.2, "DISTRIBUTION": "iid", "ROUNDS": 2,
+        "SEED": 3}
+
+
+def write_config(path, **constants):
+    lines = ["param,val"] + [f"{name},{value}" for name, value in constants.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def history_and_weights(output_dir):
+    (run_dir,) = output_dir.iterdir()
+    with open(run_dir / "history.csv") as file:
+        rows = [{key: value for key, value in row.items() if key != "seconds"}
+                for row in csv.DictReader(file)]
+    arrays, _ = Utils.load_checkpoint(run_dir / Main.CHECKPOINT_NAME)
+    return rows, [arrays[name] for name in sorted(arrays) if name.startswith("global")]
+
+
+def test_an_upload_survives_the_wire_format():
+    rng = np.random.default_rng(0)
+    delta = [rng.standard_normal((3, 4)), rng.standard_normal(5)]
+    for compression in Client_side.COMPRESSIONS:
+        encoded = Client_side.encode_update(delta, compression, rng, topk_fraction=0.5)
+        variate = [rng.standard_normal((3, 4)).astype(np.float32), np.zeros(5, np.float32)]
+        sent = Client_side.Upload(7, 3, encoded, 120, 8, 0.25, variate)
+        (received,) = flower_app.uploads_from_content(flower_app.content_from_uploads([sent]))
+        assert (received.client, received.round_num, received.num_examples,
+                received.num_steps, received.train_loss) == (7, 3, 120, 8, 0.25)
+        for before, after in zip(Client_side.decode_update(sent.update, [(3, 4), (5,)]),
+                                 Client_side.decode_update(received.update, [(3, 4), (5,)])):
+            np.testing.assert_array_equal(before, after)
+        for before, after in zip(variate, received.variate_delta):
+            np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("constants, message", [
+    ({"OUTPUT_DIR": "results"}, "OUTPUT_DIR must be an absolute path on Flower"),
+    ({"DATA_DIR": "data"}, "DATA_DIR must be an absolute path on Flower"),
+    ({"RESUME": True, "ALGORITHM": "scaffold"}, "RESUME cannot continue a run on Flower"),
+    ({"RESUME": True, "COMPRESSION": "topk"}, "RESUME cannot continue a run on Flower"),
+])
+def test_what_flower_cannot_run_is_refused_with_the_reason(constants, message):
+    config = {**Main.default_config(), **constants}
+    with pytest.raises(ValueError, match=message):
+        flower_app.refuse_unsupported(config)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("flower")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("constants", [
+    {}, {"ALGORITHM": "scaffold", "COMPRESSION": "topk", "TOPK_FRACTION": 0.1}],
+    ids=["fedavg", "scaffold_topk"])
+def test_a_run_on_flower_equals_the_in_process_run(cluster, tmp_path, real_data_once,
+                                                     constants):
+    """Two SuperNodes, each hosting half the clients in its own processes, give the weights
+    of `python Main.py` bit for bit; with SCAFFOLD and top-k a client selected twice carries
+    its variate and residual on its node from round 1 to round 2."""
+    setting = {**TINY, **constants}
+    config = {**Main.default_config(), **setting}
+    first, second = (set(Server_side.round_clients(config, round_num)[1].tolist())
+                     for round_num in (1, 2))
+    assert first & second, "the test needs a client that trains in both rounds"
+    flower_csv = write_config(tmp_path / "flower.csv", OUTPUT_DIR=tmp_path / "flower",
+                              **setting)
+    result = cluster.run_app(flower_csv, round_timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "round 2/2" in result.stdout
+    local_csv = write_config(tmp_path / "local.csv", OUTPUT_DIR=tmp_path / "local", **setting)
+    assert Main.main(["-c", "-f", str(local_csv)]) == 0
+    flower_rows, flower_weights = history_and_weights(tmp_path / "flower")
+    local_rows, local_weights = history_and_weights(tmp_path / "local")
+    assert flower_rows == local_rows
+    for on_flower, in_process in zip(flower_weights, local_weights, strict=True):
+        np.testing.assert_array_equal(on_flower, in_process)
+
+
+@pytest.mark.slow
+def test_bad_input_on_flower_gives_one_line_and_no_run(cluster, tmp_path):
+    bad = write_config(tmp_path / "bad.csv", OUTPUT_DIR=tmp_path / "out", CLIENT_FRACTION=2)
+    result = cluster.run_app(bad, timeout=300)
+    assert "error: CLIENT_FRACTION must be a number in (0, 1], got 2.0" in result.stdout
+    assert not (tmp_path / "out").exists()
+    # `flwr run` itself exits 0; the run's status carries Main.py's exit code.
+    runs = json.loads(cluster.flwr("ls", "test", "--format", "json").stdout)["runs"]
+    assert any(run["status"] == "finished:failed"
+               and "Main.py exit code 2 (bad input)" in run["status-details"] for run in runs)
+
+
+def wait_for_rows(output_dir, count, process, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended early"
+        histories = list(output_dir.glob("*/history.csv"))
+        if histories and len(histories[0].read_text().splitlines()) > count:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no round {count} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_killed_node_drops_its_clients_and_a_restarted_node_rejoins(tmp_path_factory,
+                                                                       tmp_path):
+    """SIGKILL node 1 after round 1: round 2 waits out the timeout and goes on with node 0's
+    clients; node 1, restarted (it gets a new node id), trains its clients again later."""
+    cluster = Cluster(tmp_path_factory.mktemp("flower_failure")).start()
+    try:
+        path = write_config(tmp_path / "failure.csv", OUTPUT_DIR=tmp_path / "out",
+                            **{**TINY, "ROUNDS": 5})
+        process = subprocess.Popen(cluster.run_command(path, round_timeout=20),
+                                   cwd=ROOT, env=cluster.env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for_rows(tmp_path / "out", 1, process)
+        cluster.kill_node(1)
+        wait_for_rows(tmp_path / "out", 2, process)
+        cluster.start_node(1)
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, output[-3000:]
+    finally:
+        cluster.stop()
+    (history,) = (tmp_path / "out").glob("*/history.csv")
+    rows = list(csv.DictReader(history.open()))
+    config = {**Main.default_config(), **TINY}
+    on_node_one = [sum(int(client) % 2 == 1 for client in
+                       Server_side.round_clients(config, round_num)[1])
+                   for round_num in range(1, 6)]
+    returned = [int(row["returned"]) for row in rows]
+    selected = [int(row["clients"]) for row in rows]
+    assert on_node_one[1] > 0, "the test needs node 1 to host a client of round 2"
+    assert len(rows) == 5 and returned[0] == selected[0]
+    assert returned[1] == selected[1] - on_node_one[1], "round 2 had node 1's clients"
+    assert returned[-1] == selected[-1], "the restarted node did not rejoin"
+    assert "no upload from clients" in output
+
+
+@pytest.mark.slow
+def test_tls_and_node_authentication_let_registered_nodes_in_and_no_stranger(tmp_path_factory,
+                                                                             tmp_path):
+    """SuperLink, SuperNodes and the flwr CLI talk TLS (a throwaway CA); the SuperLink admits
+    only SuperNodes whose public key was registered."""
+    home = tmp_path_factory.mktemp("flower_tls")
+    keys = [make_node_key(home / f"node{partition}") for partition in range(3)]
+    cluster = Cluster(home, tls=make_tls_files(home), node_keys=keys[:2]).start()
+    try:
+        # The refused SuperNode exits at once; its flower-superexec child lingers, retrying,
+        # so the test watches the log and then ends the whole process group.
+        cluster.start_node(0, key=keys[2], name="stranger")
+        deadline = time.monotonic() + 120
+        while "Failed to activate SuperNode" not in cluster.log("stranger"):
+            assert time.monotonic() < deadline, cluster.log("stranger")[-2000:]
+            time.sleep(0.5)
+        assert "No SuperNode found with the given public key" in cluster.log("superlink")
+        assert cluster.log("superlink").count("Activated node_id") == 2
+        path = write_config(tmp_path / "tls.csv", OUTPUT_DIR=tmp_path / "out",
+                            **{**TINY, "ROUNDS": 1})
+        result = cluster.run_app(path, round_timeout=300)
+        assert result.returncode == 0 and "round 1/1" in result.stdout, result.stdout[-3000:]
+    finally:
+        cluster.stop()
+    assert "--insecure" not in " ".join(cluster.node_command(0))
