@@ -51,6 +51,7 @@ CLASSES_PER_CLIENT = 3  # noniid_bi, noniid_ii: classes each client holds, 1..10
 DIRICHLET_ALPHA = 0.5  # dirichlet: concentration, > 0 (small = more skewed)
 SHARDS_PER_CLIENT = 2  # shards: label-sorted shards dealt to each client, an integer >= 1
 SEED = 0  # seeds partition, client sampling, shuffling, initialisation and dropout; int >= 0
+REPEATS = 1  # runs of each configuration, with SEED, SEED + 1, ...; compared by mean and std
 DATA_DIR = None  # folder with the four Fashion-MNIST .gz files; None = search the usual places
 # Reliability
 CLIENT_DROPOUT = 0.0  # chance that a selected client never returns its update, in [0, 1)
@@ -90,7 +91,7 @@ PRIVACY_COLUMNS = ("epsilon",)
 CHECKPOINT_NAME = "checkpoint.npz"
 # Constants that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT_DIR",
-                     "TARGET_ACCURACY")
+                     "TARGET_ACCURACY", "REPEATS")
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -145,6 +146,7 @@ RULES = {
     "DIRICHLET_ALPHA": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
     "SHARDS_PER_CLIENT": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "SEED": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
+    "REPEATS": (lambda v: _is_int(v) and 1 <= v <= 1000, "an integer from 1 to 1000"),
     "CLIENT_DROPOUT": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "CHECKPOINT_EVERY": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "RESUME": (lambda v: isinstance(v, bool), "True or False"),
@@ -180,6 +182,9 @@ def validate_config(config):
     if config["DP_CLIP_NORM"] > 0 and not (averaging and config["AGGREGATION"] == "fedavg"):
         raise ValueError("DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM fedavg or fedprox and "
                          "AGGREGATION fedavg")
+    if config["SEED"] + config["REPEATS"] > 2**32:
+        raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
+                         f"{config['REPEATS']} - 1")
     per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
     if config["AGGREGATION"] in ("krum", "multi_krum") and per_round < 2 * config["KRUM_F"] + 3:
         raise ValueError(f"KRUM_F must leave at least 2 * KRUM_F + 3 clients a round for Krum; "
@@ -200,18 +205,31 @@ def parse_arguments(argv):
 
 
 def load_configs(arguments):
-    """Return one validated config per CSV (or the constants alone without -c)."""
-    if not arguments.config:
-        return [validate_config(default_config())]
-    configs = [validate_config({**default_config(), **Utils.read_overrides(path, default_config())})
-               for path in arguments.file]
-    folders = [run_dir(config) for config in configs]
+    """Return (label, validated config) for every run to make, in order.
+
+    One configuration per CSV, labelled by the file's name (or the constants alone, labelled
+    'default', without -c), each made REPEATS times with SEED, SEED + 1, ...
+    """
+    if arguments.config:
+        sources = [(pathlib.Path(path).stem,
+                    {**default_config(), **Utils.read_overrides(path, default_config())})
+                   for path in arguments.file]
+    else:
+        sources = [("default", default_config())]
+    labels = [label for label, _ in sources]
+    for position, label in enumerate(labels):
+        if label in labels[:position]:
+            raise ValueError(f"two config files are named {label}: comparisons label runs by "
+                             "file name, so rename one")
+    runs = [(label, {**config, "SEED": config["SEED"] + repeat})
+            for label, config in sources
+            for repeat in range(validate_config(config)["REPEATS"])]
+    folders = [run_dir(config) for _, config in runs]
     for position, folder in enumerate(folders):
         if folder in folders[:position]:
-            raise ValueError(f"{arguments.file[folders.index(folder)]} and "
-                             f"{arguments.file[position]} would both write {folder}; give them "
-                             "different OUTPUT_DIR values")
-    return configs
+            raise ValueError(f"{runs[folders.index(folder)][0]} and {runs[position][0]} would "
+                             f"both write {folder}; give them different OUTPUT_DIR values")
+    return runs
 
 
 def run_dir(config):
@@ -234,6 +252,8 @@ def find_checkpoint(config, output_dir):
     if not config["RESUME"]:
         refuse_to_overwrite(path, output_dir)
         return None
+    if not path.is_file() and config["REPEATS"] > 1:
+        return None  # A repeat that never started starts now (see `check_resumable`).
     if not path.is_file():
         raise FileNotFoundError(f"RESUME is True but there is no checkpoint {path}: no run "
                                 "with exactly these constants (ROUNDS aside) was saved; run "
@@ -289,6 +309,18 @@ def prepare_run(config, loaded_data):
                        find_checkpoint(config, output_dir))
 
 
+def check_resumable(labels, runs):
+    """Raise FileNotFoundError when RESUME finds no checkpoint for any seed of a configuration.
+
+    With REPEATS > 1, RESUME continues the seeds that have a checkpoint and starts the others.
+    """
+    for label in dict.fromkeys(labels):
+        group = [prepared for name, prepared in zip(labels, runs) if name == label]
+        if group[0].config["RESUME"] and all(prepared.checkpoint is None for prepared in group):
+            raise FileNotFoundError(f"RESUME is True but no seed of {label} has a checkpoint in "
+                                    f"{group[0].output_dir.parent}; run once without RESUME")
+
+
 def prepare_output_dir(config, output_dir):
     """Create the run's output folder and save the config there."""
     try:
@@ -313,7 +345,9 @@ def main(argv=None, make_engine=None):
     arguments = parse_arguments(argv)
     try:
         loaded_data = {}
-        runs = [prepare_run(config, loaded_data) for config in load_configs(arguments)]
+        labels, configs = zip(*load_configs(arguments))
+        runs = [prepare_run(config, loaded_data) for config in configs]
+        check_resumable(labels, runs)
         engines = [make_engine(prepared.config) if make_engine else None for prepared in runs]
         for prepared in runs:
             prepare_output_dir(prepared.config, prepared.output_dir)
@@ -336,17 +370,16 @@ def main(argv=None, make_engine=None):
                   "'RESUME,True')", file=sys.stderr)
             return EXIT_INTERRUPTED
     if len(runs) > 1:
-        write_comparison(arguments.file, runs, histories)
+        write_comparison(labels, runs, histories)
     return exit_code
 
 
-def write_comparison(files, runs, histories):
-    """Write comparison.md and comparison.png for several runs into the first's OUTPUT_DIR."""
+def write_comparison(labels, runs, histories):
+    """Write comparison.md, comparison_seeds.csv and comparison.png into the first OUTPUT_DIR."""
     output_dir = pathlib.Path(runs[0].config["OUTPUT_DIR"]).expanduser()
-    labels = [pathlib.Path(path).stem for path in files]
-    Utils.write_comparison(output_dir / "comparison.md", output_dir / "comparison.png", labels,
-                           [prepared.config for prepared in runs], histories)
-    print(f"comparison: {output_dir / 'comparison.md'} and {output_dir / 'comparison.png'}")
+    Utils.write_comparison(output_dir, labels, [prepared.config for prepared in runs], histories)
+    print(f"comparison: {output_dir / 'comparison.md'}, comparison_seeds.csv and "
+          "comparison.png")
 
 
 def partition_data(config, train_labels):
@@ -390,6 +423,7 @@ def run(prepared, train_clients=None):
         global_weights, rows = Utils.restore_run_state(prepared.checkpoint, federation.components)
         print(f"resuming after round {len(rows)}")
     history = Utils.HistoryWriter(output_dir / "history.csv", history_columns(config), rows)
+    tensorboard = Utils.TensorBoardLog(output_dir / "tensorboard", rows)
     try:
         for round_num in range(len(rows) + 1, config["ROUNDS"] + 1):
             global_weights, row = run_round(round_num, config, federation, global_weights,
@@ -400,12 +434,14 @@ def run(prepared, train_clients=None):
             # Ctrl-C waits until the row and the checkpoint are whole on disk.
             with Utils.deferred_interrupts():
                 history.append(row)
+                tensorboard.append(row)
                 if round_num % config["CHECKPOINT_EVERY"] == 0 or round_num == config["ROUNDS"]:
                     Utils.save_run_state(output_dir / CHECKPOINT_NAME, config, rows,
                                          global_weights, federation.components)
             print(Utils.format_progress(row, config["ROUNDS"]), flush=True)
     finally:
         history.close()
+        tensorboard.close()
         if rows:
             Utils.plot_history(output_dir / "accuracy.png", rows, name)
             Utils.plot_communication(output_dir / "communication.png", rows, name)

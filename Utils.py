@@ -107,14 +107,15 @@ def read_overrides(path, defaults):
 
 
 def run_name(config):
-    """Name a run by its configuration, e.g. fedavg_noniid_ib_K100_C0.3_E1_B32.
+    """Name a run by its configuration and seed, e.g. fedavg_noniid_ib_K100_C0.3_E1_B32_s0.
 
     Options away from their plain setting are appended: the server optimizer (_fedadam), the
     compression (_int8), DP's noise multiplier (_dp1.0), a robust rule (_median) and an attack
     with its share of clients (_sign_flip0.2).
     """
     name = (f"{config['ALGORITHM']}_{config['DISTRIBUTION']}_K{config['NUM_CLIENTS']}"
-            f"_C{config['CLIENT_FRACTION']}_E{config['LOCAL_EPOCHS']}_B{config['BATCH_SIZE']}")
+            f"_C{config['CLIENT_FRACTION']}_E{config['LOCAL_EPOCHS']}_B{config['BATCH_SIZE']}"
+            f"_s{config.get('SEED', 0)}")
     suffixes = [
         config.get("SERVER_OPTIMIZER", "sgd") != "sgd" and config.get("SERVER_OPTIMIZER"),
         config.get("COMPRESSION", "none") != "none" and config.get("COMPRESSION"),
@@ -171,6 +172,40 @@ class HistoryWriter:
 
     def close(self):
         self._file.close()
+
+
+class TensorBoardLog:
+    """Write each round's scalars as TensorBoard event files, so `tensorboard --logdir results`
+    shows every run side by side.
+
+    `rows` (from a checkpoint) are written first; a resumed run's old event files are removed,
+    so no round appears twice.
+    """
+
+    SCALARS = ("test_accuracy", "test_loss", "train_loss", "mb_up_total", "mb_down_total",
+               "epsilon", "baseline_accuracy", "baseline_loss")
+
+    def __init__(self, folder, rows=()):
+        import tensorflow as tf  # Imported here: reading a CSV must not wait for TensorFlow.
+
+        self._summary = tf.summary
+        folder = pathlib.Path(folder)
+        for old in folder.glob("events.out.tfevents.*"):
+            old.unlink()
+        self._writer = tf.summary.create_file_writer(str(folder))
+        for row in rows:
+            self.append(row)
+
+    def append(self, row):
+        """Write the round's scalars that have a value."""
+        with self._writer.as_default():
+            for name in self.SCALARS:
+                if row.get(name) not in (None, ""):
+                    self._summary.scalar(name, float(row[name]), step=int(row["round"]))
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
 
 
 def save_checkpoint(path, arrays, metadata):
@@ -328,45 +363,126 @@ def rounds_to_reach(rows, target):
     return next((row["round"] for row in rows if row["test_accuracy"] >= target), None)
 
 
-def comparison_table(labels, configs, histories, target):
-    """Return a Markdown table, one line per run: accuracy, rounds to target, traffic, time."""
-    lines = [f"| run | algorithm | server | distribution | rounds | final acc | best acc | "
+SEED_COLUMNS = ("run", "seed", "rounds", "diverged_in_round", "final_accuracy", "best_accuracy",
+                "rounds_to_target", "mb_up", "wall_seconds", "baseline_accuracy", "epsilon")
+
+
+def seed_summary(config, rows, target):
+    """Summarise one seed's run for comparisons: a dict of SEED_COLUMNS (but 'run')."""
+    finished = len(rows) >= config["ROUNDS"]
+    last = rows[-1] if rows and finished else {}
+    return {"seed": config["SEED"], "rounds": len(rows),
+            "diverged_in_round": "" if finished else len(rows) + 1,
+            "final_accuracy": last.get("test_accuracy"),
+            "best_accuracy": max(row["test_accuracy"] for row in rows) if last else None,
+            "rounds_to_target": rounds_to_reach(rows, target) if last else None,
+            "mb_up": last.get("mb_up_total"),
+            "wall_seconds": sum(float(row["seconds"]) for row in rows) if last else None,
+            "baseline_accuracy": last.get("baseline_accuracy"), "epsilon": last.get("epsilon")}
+
+
+def mean_and_spread(values, digits):
+    """'mean ± sample std' of the values that exist ('' if none; no ± for a single value)."""
+    values = [float(value) for value in values if value is not None]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def group_runs(labels, configs, histories):
+    """Group runs by label, in first-seen order: {label: [(config, rows), ...]}."""
+    groups = {}
+    for label, config, rows in zip(labels, configs, histories):
+        groups.setdefault(label, []).append((config, rows))
+    return groups
+
+
+def comparison_table(groups, target):
+    """Return a Markdown table, one line per configuration, mean ± std over its seeds."""
+    lines = [f"| run | algorithm | server | distribution | seeds | final acc | best acc | "
              f"rounds to {target} | MB up | wall time (s) | centralized acc | epsilon |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for label, config, rows in zip(labels, configs, histories):
-        if len(rows) < config["ROUNDS"]:
-            lines.append(f"| {label} | {config['ALGORITHM']} | {config['SERVER_OPTIMIZER']} "
-                         f"(lr {config['SERVER_LR']}) | {config['DISTRIBUTION']} | "
-                         f"diverged in round {len(rows) + 1} | | | | | | | |")
-            continue
-        reached = rounds_to_reach(rows, target)
-        baseline, epsilon = rows[-1].get("baseline_accuracy"), rows[-1].get("epsilon")
+    for label, runs in groups.items():
+        config = runs[0][0]
+        summaries = [seed_summary(config, rows, target) for config, rows in runs]
+        finished = [summary for summary in summaries if not summary["diverged_in_round"]]
+        diverged = [summary["diverged_in_round"] for summary in summaries
+                    if summary["diverged_in_round"]]
+        seeds = f"{len(runs)}" + (f" ({len(diverged)} diverged in round "
+                                  f"{', '.join(map(str, diverged))})" if diverged else "")
+        reached = [summary["rounds_to_target"] for summary in finished
+                   if summary["rounds_to_target"] is not None]
+        reached_text = (f"{mean_and_spread(reached, 1)} ({len(reached)}/{len(finished)})"
+                        if reached else "not reached")
+        column = {key: [summary[key] for summary in finished] for key in SEED_COLUMNS[2:]}
         lines.append(
             f"| {label} | {config['ALGORITHM']} | {config['SERVER_OPTIMIZER']} "
-            f"(lr {config['SERVER_LR']}) | {config['DISTRIBUTION']} | {len(rows)} | "
-            f"{rows[-1]['test_accuracy']:.4f} | {max(row['test_accuracy'] for row in rows):.4f} "
-            f"| {reached if reached else 'not reached'} | {rows[-1]['mb_up_total']:.1f} | "
-            f"{sum(float(row['seconds']) for row in rows):.0f} | "
-            f"{'' if baseline is None else f'{baseline:.4f}'} | "
-            f"{'' if epsilon is None else f'{epsilon:.2f}'} |")
+            f"(lr {config['SERVER_LR']}) | {config['DISTRIBUTION']} | {seeds} | "
+            f"{mean_and_spread(column['final_accuracy'], 4)} | "
+            f"{mean_and_spread(column['best_accuracy'], 4)} | "
+            f"{reached_text if finished else ''} | {mean_and_spread(column['mb_up'], 1)} | "
+            f"{mean_and_spread(column['wall_seconds'], 0)} | "
+            f"{mean_and_spread(column['baseline_accuracy'], 4)} | "
+            f"{mean_and_spread(column['epsilon'], 2)} |")
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(table_path, plot_path, labels, configs, histories):
-    """Write the comparison table (Markdown) and the overlaid accuracy curves.
+def write_seed_table(path, groups, target):
+    """Write every seed's figures (SEED_COLUMNS) as CSV, beside the comparison table."""
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=SEED_COLUMNS)
+        writer.writeheader()
+        for label, runs in groups.items():
+            for config, rows in runs:
+                summary = seed_summary(config, rows, target)
+                writer.writerow({"run": label, **{key: "" if value is None else value
+                                                  for key, value in summary.items()}})
 
-    The plot has two panels: test accuracy per round, and per cumulative MB uploaded.
-    """
+
+def write_comparison(output_dir, labels, configs, histories):
+    """Write comparison.md (mean ± std per configuration), comparison_seeds.csv and
+    comparison.png (mean curves with a min-max band over seeds) into `output_dir`."""
+    output_dir = pathlib.Path(output_dir)
     target = configs[0]["TARGET_ACCURACY"]
-    pathlib.Path(table_path).write_text(comparison_table(labels, configs, histories, target))
+    groups = group_runs(labels, configs, histories)
+    (output_dir / "comparison.md").write_text(comparison_table(groups, target))
+    write_seed_table(output_dir / "comparison_seeds.csv", groups, target)
+    plot_comparison(output_dir / "comparison.png", groups, target)
+
+
+def _mean_curves(runs):
+    """Rounds, and per round the mean/min/max test accuracy and mean MB up over finished seeds
+    (rounds without evaluation are skipped)."""
+    finished = [rows for config, rows in runs if len(rows) >= config["ROUNDS"]] or [
+        rows for _, rows in runs]
+    length = min(len(rows) for rows in finished)
+    accuracy = np.array([[row["test_accuracy"] for row in rows[:length]] for rows in finished],
+                        dtype=float)
+    traffic = np.array([[row["mb_up_total"] for row in rows[:length]] for rows in finished],
+                       dtype=float)
+    return (np.arange(1, length + 1), accuracy.mean(axis=0), accuracy.min(axis=0),
+            accuracy.max(axis=0), traffic.mean(axis=0))
+
+
+def plot_comparison(path, groups, target):
+    """Two panels: test accuracy per round and per cumulative MB uploaded; each configuration
+    as its mean curve over seeds, with a band from the lowest to the highest seed."""
     figure, (round_axis, traffic_axis) = plt.subplots(1, 2, figsize=(13, 5))
     # tab20 gives 20 distinct colours; line styles cycle after that.
     colors, styles = plt.get_cmap("tab20").colors, ("-", "--", ":")
-    for index, (label, rows) in enumerate(zip(labels, histories)):
-        accuracies = [row["test_accuracy"] for row in rows]
-        style = {"color": colors[index % 20], "linestyle": styles[index // 20 % 3], "label": label}
-        round_axis.plot([row["round"] for row in rows], accuracies, **style)
-        traffic_axis.plot([row["mb_up_total"] for row in rows], accuracies, **style)
+    for index, (label, runs) in enumerate(groups.items()):
+        rounds, mean, low, high, traffic = _mean_curves(runs)
+        if len(rounds) == 0:  # every seed diverged in round 1: nothing to draw
+            continue
+        style = {"color": colors[index % 20], "linestyle": styles[index // 20 % 3]}
+        name = label if len(runs) == 1 else f"{label} (mean of {len(runs)} seeds)"
+        round_axis.plot(rounds, mean, label=name, **style)
+        traffic_axis.plot(traffic, mean, label=name, **style)
+        if len(runs) > 1:
+            round_axis.fill_between(rounds, low, high, color=style["color"], alpha=0.2)
+            traffic_axis.fill_between(traffic, low, high, color=style["color"], alpha=0.2)
     for axis, quantity in ((round_axis, "round"), (traffic_axis, "cumulative MB uploaded")):
         axis.axhline(target, color="grey", linestyle=":", label=f"target {target}")
         axis.set_xlabel(quantity)
@@ -374,6 +490,7 @@ def write_comparison(table_path, plot_path, labels, configs, histories):
         axis.grid(alpha=0.3)
     traffic_axis.set_xscale("log")
     round_axis.legend(fontsize="small")
+    round_axis.set_title("bands: lowest to highest seed", fontsize="small")
     figure.tight_layout()
-    figure.savefig(plot_path, dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -49,11 +49,16 @@ def server_main(grid, context):
     """Run Main.main on the run config's CSV(s), training clients on the SuperNodes."""
     run_config = context.run_config
     files = str(run_config.get("config-file", "")).split()
-    engine = FlowerEngine(grid, int(run_config["num-nodes"]), float(run_config["round-timeout"]))
+    num_nodes, timeout = int(run_config["num-nodes"]), float(run_config["round-timeout"])
+
+    def make_engine(config):
+        refuse_unsupported(config)
+        return FlowerEngine(grid, num_nodes, timeout, config).train
+
     # Flower streams the ServerApp's standard output to `flwr run --stream`; Main.py's one-line
     # errors go to standard error, so they are sent there too.
     with contextlib.redirect_stderr(sys.stdout):
-        exit_code = Main.main(["-c", "-f", *files] if files else [], engine.for_config)
+        exit_code = Main.main(["-c", "-f", *files] if files else [], make_engine)
     if exit_code:
         # Flower marks a run failed, with this text, when the ServerApp raises (sys.exit would
         # kill the process before its status and logs are sent).
@@ -71,17 +76,12 @@ class FlowerEngine:
         grid: Flower's Grid of the ServerApp.
         num_nodes: N, how many SuperNodes share the K clients (client c on node c mod N).
         timeout: seconds a round waits for replies; a node silent by then counts as dropped.
+        config: the run's constants, shipped to the nodes with every round.
     """
 
-    def __init__(self, grid, num_nodes, timeout):
+    def __init__(self, grid, num_nodes, timeout, config):
         self.grid, self.num_nodes, self.timeout = grid, num_nodes, timeout
-        self.config = None
-
-    def for_config(self, config):
-        """Check that `config` can run on Flower; return the train function for Main.run."""
-        refuse_unsupported(config)
         self.config = config
-        return self.train
 
     def train(self, round_num, clients, global_weights, server_variate=None):
         """Send the round to every node; return the Uploads that came back, by client id."""

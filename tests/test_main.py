@@ -1,15 +1,17 @@
 """Tests of Main.py: config validation, clear errors, and one end-to-end run on real data."""
 
 import csv
-import re
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import Main
+import Utils
 
 ROOT = pathlib.Path(Main.__file__).resolve().parent
 
@@ -77,7 +79,7 @@ def run_main(tmp_path, output_name):
 @pytest.mark.slow
 def test_end_to_end_run_on_real_data_learns_and_writes_every_output(tmp_path):
     stdout, run_dir, history = run_main(tmp_path, "first")
-    assert re.fullmatch(r"fedavg_noniid_ib_K10_C0\.2_E1_B32_[0-9a-f]{8}", run_dir.name)
+    assert re.fullmatch(r"fedavg_noniid_ib_K10_C0\.2_E1_B32_s3_[0-9a-f]{8}", run_dir.name)
     for name in ("history.csv", "config.json", "distribution.png", "accuracy.png",
                  "global_model.keras"):
         assert (run_dir / name).stat().st_size > 0, name
@@ -192,6 +194,64 @@ def test_a_finished_run_is_not_overwritten_by_running_it_again(tmp_path, real_da
     assert Main.main(["-c", "-f", str(path)]) == Main.EXIT_BAD_INPUT
     assert "holds a finished run (1 rounds)" in capsys.readouterr().err
     assert (run_dir / "history.csv").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_repeats_run_each_seed_and_compare_mean_and_spread(tmp_path, real_data_once):
+    output = tmp_path / "out"
+    path = write_config(tmp_path / "seeds.csv", OUTPUT_DIR=output, REPEATS=3,
+                        **{**QUICK_RUN, "ROUNDS": 1})
+    assert Main.main(["-c", "-f", str(path)]) == 0
+    folders = sorted(folder.name for folder in output.iterdir() if folder.is_dir())
+    assert [name.split("_")[6] for name in folders] == ["s1", "s2", "s3"]
+    with open(output / "comparison_seeds.csv") as file:
+        seeds = list(csv.DictReader(file))
+    assert [row["seed"] for row in seeds] == ["1", "2", "3"]
+    finals = [float(row["final_accuracy"]) for row in seeds]
+    line = (output / "comparison.md").read_text().splitlines()[2]
+    assert line.startswith("| seeds | fedavg |")
+    assert f"| 3 | {np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f} |" in line
+
+
+@pytest.mark.slow
+def test_interrupted_repeats_resume_and_new_seeds_start(tmp_path, real_data_once):
+    """Two seeds of 1 round, then RESUME with 2 rounds and 3 seeds: the first two continue
+    from their checkpoints, the third starts; each ends equal to a straight run."""
+    output = tmp_path / "out"
+    setting = {**QUICK_RUN, "OUTPUT_DIR": output}
+    first = write_config(tmp_path / "a.csv", REPEATS=2, **{**setting, "ROUNDS": 1})
+    assert Main.main(["-c", "-f", str(first)]) == 0
+    resumed = write_config(tmp_path / "a.csv", REPEATS=3, RESUME=True,
+                           **{**setting, "ROUNDS": 2})
+    assert Main.main(["-c", "-f", str(resumed)]) == 0
+    straight = write_config(tmp_path / "b.csv", REPEATS=3,
+                            **{**setting, "ROUNDS": 2, "OUTPUT_DIR": tmp_path / "straight"})
+    assert Main.main(["-c", "-f", str(straight)]) == 0
+    for seed in (1, 2, 3):
+        (split,) = output.glob(f"*_s{seed}_*")
+        (whole,) = (tmp_path / "straight").glob(f"*_s{seed}_*")
+        assert [row["test_accuracy"] for row in read_rows(split)] == \
+            [row["test_accuracy"] for row in read_rows(whole)]
+
+
+def read_rows(run_dir):
+    with open(run_dir / "history.csv") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_the_history(tmp_path, real_data_once):
+    import tensorflow as tf
+
+    rows = run_in_process(tmp_path, "tb", DP_CLIP_NORM=1.0, CENTRALIZED_BASELINE=True)
+    (run_dir,) = (tmp_path / "tb").iterdir()
+    logged = {(event.step, value.tag): float(tf.make_ndarray(value.tensor))
+              for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")
+              for event in tf.compat.v1.train.summary_iterator(str(path))
+              for value in event.summary.value}
+    for row in rows:
+        for tag in Utils.TensorBoardLog.SCALARS:
+            assert logged[(int(row["round"]), tag)] == pytest.approx(row[tag], rel=1e-6), tag
 
 
 @pytest.mark.slow

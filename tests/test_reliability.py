@@ -47,7 +47,7 @@ def run_main(config_path):
 
 def run_dir_of(config_path):
     """The folder Main.py writes for the run a CSV describes."""
-    (config,) = Main.load_configs(Main.parse_arguments(["-c", "-f", str(config_path)]))
+    ((_, config),) = Main.load_configs(Main.parse_arguments(["-c", "-f", str(config_path)]))
     return Main.run_dir(config)
 
 

@@ -62,14 +62,14 @@ def test_run_name_describes_the_configuration():
     config = {"ALGORITHM": "fedavg", "DISTRIBUTION": "noniid_ib", "NUM_CLIENTS": 100,
               "CLIENT_FRACTION": 0.3, "LOCAL_EPOCHS": 1, "BATCH_SIZE": 32,
               "SERVER_OPTIMIZER": "sgd"}
-    assert Utils.run_name(config) == "fedavg_noniid_ib_K100_C0.3_E1_B32"
+    assert Utils.run_name(config) == "fedavg_noniid_ib_K100_C0.3_E1_B32_s0"
     config.update(ALGORITHM="scaffold", SERVER_OPTIMIZER="fedadam")
-    assert Utils.run_name(config) == "scaffold_noniid_ib_K100_C0.3_E1_B32_fedadam"
+    assert Utils.run_name(config) == "scaffold_noniid_ib_K100_C0.3_E1_B32_s0_fedadam"
     config.update(SERVER_OPTIMIZER="sgd", COMPRESSION="topk", DP_CLIP_NORM=1.0,
                   DP_NOISE_MULTIPLIER=0.5, AGGREGATION="median", MALICIOUS_FRACTION=0.2,
                   ATTACK="sign_flip")
     assert Utils.run_name(config) == \
-        "scaffold_noniid_ib_K100_C0.3_E1_B32_topk_dp0.5_median_sign_flip0.2"
+        "scaffold_noniid_ib_K100_C0.3_E1_B32_s0_topk_dp0.5_median_sign_flip0.2"
 
 
 def test_config_hash_covers_every_constant_but_the_ignored_ones():
@@ -107,3 +107,47 @@ def test_plots_are_written(tmp_path):
     Utils.plot_history(tmp_path / "accuracy.png", rows, "test")
     for name in ("distribution.png", "accuracy.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def seed_rows(finals, rounds=3):
+    """A run whose accuracy climbs to `final` in `rounds` rounds, 1 MB up a round."""
+    return [{"round": r, "test_accuracy": round(finals * r / rounds, 6), "mb_up_total": float(r),
+             "seconds": 2.0} for r in range(1, rounds + 1)]
+
+
+def test_comparison_gives_mean_and_sample_std_over_seeds_by_hand(tmp_path):
+    """Seeds ending at 0.7, 0.8 and 0.9: mean 0.8, sample std 0.1. Target 0.5 is first reached
+    in round 3 (0.7 * 2/3 = 0.467 < 0.5), round 2 (0.533) and round 2 (0.6): 2.3 ± 0.6."""
+    config = {"ROUNDS": 3, "TARGET_ACCURACY": 0.5, "ALGORITHM": "fedavg",
+              "SERVER_OPTIMIZER": "sgd", "SERVER_LR": 1.0, "DISTRIBUTION": "iid"}
+    configs = [{**config, "SEED": seed} for seed in range(4)]
+    histories = [seed_rows(0.7), seed_rows(0.8), seed_rows(0.9), seed_rows(0.9)[:1]]
+    Utils.write_comparison(tmp_path, ["a", "a", "a", "b"], configs, histories)
+    table = (tmp_path / "comparison.md").read_text().splitlines()
+    assert table[2].startswith("| a | fedavg | sgd (lr 1.0) | iid | 3 | 0.8000 ± 0.1000 | "
+                               "0.8000 ± 0.1000 | 2.3 ± 0.6 (3/3) | 3.0 ± 0.0 |")
+    assert "| b |" in table[3] and "1 (1 diverged in round 2)" in table[3]
+    with open(tmp_path / "comparison_seeds.csv") as file:
+        seeds = list(csv.DictReader(file))
+    assert [(row["run"], row["seed"], row["final_accuracy"]) for row in seeds[:3]] == [
+        ("a", "0", "0.7"), ("a", "1", "0.8"), ("a", "2", "0.9")]
+    assert seeds[3]["diverged_in_round"] == "2" and seeds[3]["final_accuracy"] == ""
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_log_holds_the_rounds_values_once(tmp_path):
+    import tensorflow as tf
+
+    rows = [{"round": 1, "test_accuracy": 0.5, "train_loss": 1.25, "epsilon": 2.0},
+            {"round": 2, "test_accuracy": 0.625, "train_loss": "", "epsilon": 3.0}]
+    Utils.TensorBoardLog(tmp_path, rows[:1]).close()
+    resumed = Utils.TensorBoardLog(tmp_path, rows[:1])  # a resumed run rewrites its rounds
+    resumed.append(rows[1])
+    resumed.close()
+    seen = [(event.step, value.tag, float(tf.make_ndarray(value.tensor)))
+            for path in tmp_path.glob("events.out.tfevents.*")
+            for event in tf.compat.v1.train.summary_iterator(str(path))
+            for value in event.summary.value]
+    assert sorted(seen) == [(1, "epsilon", 2.0), (1, "test_accuracy", 0.5),
+                            (1, "train_loss", 1.25), (2, "epsilon", 3.0),
+                            (2, "test_accuracy", 0.625)]
