@@ -201,6 +201,9 @@ def parse_arguments(argv):
     parser.add_argument("-f", "--file", nargs="+", default=["config.csv"],
                         help="CSV with header 'param,val' and one constant per row; several "
                              "files run one after another and are compared in one table")
+    parser.add_argument("--distributions", metavar="FOLDER", type=pathlib.Path,
+                        help="only draw distribution_<name>.png for every DISTRIBUTION with "
+                             "the constants (and -c -f overrides) into FOLDER, then stop")
     return parser.parse_args(argv)
 
 
@@ -343,6 +346,8 @@ def main(argv=None, make_engine=None):
             ValueError.
     """
     arguments = parse_arguments(argv)
+    if arguments.distributions:
+        return draw_distributions(arguments)
     try:
         loaded_data = {}
         labels, configs = zip(*load_configs(arguments))
@@ -372,6 +377,25 @@ def main(argv=None, make_engine=None):
     if len(runs) > 1:
         write_comparison(labels, runs, histories)
     return exit_code
+
+
+def draw_distributions(arguments):
+    """Draw every DISTRIBUTION's split of the first configuration (the README's pictures)."""
+    try:
+        (_, config), *_ = load_configs(arguments)
+        data = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
+        arguments.distributions.mkdir(parents=True, exist_ok=True)
+        for distribution in DISTRIBUTIONS:
+            config = {**config, "DISTRIBUTION": distribution}
+            counts = Data_Preprocessing.class_counts(data.y_train,
+                                                     partition_data(config, data.y_train))
+            path = arguments.distributions / f"distribution_{distribution}.png"
+            Utils.plot_distribution(path, counts, Utils.run_name(config))
+            print(f"wrote {path}")
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
 
 
 def write_comparison(labels, runs, histories):
