@@ -75,6 +75,7 @@ ATTACK_SCALE = 1.0  # sign_flip: attackers upload -ATTACK_SCALE x their update, 
 # Output
 OUTPUT_DIR = pathlib.Path(__file__).resolve().parent / "results"  # runs go in subfolders here
 TARGET_ACCURACY = 0.8  # comparisons report the first round reaching this test accuracy, (0, 1]
+EVAL_EVERY = 1  # test the global model every this many rounds (and after the last), int >= 1
 # -----------------------------------------------------------------------------
 # Taken here, before any other upper-case name exists: exactly the constants above.
 CONSTANT_NAMES = tuple(name for name in dir() if name.isupper())
@@ -91,7 +92,7 @@ PRIVACY_COLUMNS = ("epsilon",)
 CHECKPOINT_NAME = "checkpoint.npz"
 # Constants that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT_DIR",
-                     "TARGET_ACCURACY", "REPEATS")
+                     "TARGET_ACCURACY", "REPEATS", "EVAL_EVERY")
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -147,6 +148,7 @@ RULES = {
     "SHARDS_PER_CLIENT": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "SEED": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
     "REPEATS": (lambda v: _is_int(v) and 1 <= v <= 1000, "an integer from 1 to 1000"),
+    "EVAL_EVERY": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "CLIENT_DROPOUT": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "CHECKPOINT_EVERY": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "RESUME": (lambda v: isinstance(v, bool), "True or False"),
@@ -498,7 +500,7 @@ def print_summary(config, rows, output_dir):
 def check_finite(round_num, global_weights, row, config, output_dir, rows):
     """Stop the run with DivergenceError when the new global model is NaN or infinite."""
     finite_weights = all(np.isfinite(layer).all() for layer in global_weights)
-    if finite_weights and np.isfinite(row["test_loss"]):
+    if finite_weights and (row["test_loss"] == "" or np.isfinite(row["test_loss"])):
         return
     kept = (f"{output_dir} keeps the history of rounds 1-{round_num - 1} and its last checkpoint"
             if round_num > 1 else "no round had finished")
@@ -596,7 +598,9 @@ def run_round(round_num, config, federation, global_weights, train_clients):
     uploads = train_clients(round_num, returning, global_weights,
                             federation.server.server_variate())
     global_weights = federation.server.aggregate(round_num, global_weights, uploads)
-    test_loss, test_accuracy = federation.evaluate(global_weights)
+    evaluated = round_num % config["EVAL_EVERY"] == 0 or round_num == config["ROUNDS"]
+    test_loss, test_accuracy = (federation.evaluate(global_weights) if evaluated
+                                else (None, None))
     row = round_row(round_num, test_accuracy, test_loss, len(selected), uploads,
                     time.perf_counter() - start)
     row["malicious"] = sum(upload.client in federation.malicious for upload in uploads)
@@ -607,23 +611,30 @@ def run_round(round_num, config, federation, global_weights, train_clients):
             config["CLIENT_FRACTION"], round_num, config["DP_DELTA"]), 6)
     if federation.baseline is not None:
         federation.baseline.train(row["samples"] * config["LOCAL_EPOCHS"])
-        baseline_loss, baseline_accuracy = federation.evaluate(federation.baseline.weights)
-        row.update(baseline_accuracy=round(baseline_accuracy, 6),
-                   baseline_loss=round(baseline_loss, 6))
+        baseline_loss, baseline_accuracy = (federation.evaluate(federation.baseline.weights)
+                                            if evaluated else (None, None))
+        row.update(baseline_accuracy=_rounded(baseline_accuracy),
+                   baseline_loss=_rounded(baseline_loss))
     return global_weights, row
 
 
 def round_row(round_num, test_accuracy, test_loss, num_selected, uploads, seconds):
     """Summarise one round for history.csv.
 
-    train_loss is the returned clients' sample-weighted mean, empty when none returned.
+    train_loss is the returned clients' sample-weighted mean, empty when none returned; the test
+    figures are empty in rounds without evaluation (see EVAL_EVERY).
     """
     num_samples = sum(upload.num_examples for upload in uploads)
     train_loss = (round(sum(upload.train_loss * upload.num_examples for upload in uploads)
                         / num_samples, 6) if uploads else "")
-    return {"round": round_num, "test_accuracy": round(test_accuracy, 6),
-            "test_loss": round(test_loss, 6), "train_loss": train_loss, "clients": num_selected,
+    return {"round": round_num, "test_accuracy": _rounded(test_accuracy),
+            "test_loss": _rounded(test_loss), "train_loss": train_loss, "clients": num_selected,
             "returned": len(uploads), "samples": num_samples, "seconds": round(seconds, 3)}
+
+
+def _rounded(value):
+    """Round a logged figure to 6 digits; None (not measured this round) becomes empty."""
+    return "" if value is None else round(value, 6)
 
 
 if __name__ == "__main__":

@@ -292,8 +292,9 @@ def deferred_interrupts():
 def format_progress(row, num_rounds):
     """One progress line, e.g. 'round  7/100  acc 0.8123  loss 0.5201  clients 30  ...'."""
     width = len(str(num_rounds))
-    return (f"round {row['round']:>{width}}/{num_rounds}  acc {row['test_accuracy']:.4f}  "
-            f"loss {row['test_loss']:.4f}  clients {row['clients']}  "
+    tested = (f"acc {row['test_accuracy']:.4f}  loss {row['test_loss']:.4f}"
+              if row["test_accuracy"] != "" else "acc -       loss -     ")
+    return (f"round {row['round']:>{width}}/{num_rounds}  {tested}  clients {row['clients']}  "
             f"samples {row['samples']:,}  {row['seconds']:.1f} s")
 
 
@@ -322,8 +323,14 @@ def plot_distribution(path, counts, title):
     plt.close(figure)
 
 
+def evaluated(rows):
+    """The rows of rounds whose global model was tested (see EVAL_EVERY)."""
+    return [row for row in rows if row["test_accuracy"] not in ("", None)]
+
+
 def plot_history(path, rows, title):
     """Save test accuracy and test loss per round, with the centralized baseline if it ran."""
+    rows = evaluated(rows)
     rounds = [row["round"] for row in rows]
     figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for prefix, label, style in (("test", "federated", "-"), ("baseline", "centralized", "--")):
@@ -347,6 +354,7 @@ def plot_history(path, rows, title):
 def plot_communication(path, rows, title):
     """Save test accuracy against the cumulative megabytes clients uploaded."""
     figure, axis = plt.subplots(figsize=(6, 4))
+    rows = evaluated(rows)
     axis.plot([row["mb_up_total"] for row in rows], [row["test_accuracy"] for row in rows],
               marker=".")
     axis.set_xlabel("cumulative MB uploaded")
@@ -360,7 +368,8 @@ def plot_communication(path, rows, title):
 
 def rounds_to_reach(rows, target):
     """Return the first round whose test accuracy reaches `target`, or None."""
-    return next((row["round"] for row in rows if row["test_accuracy"] >= target), None)
+    return next((row["round"] for row in evaluated(rows) if row["test_accuracy"] >= target),
+                None)
 
 
 SEED_COLUMNS = ("run", "seed", "rounds", "diverged_in_round", "final_accuracy", "best_accuracy",
@@ -374,7 +383,8 @@ def seed_summary(config, rows, target):
     return {"seed": config["SEED"], "rounds": len(rows),
             "diverged_in_round": "" if finished else len(rows) + 1,
             "final_accuracy": last.get("test_accuracy"),
-            "best_accuracy": max(row["test_accuracy"] for row in rows) if last else None,
+            "best_accuracy": (max(row["test_accuracy"] for row in evaluated(rows))
+                              if last else None),
             "rounds_to_target": rounds_to_reach(rows, target) if last else None,
             "mb_up": last.get("mb_up_total"),
             "wall_seconds": sum(float(row["seconds"]) for row in rows) if last else None,
@@ -453,16 +463,19 @@ def write_comparison(output_dir, labels, configs, histories):
 
 
 def _mean_curves(runs):
-    """Rounds, and per round the mean/min/max test accuracy and mean MB up over finished seeds
-    (rounds without evaluation are skipped)."""
+    """Evaluated rounds, and per such round the mean/min/max test accuracy and mean MB up over
+    the finished seeds (all seeds when none finished)."""
     finished = [rows for config, rows in runs if len(rows) >= config["ROUNDS"]] or [
         rows for _, rows in runs]
     length = min(len(rows) for rows in finished)
-    accuracy = np.array([[row["test_accuracy"] for row in rows[:length]] for rows in finished],
-                        dtype=float)
-    traffic = np.array([[row["mb_up_total"] for row in rows[:length]] for rows in finished],
-                       dtype=float)
-    return (np.arange(1, length + 1), accuracy.mean(axis=0), accuracy.min(axis=0),
+    rounds = [row["round"] for row in evaluated(finished[0][:length])]
+    accuracy = np.array([[row["test_accuracy"] for row in rows[:length]
+                          if row["round"] in rounds] for rows in finished], dtype=float)
+    traffic = np.array([[row["mb_up_total"] for row in rows[:length] if row["round"] in rounds]
+                        for rows in finished], dtype=float)
+    if not rounds:
+        return np.array([]), None, None, None, None
+    return (np.array(rounds), accuracy.mean(axis=0), accuracy.min(axis=0),
             accuracy.max(axis=0), traffic.mean(axis=0))
 
 

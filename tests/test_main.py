@@ -240,6 +240,26 @@ def read_rows(run_dir):
 
 
 @pytest.mark.slow
+def test_eval_every_tests_every_nth_round_and_the_last(tmp_path, real_data_once, capsys):
+    rows = run_in_process(tmp_path, "sparse", EVAL_EVERY=2, CENTRALIZED_BASELINE=True,
+                          TARGET_ACCURACY=0.2)
+    tested = [row["round"] for row in rows if row["test_accuracy"] is not None]
+    assert tested == [2.0, 3.0]
+    assert rows[0]["test_loss"] is None and rows[0]["baseline_accuracy"] is None
+    assert rows[0]["train_loss"] > 0  # training is logged every round
+    assert "round 1/3  acc -" in capsys.readouterr().out
+    dense = run_in_process(tmp_path, "dense")
+    assert [row["test_accuracy"] for row in dense][1:] == \
+        [row["test_accuracy"] for row in rows][1:], "evaluation changed the training"
+    (run_dir,) = (tmp_path / "sparse").iterdir()
+    assert (run_dir / "accuracy.png").stat().st_size > 0
+    summary = Utils.seed_summary({**Main.default_config(), "ROUNDS": 3},
+                                 [{**row, "test_accuracy": "" if row["test_accuracy"] is None
+                                   else row["test_accuracy"]} for row in rows], 0.2)
+    assert summary["rounds_to_target"] == 2
+
+
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_history(tmp_path, real_data_once):
     import tensorflow as tf
 

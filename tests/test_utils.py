@@ -151,3 +151,17 @@ def test_tensorboard_log_holds_the_rounds_values_once(tmp_path):
     assert sorted(seen) == [(1, "epsilon", 2.0), (1, "test_accuracy", 0.5),
                             (1, "train_loss", 1.25), (2, "epsilon", 3.0),
                             (2, "test_accuracy", 0.625)]
+
+
+def test_comparisons_skip_rounds_without_evaluation(tmp_path):
+    config = {"ROUNDS": 4, "TARGET_ACCURACY": 0.5, "ALGORITHM": "fedavg",
+              "SERVER_OPTIMIZER": "sgd", "SERVER_LR": 1.0, "DISTRIBUTION": "iid", "SEED": 0}
+    rows = [{"round": r, "test_accuracy": accuracy, "mb_up_total": float(r), "seconds": 1.0}
+            for r, accuracy in ((1, ""), (2, 0.6), (3, ""), (4, 0.7))]
+    assert Utils.rounds_to_reach(rows, 0.5) == 2
+    assert Utils.seed_summary(config, rows, 0.5)["best_accuracy"] == 0.7
+    rounds, mean, *_ = Utils._mean_curves([(config, rows)])
+    assert rounds.tolist() == [2, 4] and mean.tolist() == [0.6, 0.7]
+    Utils.write_comparison(tmp_path, ["a"], [config], [rows])
+    assert "| a | fedavg | sgd (lr 1.0) | iid | 1 | 0.7000 | 0.7000 | 2.0 (1/1) |" in \
+        (tmp_path / "comparison.md").read_text()
