@@ -135,7 +135,7 @@ def test_a_killed_node_drops_its_clients_and_a_restarted_node_rejoins(tmp_path_f
     try:
         path = write_config(tmp_path / "failure.csv", OUTPUT_DIR=tmp_path / "out",
                             **{**TINY, "ROUNDS": 5})
-        process = subprocess.Popen(cluster.run_command(path, round_timeout=20),
+        process = subprocess.Popen(cluster.run_command(path, round_timeout=40),
                                    cwd=ROOT, env=cluster.env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for_rows(tmp_path / "out", 1, process)
