@@ -62,6 +62,7 @@ class Upload:
     num_steps: int
     train_loss: float
     variate_delta: list = None
+    node: int = None  # the partition of the Flower node that delivered it; None in process
 
     def to_arrays(self):
         """Flatten into (arrays by name, metrics by name), the form any transport carries."""

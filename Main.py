@@ -85,7 +85,7 @@ AGGREGATIONS = Server_side.AGGREGATIONS
 COMPRESSIONS = Client_side.COMPRESSIONS
 ATTACKS = Client_side.ATTACKS
 HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "returned",
-                   "malicious", "samples", "bytes_down", "bytes_up", "mb_down_total",
+                   "rejected", "malicious", "samples", "bytes_down", "bytes_up", "mb_down_total",
                    "mb_up_total", "seconds")
 BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
 PRIVACY_COLUMNS = ("epsilon",)
@@ -552,6 +552,7 @@ class Federation:
     model_bytes: int
     malicious: set
     components: dict
+    client_sizes: list
     host: Client_side.ClientHost = None
     baseline: Client_side.CentralizedBaseline = None
 
@@ -583,7 +584,7 @@ def build_federation(config, data, client_indices, in_process=True):
                       sum(layer.nbytes for layer in initial_weights),
                       Client_side.malicious_clients(config["NUM_CLIENTS"],
                                                     config["MALICIOUS_FRACTION"], config["SEED"]),
-                      components, host, baseline)
+                      components, [len(indices) for indices in client_indices], host, baseline)
 
 
 def run_round(round_num, config, federation, global_weights, train_clients):
@@ -595,8 +596,15 @@ def run_round(round_num, config, federation, global_weights, train_clients):
     start = time.perf_counter()
     selected, returning = Server_side.round_clients(config, round_num)
     # Clients that drop out never send an update, so they are not trained at all.
-    uploads = train_clients(round_num, returning, global_weights,
-                            federation.server.server_variate())
+    delivered = train_clients(round_num, returning, global_weights,
+                              federation.server.server_variate())
+    # Nothing a client sends is trusted: a malformed, stale or foreign upload is dropped as if
+    # its client had not returned.
+    uploads, rejections = Server_side.screen_uploads(
+        config, round_num, delivered, returning, federation.client_sizes,
+        federation.server.shapes)
+    for rejection in rejections:
+        print(rejection, file=sys.stderr, flush=True)
     global_weights = federation.server.aggregate(round_num, global_weights, uploads)
     evaluated = round_num % config["EVAL_EVERY"] == 0 or round_num == config["ROUNDS"]
     test_loss, test_accuracy = (federation.evaluate(global_weights) if evaluated
@@ -604,6 +612,7 @@ def run_round(round_num, config, federation, global_weights, train_clients):
     row = round_row(round_num, test_accuracy, test_loss, len(selected), uploads,
                     time.perf_counter() - start)
     row["malicious"] = sum(upload.client in federation.malicious for upload in uploads)
+    row["rejected"] = len(rejections)
     row.update(Server_side.round_traffic(config, federation.model_bytes, len(selected), uploads))
     if config["DP_CLIP_NORM"] > 0:
         row["epsilon"] = round(Server_side.privacy_spent(

@@ -14,6 +14,7 @@ are combined in client-id order and every server-side draw (selection, dropout, 
 keyed by (SEED, round), so the result does not depend on the order replies arrive in.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -222,6 +223,148 @@ def round_clients(config, round_num):
     returning = surviving_clients(selected, config["CLIENT_DROPOUT"],
                                   Utils.rng(config["SEED"], "dropout", round_num))
     return selected, returning
+
+
+@dataclasses.dataclass
+class Rejection:
+    """An upload the server refused: its round, client and node (when known) and why."""
+
+    round_num: int
+    client: object
+    node: object
+    reason: str
+
+    def __str__(self):
+        return (f"round {self.round_num}: rejected the upload of client {self.client!r} from "
+                f"node {'-' if self.node is None else self.node}: {self.reason}")
+
+
+ENCODING_ARRAYS = {"none": {"values"}, "int8": {"codes", "offset", "step"},
+                   "topk": {"indices", "values"}}
+
+
+def screen_uploads(config, round_num, uploads, expected_clients, client_sizes, shapes):
+    """Check every upload before anything is decoded; nothing a client sends is trusted.
+
+    Args:
+        uploads: what the engine delivered: Client_side.Upload objects, and Rejection objects
+            for replies the engine could not even read.
+        expected_clients: the clients selected (and not dropped) this round.
+        client_sizes: how many samples every client holds (the server knows the partition).
+    Returns:
+        (accepted uploads, rejections); a client's first acceptable upload is kept.
+    """
+    expected = {int(client) for client in expected_clients}
+    accepted, rejections, answered = [], [], set()
+    for upload in uploads:
+        if isinstance(upload, Rejection):
+            rejections.append(upload)
+            continue
+        reason = upload_problem(config, round_num, upload, expected, answered, client_sizes,
+                                shapes)
+        if reason is None:
+            accepted.append(upload)
+            answered.add(upload.client)
+        else:
+            rejections.append(Rejection(round_num, getattr(upload, "client", None),
+                                        getattr(upload, "node", None), reason))
+    return accepted, rejections
+
+
+def upload_problem(config, round_num, upload, expected, answered, client_sizes, shapes):
+    """Return why `upload` must be refused this round, or None when it is acceptable."""
+    if not isinstance(upload, Client_side.Upload):
+        return "not an upload"
+    if not _is_integer(upload.round_num) or upload.round_num != round_num:
+        return f"stale or replayed: made for round {upload.round_num!r}"
+    if not _is_integer(upload.client) or upload.client not in expected:
+        return f"client {upload.client!r} was not selected this round"
+    if upload.client in answered:
+        return "this client already answered this round"
+    return (_metrics_problem(config, upload, client_sizes[upload.client])
+            or _update_problem(upload.update, config["COMPRESSION"], config["TOPK_FRACTION"],
+                               shapes)
+            or _variate_problem(upload.variate_delta, config["ALGORITHM"] == "scaffold",
+                                shapes))
+
+
+def _is_integer(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _metrics_problem(config, upload, size):
+    """The sample count must be one the client can hold, the steps those it must take."""
+    if not _is_integer(upload.num_examples) or not 1 <= upload.num_examples <= size:
+        return f"sample count {upload.num_examples!r} is outside 1..{size}, what it holds"
+    batch = config["BATCH_SIZE"] or upload.num_examples
+    steps = config["LOCAL_EPOCHS"] * -(-upload.num_examples // batch)
+    if not _is_integer(upload.num_steps) or upload.num_steps != steps:
+        return f"step count {upload.num_steps!r}, expected {steps} for its samples"
+    loss = upload.train_loss
+    if not isinstance(loss, (float, int, np.floating)) or not (np.isfinite(loss) and loss >= 0):
+        return f"training loss {loss!r} is not a finite number >= 0"
+    return None
+
+
+def _update_problem(update, compression, topk_fraction, shapes):
+    """The update must hold exactly its encoding's arrays, of the right dtypes and shapes."""
+    if not isinstance(update, list) or len(update) != len(shapes):
+        return f"the update must have {len(shapes)} layers"
+    names = ENCODING_ARRAYS[compression]
+    for index, (layer, shape) in enumerate(zip(update, shapes)):
+        if not isinstance(layer, dict) or set(layer) != names:
+            found = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
+            return f"layer {index} holds {found}, {compression} sends {sorted(names)}"
+        problem = _layer_problem(layer, compression, tuple(shape), topk_fraction)
+        if problem:
+            return f"layer {index}: {problem}"
+    return None
+
+
+def _layer_problem(layer, compression, shape, topk_fraction):
+    if compression == "none":
+        return _array_problem(layer["values"], np.float32, shape, "values")
+    if compression == "int8":
+        return (_array_problem(layer["codes"], np.uint8, shape, "codes")
+                or _array_problem(layer["offset"], np.float32, (), "offset")
+                or _array_problem(layer["step"], np.float32, (), "step")
+                or ("step is negative" if layer["step"] < 0 else None))
+    size = int(np.prod(shape))
+    count = min(size, max(1, int(np.ceil(topk_fraction * size))))
+    problem = (_array_problem(layer["indices"], np.int32, (count,), "indices")
+               or _array_problem(layer["values"], np.float32, (count,), "values"))
+    if problem:
+        return problem
+    if layer["indices"].min() < 0 or layer["indices"].max() >= size:
+        return f"a top-k index is outside 0..{size - 1}"
+    if len(np.unique(layer["indices"])) != count:
+        return "a top-k index repeats"
+    return None
+
+
+def _array_problem(array, dtype, shape, name):
+    if not isinstance(array, np.ndarray):
+        return f"{name} is not an array"
+    if array.dtype != dtype:
+        return f"{name} has dtype {array.dtype}, expected {np.dtype(dtype)}"
+    if array.shape != shape:
+        return f"{name} has shape {array.shape}, expected {shape}"
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return f"{name} holds NaN or infinity"
+    return None
+
+
+def _variate_problem(variate_delta, scaffold, shapes):
+    """SCAFFOLD's variate change: float32 layers of the model's shapes; none otherwise."""
+    if not scaffold:
+        return None if variate_delta is None else "sends a control variate without SCAFFOLD"
+    if not isinstance(variate_delta, list) or len(variate_delta) != len(shapes):
+        return f"the control variate must have {len(shapes)} layers"
+    for index, (layer, shape) in enumerate(zip(variate_delta, shapes)):
+        problem = _array_problem(layer, np.float32, tuple(shape), f"variate layer {index}")
+        if problem:
+            return problem
+    return None
 
 
 class Server:

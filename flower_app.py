@@ -17,12 +17,14 @@ Run on one machine (the README's "Across machines" section has TLS and authentic
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import pathlib
 import sys
 import time
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -84,27 +86,39 @@ class FlowerEngine:
         self.config = config
 
     def train(self, round_num, clients, global_weights, server_variate=None):
-        """Send the round to every node; return the Uploads that came back, by client id."""
+        """Send the round to every node; return what came back: Uploads, and Rejections for
+        what could not be read or came from a node that does not host that client.
+
+        Everything else is checked by Server_side.screen_uploads, as in process."""
         if len(clients) == 0:
             return []
         messages = [Message(self._content(round_num, clients, global_weights, server_variate),
                             dst_node_id=node, message_type=MESSAGE_TYPE,
                             group_id=str(round_num))
                     for node in sorted(self.grid.get_node_ids())]
-        wanted, uploads = {int(client) for client in clients}, {}
+        delivered = []
         for reply in self._send_and_receive(messages):
             if reply.has_error():
                 LOGGER.warning("round %d: node %d replied with error %s", round_num,
                                reply.metadata.src_node_id, reply.error.reason)
                 continue
-            for upload in uploads_from_content(reply.content):
-                if upload.round_num == round_num and upload.client in wanted:
-                    uploads.setdefault(upload.client, upload)
-        missing = sorted(wanted - set(uploads))
+            delivered += [self._owned(item) for item in uploads_from_content(reply.content,
+                                                                            round_num)]
+        answered = {item.client for item in delivered}
+        missing = sorted({int(client) for client in clients} - answered)
         if missing:
             LOGGER.warning("round %d: no upload from clients %s within %.0f s (their node is "
                            "down, late or failed)", round_num, missing, self.timeout)
-        return [uploads[client] for client in sorted(uploads)]
+        return delivered
+
+    def _owned(self, item):
+        """Refuse an upload for a client that the node it came from does not host."""
+        if isinstance(item, Client_side.Upload) and (
+                item.node is None or item.client % self.num_nodes != item.node):
+            return Server_side.Rejection(item.round_num, item.client, item.node,
+                                         f"client {item.client} is not hosted by that node "
+                                         f"(clients c mod {self.num_nodes} = node)")
+        return item
 
     def _send_and_receive(self, messages):
         """Grid.send_and_receive, polling every POLL_SECONDS instead of its fixed 3 s."""
@@ -142,17 +156,41 @@ def refuse_unsupported(config):
                          "run; resume it with python Main.py, or start over")
 
 
-def uploads_from_content(content):
-    """Read the Uploads a node's reply carries (records 'upload.<c>' and 'metrics.<c>')."""
-    return [Client_side.Upload.from_arrays(
-                {name: array.numpy() for name, array in record.items()},
-                content[f"metrics.{name.split('.', 1)[1]}"])
-            for name, record in content.array_records.items() if name.startswith("upload.")]
+def uploads_from_content(content, round_num=None):
+    """Read what a node's reply carries (records 'upload.<c>', 'metrics.<c>' and 'node').
+
+    A node can send anything: an upload that cannot be read becomes a Rejection saying why.
+    """
+    node = _partition_of(content)
+    items = []
+    for name, record in content.array_records.items():
+        if not name.startswith("upload."):
+            continue
+        client = name.split(".", 1)[1]
+        try:
+            upload = Client_side.Upload.from_arrays(
+                {key: array.numpy() for key, array in record.items()},
+                content.metric_records[f"metrics.{client}"])
+        except Exception as error:  # noqa: BLE001 (any malformed content is a rejection)
+            items.append(Server_side.Rejection(round_num, client, node,
+                                               f"unreadable upload ({type(error).__name__})"))
+            continue
+        upload.node = node
+        items.append(upload)
+    return items
 
 
-def content_from_uploads(uploads):
-    """The reply of a node: one ArrayRecord and one MetricRecord per client."""
-    content = RecordDict()
+def _partition_of(content):
+    """The partition id the replying node states, or None when it states none."""
+    try:
+        return int(content.config_records["node"]["partition-id"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def content_from_uploads(uploads, partition_id):
+    """The reply of a node: its partition, and one ArrayRecord and MetricRecord per client."""
+    content = RecordDict({"node": ConfigRecord({"partition-id": int(partition_id)})})
     for upload in uploads:
         arrays, metrics = upload.to_arrays()
         content[f"upload.{upload.client}"] = ArrayRecord(
@@ -187,4 +225,16 @@ def client_train(message, context):
                          message.content["global"].to_numpy_ndarrays(), variate)
     for name, memory in host.memory.items():
         context.state[f"memory.{name}"] = ArrayRecord(memory.get_state())
-    return Message(content_from_uploads(uploads), reply_to=message)
+    if context.node_config.get("corrupt-uploads"):
+        uploads = [corrupted(upload) for upload in uploads]
+    return Message(content_from_uploads(uploads, partition_id), reply_to=message)
+
+
+def corrupted(upload):
+    """What a broken or hostile node might send: a first layer of NaN under an unknown name.
+
+    Only a node started with the node config 'corrupt-uploads=true' does this; it lets the
+    tests show that the server rejects such uploads and goes on.
+    """
+    layers = [{"garbage": np.full(5, np.nan, np.float32)}] + list(upload.update[1:])
+    return dataclasses.replace(upload, update=layers)

@@ -97,10 +97,12 @@ class Cluster:
         num_nodes: N; node p gets node config 'partition-id=p num-partitions=N'.
         tls: None, or a dict with 'ca', 'cert', 'key' paths (server certificate for 127.0.0.1).
         node_keys: None, or one OpenSSH private key path per node (SuperNode authentication).
+        extra_node_config: {partition: "key=value ..."} added to those nodes' node config.
     """
 
-    def __init__(self, home, num_nodes=2, tls=None, node_keys=None):
+    def __init__(self, home, num_nodes=2, tls=None, node_keys=None, extra_node_config=None):
         self.home, self.num_nodes, self.tls, self.node_keys = home, num_nodes, tls, node_keys
+        self.extra_node_config = extra_node_config or {}
         self.port = free_port()
         self.processes, self.nodes = [], {}
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
@@ -134,7 +136,8 @@ class Cluster:
     def node_command(self, partition, key=None):
         command = [str(FLOWER_BIN / "flower-supernode"), *self._security, "--superlink",
                    f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                   "--node-config", f"partition-id={partition} num-partitions={self.num_nodes}"]
+                   "--node-config", f"partition-id={partition} num-partitions={self.num_nodes} "
+                   f"{self.extra_node_config.get(partition, '')}".strip()]
         key = key or (self.node_keys[partition] if self.node_keys else None)
         return command + (["--auth-supernode-private-key", str(key)] if key else [])
 

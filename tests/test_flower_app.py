@@ -46,7 +46,9 @@ def test_an_upload_survives_the_wire_format():
         encoded = Client_side.encode_update(delta, compression, rng, topk_fraction=0.5)
         variate = [rng.standard_normal((3, 4)).astype(np.float32), np.zeros(5, np.float32)]
         sent = Client_side.Upload(7, 3, encoded, 120, 8, 0.25, variate)
-        (received,) = flower_app.uploads_from_content(flower_app.content_from_uploads([sent]))
+        (received,) = flower_app.uploads_from_content(
+            flower_app.content_from_uploads([sent], partition_id=1), round_num=3)
+        assert received.node == 1
         assert (received.client, received.round_num, received.num_examples,
                 received.num_steps, received.train_loss) == (7, 3, 120, 8, 0.25)
         for before, after in zip(Client_side.decode_update(sent.update, [(3, 4), (5,)]),
@@ -186,3 +188,27 @@ def test_tls_and_node_authentication_let_registered_nodes_in_and_no_stranger(tmp
     finally:
         cluster.stop()
     assert "--insecure" not in " ".join(cluster.node_command(0))
+
+
+@pytest.mark.slow
+def test_a_node_sending_garbage_is_rejected_and_the_run_finishes(tmp_path_factory, tmp_path):
+    """Node 1 sends a NaN layer under an unknown name for every client it trains: the server
+    rejects each such upload, counts it in history.csv and learns from node 0's clients."""
+    cluster = Cluster(tmp_path_factory.mktemp("flower_garbage"),
+                      extra_node_config={1: "corrupt-uploads=true"}).start()
+    try:
+        path = write_config(tmp_path / "garbage.csv", OUTPUT_DIR=tmp_path / "out", **TINY)
+        result = cluster.run_app(path, round_timeout=300)
+    finally:
+        cluster.stop()
+    assert result.returncode == 0 and "round 2/2" in result.stdout, result.stdout[-3000:]
+    (history,) = (tmp_path / "out").glob("*/history.csv")
+    rows = list(csv.DictReader(history.open()))
+    config = {**Main.default_config(), **TINY}
+    for row in rows:
+        returning = Server_side.round_clients(config, int(row["round"]))[1]
+        on_node_one = sum(int(client) % 2 == 1 for client in returning)
+        assert int(row["rejected"]) == on_node_one > 0
+        assert int(row["returned"]) == len(returning) - on_node_one
+    assert "from node 1: layer 0 holds ['garbage']" in result.stdout
+    assert float(rows[-1]["test_accuracy"]) > 0.5

@@ -1,5 +1,6 @@
 """Tests of the server: model, client sampling, FedAvg and evaluation."""
 
+import dataclasses
 import math
 import tracemalloc
 
@@ -311,3 +312,150 @@ def test_fixed_size_epsilon_is_sampling_without_replacement_with_replace_one():
         100, 10, dp_accounting.GaussianDpEvent(1.0)), 20,
         dp_accounting.NeighboringRelation.REPLACE_ONE)
     assert Server_side.privacy_spent(2.0, "fixed", 100, 0.1, 20, 1e-5) == pytest.approx(expected)
+
+
+# --- The server trusts nothing a node sends ------------------------------------------------
+
+SHAPES = [(3, 4), (5,)]
+SIZES = [40] * 10  # every client holds 40 samples: E = 1, B = 32 gives 2 steps
+
+
+def screening_config(**overrides):
+    import Main
+
+    return {**Main.default_config(), "NUM_CLIENTS": 10, "BATCH_SIZE": 32, "LOCAL_EPOCHS": 1,
+            **overrides}
+
+
+def good_upload(client, config, round_num=4, seed=0):
+    rng = np.random.default_rng(seed + client)
+    delta = [rng.standard_normal(shape) * 0.1 for shape in SHAPES]
+    variate = ([rng.standard_normal(shape).astype(np.float32) for shape in SHAPES]
+               if config["ALGORITHM"] == "scaffold" else None)
+    encoded = Client_side.encode_update(delta, config["COMPRESSION"], rng,
+                                        config["TOPK_FRACTION"])
+    return Client_side.Upload(client, round_num, encoded, 40, 2, 0.5, variate)
+
+
+def with_layer(upload, index, **arrays):
+    """A copy of `upload` whose layer `index` has these arrays replaced (None removes one)."""
+    layers = [dict(layer) for layer in upload.update]
+    for name, value in arrays.items():
+        if value is None:
+            layers[index].pop(name)
+        else:
+            layers[index][name] = value
+    return dataclasses.replace(upload, update=layers)
+
+
+def topk_indices(upload, change):
+    indices = upload.update[0]["indices"].copy()
+    change(indices)
+    return with_layer(upload, 0, indices=indices)
+
+
+BAD_UPLOADS = {
+    # name: (constants, how client 5's upload is spoilt, what the reason says)
+    "wrong shape": ({}, lambda u: with_layer(u, 0, values=np.zeros((3, 5), np.float32)),
+                    "has shape (3, 5)"),
+    "oversized array": ({}, lambda u: with_layer(u, 1, values=np.zeros(10**6, np.float32)),
+                        "has shape (1000000,)"),
+    "wrong dtype": ({}, lambda u: with_layer(u, 0, values=np.zeros((3, 4))), "dtype float64"),
+    "NaN": ({}, lambda u: with_layer(u, 1, values=np.full(5, np.nan, np.float32)), "NaN"),
+    "infinity": ({}, lambda u: with_layer(u, 0, values=np.full((3, 4), np.inf, np.float32)),
+                 "infinity"),
+    "extra array": ({}, lambda u: with_layer(u, 0, extra=np.zeros(2, np.float32)), "holds"),
+    "missing layer": ({}, lambda u: dataclasses.replace(u, update=u.update[:1]), "2 layers"),
+    "layer not a dict": ({}, lambda u: dataclasses.replace(u, update=[[1, 2], u.update[1]]),
+                         "holds list"),
+    "missing int8 step": ({"COMPRESSION": "int8"}, lambda u: with_layer(u, 0, step=None),
+                          "holds"),
+    "negative int8 step": ({"COMPRESSION": "int8"},
+                           lambda u: with_layer(u, 0, step=np.array(-0.1, np.float32)),
+                           "step is negative"),
+    "NaN int8 offset": ({"COMPRESSION": "int8"},
+                        lambda u: with_layer(u, 1, offset=np.array(np.nan, np.float32)), "NaN"),
+    "int8 codes of another dtype": ({"COMPRESSION": "int8"},
+                                    lambda u: with_layer(u, 0, codes=np.zeros((3, 4), np.int16)),
+                                    "dtype int16"),
+    "top-k index out of range": ({"COMPRESSION": "topk", "TOPK_FRACTION": 0.25},
+                                 lambda u: topk_indices(u, lambda i: i.__setitem__(0, 12)),
+                                 "outside 0..11"),
+    "negative top-k index": ({"COMPRESSION": "topk", "TOPK_FRACTION": 0.25},
+                             lambda u: topk_indices(u, lambda i: i.__setitem__(0, -1)),
+                             "outside 0..11"),
+    "repeated top-k index": ({"COMPRESSION": "topk", "TOPK_FRACTION": 0.25},
+                             lambda u: topk_indices(u, lambda i: i.__setitem__(1, i[0])),
+                             "repeats"),
+    "more top-k entries than sent": ({"COMPRESSION": "topk", "TOPK_FRACTION": 0.25},
+                                     lambda u: with_layer(u, 0, indices=np.arange(6, dtype=np.int32),
+                                                          values=np.ones(6, np.float32)),
+                                     "has shape (6,)"),
+    "negative sample count": ({}, lambda u: dataclasses.replace(u, num_examples=-40),
+                              "sample count -40"),
+    "inflated sample count": ({}, lambda u: dataclasses.replace(u, num_examples=41, num_steps=2),
+                              "sample count 41 is outside 1..40"),
+    "sample count as text": ({}, lambda u: dataclasses.replace(u, num_examples="40"),
+                             "sample count '40'"),
+    "wrong step count": ({}, lambda u: dataclasses.replace(u, num_steps=9), "step count 9"),
+    "NaN training loss": ({}, lambda u: dataclasses.replace(u, train_loss=float("nan")),
+                          "training loss"),
+    "stale round": ({}, lambda u: dataclasses.replace(u, round_num=3), "stale or replayed"),
+    "client not selected": ({}, lambda u: dataclasses.replace(u, client=7), "not selected"),
+    "client id not an integer": ({}, lambda u: dataclasses.replace(u, client=5.0),
+                                 "not selected"),
+    "not an upload": ({}, lambda u: {"client": 5}, "not an upload"),
+    "variate without SCAFFOLD": ({}, lambda u: dataclasses.replace(
+        u, variate_delta=[np.zeros(shape, np.float32) for shape in SHAPES]), "without SCAFFOLD"),
+    "NaN variate": ({"ALGORITHM": "scaffold"}, lambda u: dataclasses.replace(
+        u, variate_delta=[np.full((3, 4), np.nan, np.float32), u.variate_delta[1]]),
+        "variate layer 0"),
+}
+
+
+def aggregated(config, uploads):
+    server = Server_side.Server(config, SHAPES)
+    return server.aggregate(4, [np.zeros(shape, np.float32) for shape in SHAPES], uploads)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_UPLOADS))
+def test_a_malformed_upload_is_rejected_with_its_reason_and_changes_nothing(name):
+    constants, spoil, reason = BAD_UPLOADS[name]
+    config = screening_config(**constants)
+    honest = good_upload(2, config)
+    delivered = [honest, spoil(good_upload(5, config))]
+    accepted, rejections = Server_side.screen_uploads(config, 4, delivered, [2, 5], SIZES,
+                                                      SHAPES)
+    assert accepted == [honest]
+    (rejection,) = rejections
+    assert reason in rejection.reason and "round 4" in str(rejection)
+    for with_bad, without in zip(aggregated(config, accepted), aggregated(config, [honest])):
+        np.testing.assert_array_equal(with_bad, without)
+
+
+def test_the_same_client_twice_keeps_only_its_first_upload():
+    config = screening_config()
+    first, again = good_upload(2, config), good_upload(2, config, seed=9)
+    accepted, rejections = Server_side.screen_uploads(config, 4, [first, again], [2], SIZES,
+                                                      SHAPES)
+    assert accepted == [first] and "already answered" in rejections[0].reason
+
+
+@pytest.mark.parametrize("compression", Client_side.COMPRESSIONS)
+def test_honest_uploads_of_every_encoding_pass_the_checks(compression):
+    for algorithm in ("fedavg", "scaffold"):
+        config = screening_config(COMPRESSION=compression, ALGORITHM=algorithm,
+                                  TOPK_FRACTION=0.25)
+        uploads = [good_upload(client, config) for client in (2, 5)]
+        accepted, rejections = Server_side.screen_uploads(config, 4, uploads, [2, 5], SIZES,
+                                                          SHAPES)
+        assert accepted == uploads and rejections == []
+
+
+def test_a_round_where_every_upload_is_rejected_keeps_the_model():
+    config = screening_config()
+    bad = dataclasses.replace(good_upload(5, config), round_num=1)
+    accepted, rejections = Server_side.screen_uploads(config, 4, [bad], [5], SIZES, SHAPES)
+    assert accepted == [] and len(rejections) == 1
+    for layer in aggregated(config, accepted):
+        assert not layer.any()
