@@ -388,7 +388,7 @@ BAD_UPLOADS = {
                              lambda u: topk_indices(u, lambda i: i.__setitem__(1, i[0])),
                              "repeats"),
     "more top-k entries than sent": ({"COMPRESSION": "topk", "TOPK_FRACTION": 0.25},
-                                     lambda u: with_layer(u, 0, indices=np.arange(6, dtype=np.int32),
+                                     lambda u: with_layer(u, 0, indices=np.arange(6, dtype="i4"),
                                                           values=np.ones(6, np.float32)),
                                      "has shape (6,)"),
     "negative sample count": ({}, lambda u: dataclasses.replace(u, num_examples=-40),
