@@ -452,8 +452,11 @@ def run(prepared, train_clients=None):
     tensorboard = Utils.TensorBoardLog(output_dir / "tensorboard", rows)
     try:
         for round_num in range(len(rows) + 1, config["ROUNDS"] + 1):
-            global_weights, row = run_round(round_num, config, federation, global_weights,
-                                            train_clients)
+            try:
+                global_weights, row = run_round(round_num, config, federation, global_weights,
+                                                train_clients)
+            except ClientsDiverged as error:
+                raise divergence(round_num, str(error), config, output_dir, rows) from None
             add_totals(row, rows)
             check_finite(round_num, global_weights, row, config, output_dir, rows)
             rows.append(row)
@@ -497,17 +500,25 @@ def print_summary(config, rows, output_dir):
               f"federated is {gap:.2f} percentage points below it")
 
 
+class ClientsDiverged(Exception):
+    """Every upload of a round was NaN or infinite: local training diverged on every client."""
+
+
 def check_finite(round_num, global_weights, row, config, output_dir, rows):
     """Stop the run with DivergenceError when the new global model is NaN or infinite."""
     finite_weights = all(np.isfinite(layer).all() for layer in global_weights)
     if finite_weights and (row["test_loss"] == "" or np.isfinite(row["test_loss"])):
         return
+    raise divergence(round_num, f"the global model diverged (test loss {row['test_loss']}, "
+                     f"finite weights: {finite_weights})", config, output_dir, rows)
+
+
+def divergence(round_num, what, config, output_dir, rows):
+    """Build the DivergenceError of round `round_num`, naming the likely cause."""
     kept = (f"{output_dir} keeps the history of rounds 1-{round_num - 1} and its last checkpoint"
             if round_num > 1 else "no round had finished")
-    raise DivergenceError(
-        f"round {round_num}: the global model diverged (test loss {row['test_loss']}, "
-        f"finite weights: {finite_weights}); likely cause: {likely_divergence_cause(config)}; "
-        f"{kept}", rows)
+    return DivergenceError(f"round {round_num}: {what}; likely cause: "
+                           f"{likely_divergence_cause(config)}; {kept}", rows)
 
 
 def likely_divergence_cause(config):
@@ -605,6 +616,12 @@ def run_round(round_num, config, federation, global_weights, train_clients):
         federation.server.shapes)
     for rejection in rejections:
         print(rejection, file=sys.stderr, flush=True)
+    # The server drops NaN updates, so the global model stays finite; when every client's
+    # update was NaN, training itself diverged and the run stops as it would have before.
+    if rejections and not uploads and all(Server_side.NON_FINITE in rejection.reason
+                                          for rejection in rejections):
+        raise ClientsDiverged(f"local training diverged: every returned client's update "
+                              f"({len(rejections)}) was NaN or infinite")
     global_weights = federation.server.aggregate(round_num, global_weights, uploads)
     evaluated = round_num % config["EVAL_EVERY"] == 0 or round_num == config["ROUNDS"]
     test_loss, test_accuracy = (federation.evaluate(global_weights) if evaluated

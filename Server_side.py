@@ -239,6 +239,8 @@ class Rejection:
                 f"node {'-' if self.node is None else self.node}: {self.reason}")
 
 
+# Every rejection for a non-finite value says this (Main tells divergence from garbage by it).
+NON_FINITE = "NaN or infinity"
 ENCODING_ARRAYS = {"none": {"values"}, "int8": {"codes", "offset", "step"},
                    "topk": {"indices", "values"}}
 
@@ -301,8 +303,12 @@ def _metrics_problem(config, upload, size):
     if not _is_integer(upload.num_steps) or upload.num_steps != steps:
         return f"step count {upload.num_steps!r}, expected {steps} for its samples"
     loss = upload.train_loss
-    if not isinstance(loss, (float, int, np.floating)) or not (np.isfinite(loss) and loss >= 0):
-        return f"training loss {loss!r} is not a finite number >= 0"
+    if not isinstance(loss, (float, int, np.floating)):
+        return f"training loss {loss!r} is not a number"
+    if not np.isfinite(loss):
+        return f"training loss is {NON_FINITE}"
+    if loss < 0:
+        return f"training loss {loss!r} is negative"
     return None
 
 
@@ -350,7 +356,7 @@ def _array_problem(array, dtype, shape, name):
     if array.shape != shape:
         return f"{name} has shape {array.shape}, expected {shape}"
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        return f"{name} holds NaN or infinity"
+        return f"{name} holds {NON_FINITE}"
     return None
 
 
