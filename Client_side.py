@@ -177,7 +177,7 @@ class LocalTrainer:
             np.asarray(orders, np.int32), tf.constant(batch_size, tf.int32),
             self._no_correction if correction is None
             else [tf.convert_to_tensor(layer, tf.float32) for layer in correction])
-        num_steps = orders.shape[0] * -(-num_examples // batch_size)
+        num_steps = num_local_steps(num_examples, self.batch_size, orders.shape[0])
         return [layer.numpy() for layer in new_weights], float(loss), num_steps
 
     def loss_and_gradients(self, images, labels, anchor):
@@ -232,6 +232,17 @@ class LocalTrainer:
             else:
                 variable.assign_sub(self.learning_rate * gradient)
         return loss
+
+
+def num_local_steps(num_examples, batch_size, local_epochs):
+    """Return the SGD steps of E epochs over n samples in batches of B (0: one full batch)."""
+    return local_epochs * -(-num_examples // (batch_size or num_examples))
+
+
+def client_deltas(client_weights, global_weights):
+    """Return each client's update y_i - x as float64 layer arrays."""
+    return [[np.float64(new) - np.float64(start) for new, start in zip(weights, global_weights)]
+            for weights in client_weights]
 
 
 def effective_steps(num_steps, momentum):
@@ -308,7 +319,7 @@ COMPRESSIONS = ("none", "int8", "topk")
 
 def malicious_clients(num_clients, malicious_fraction, seed):
     """Return the set of attacking clients: C_mal K of them (rounded half up), fixed by SEED."""
-    count = int(np.floor(malicious_fraction * num_clients + 0.5))
+    count = Utils.round_half_up(malicious_fraction * num_clients)
     return set(Utils.rng(seed, "attack").choice(num_clients, count, replace=False).tolist())
 
 
@@ -348,8 +359,7 @@ def client_round(config, client, round_num, global_weights, trainer, client_indi
             effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]), config["LEARNING_RATE"])
         variates.put(client, new_variate)
         variate_delta = [new - old for new, old in zip(new_variate, own_variate)]
-    delta = [np.float64(new) - np.float64(start)
-             for new, start in zip(update.weights, global_weights)]
+    (delta,) = client_deltas([update.weights], global_weights)
     if malicious and config["ATTACK"] != "label_flip":
         delta = attack_update(delta, config["ATTACK"], config["ATTACK_SCALE"],
                               Utils.rng(seed, "attack", round_num, client))
@@ -551,9 +561,14 @@ def _encode_layer(layer, compression, rng, topk_fraction, stochastic_rounding):
         codes = np.floor(scaled + rng.random(flat.size)) if stochastic_rounding else np.rint(scaled)
         return {"codes": np.clip(codes, 0, 255).astype(np.uint8).reshape(layer.shape),
                 "offset": np.array(low, np.float32), "step": np.array(step, np.float32)}
-    count = min(flat.size, max(1, int(np.ceil(topk_fraction * flat.size))))
+    count = topk_count(flat.size, topk_fraction)
     indices = np.sort(np.argpartition(np.abs(flat), flat.size - count)[flat.size - count:])
     return {"indices": indices.astype(np.int32), "values": flat[indices].astype(np.float32)}
+
+
+def topk_count(size, topk_fraction):
+    """Return how many entries top-k sends of a tensor of `size`: ceil(fraction x size), >= 1."""
+    return min(size, max(1, int(np.ceil(topk_fraction * size))))
 
 
 def encoded_bytes(encoded):

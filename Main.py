@@ -112,8 +112,7 @@ def default_config():
     return {name: globals()[name] for name in CONSTANT_NAMES}
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+_is_int = Utils.is_integer  # the server's upload checks use the same test
 
 
 def _is_number(value):

@@ -16,7 +16,6 @@ keyed by (SEED, round), so the result does not depend on the order replies arriv
 
 import dataclasses
 import functools
-import math
 
 import numpy as np
 import tensorflow as tf
@@ -52,10 +51,10 @@ CLIENT_SAMPLINGS = ("fixed", "poisson")
 def num_selected_clients(num_clients, client_fraction):
     """Return m = max(1, C * K rounded half up), the clients trained each round (fixed sampling).
 
-    Half up, as in school, not Python's half to even (which gave 2 for K = 5, C = 0.5); the
-    1e-9 absorbs binary rounding of C * K (0.35 * 10 is 3.4999999999999996).
+    Half up (see Utils.round_half_up), not Python's half to even, which gave 2 for K = 5,
+    C = 0.5.
     """
-    return max(1, math.floor(client_fraction * num_clients + 0.5 + 1e-9))
+    return max(1, Utils.round_half_up(client_fraction * num_clients))
 
 
 def select_clients(num_clients, client_fraction, rng, sampling="fixed"):
@@ -112,12 +111,6 @@ def fedavg(client_weights, num_examples):
 def uniform_mean(updates):
     """Average updates with equal weights, as SCAFFOLD, DP-FedAvg and Multi-Krum do."""
     return fedavg(updates, [1] * len(updates))
-
-
-def client_deltas(client_weights, global_weights):
-    """Return each client's update y_i - x as float64 layer arrays."""
-    return [[np.float64(new) - np.float64(start) for new, start in zip(weights, global_weights)]
-            for weights in client_weights]
 
 
 def fednova_delta(deltas, num_examples, normalizers):
@@ -277,9 +270,9 @@ def upload_problem(config, round_num, upload, expected, answered, client_sizes, 
     """Return why `upload` must be refused this round, or None when it is acceptable."""
     if not isinstance(upload, Client_side.Upload):
         return "not an upload"
-    if not _is_integer(upload.round_num) or upload.round_num != round_num:
+    if not Utils.is_integer(upload.round_num) or upload.round_num != round_num:
         return f"stale or replayed: made for round {upload.round_num!r}"
-    if not _is_integer(upload.client) or upload.client not in expected:
+    if not Utils.is_integer(upload.client) or upload.client not in expected:
         return f"client {upload.client!r} was not selected this round"
     if upload.client in answered:
         return "this client already answered this round"
@@ -290,17 +283,13 @@ def upload_problem(config, round_num, upload, expected, answered, client_sizes, 
                                 shapes))
 
 
-def _is_integer(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _metrics_problem(config, upload, size):
     """The sample count must be one the client can hold, the steps those it must take."""
-    if not _is_integer(upload.num_examples) or not 1 <= upload.num_examples <= size:
+    if not Utils.is_integer(upload.num_examples) or not 1 <= upload.num_examples <= size:
         return f"sample count {upload.num_examples!r} is outside 1..{size}, what it holds"
-    batch = config["BATCH_SIZE"] or upload.num_examples
-    steps = config["LOCAL_EPOCHS"] * -(-upload.num_examples // batch)
-    if not _is_integer(upload.num_steps) or upload.num_steps != steps:
+    steps = Client_side.num_local_steps(upload.num_examples, config["BATCH_SIZE"],
+                                        config["LOCAL_EPOCHS"])
+    if not Utils.is_integer(upload.num_steps) or upload.num_steps != steps:
         return f"step count {upload.num_steps!r}, expected {steps} for its samples"
     loss = upload.train_loss
     if not isinstance(loss, (float, int, np.floating)):
@@ -336,7 +325,7 @@ def _layer_problem(layer, compression, shape, topk_fraction):
                 or _array_problem(layer["step"], np.float32, (), "step")
                 or ("step is negative" if layer["step"] < 0 else None))
     size = int(np.prod(shape))
-    count = min(size, max(1, int(np.ceil(topk_fraction * size))))
+    count = Client_side.topk_count(size, topk_fraction)
     problem = (_array_problem(layer["indices"], np.int32, (count,), "indices")
                or _array_problem(layer["values"], np.float32, (count,), "values"))
     if problem:

@@ -4,6 +4,8 @@ import contextlib
 import csv
 import hashlib
 import json
+import math
+import numbers
 import os
 import pathlib
 import signal
@@ -40,6 +42,17 @@ def make_deterministic():
     import tensorflow as tf  # Imported here: reading a CSV must not wait for TensorFlow.
 
     tf.config.experimental.enable_op_determinism()
+
+
+def is_integer(value):
+    """True for an integer of any kind (Python or NumPy), but not for a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def round_half_up(value):
+    """Round a non-negative share of a count half up, as in school (Python's round goes half to
+    even: round(2.5) is 2); the 1e-9 absorbs binary rounding (0.35 * 10 is 3.4999999999999996)."""
+    return math.floor(value + 0.5 + 1e-9)
 
 
 def rng(seed, stream, *keys):

@@ -324,3 +324,20 @@ def test_attacks_flip_the_sign_or_replace_by_noise_of_the_same_norm():
     noise = Client_side.attack_update(delta, "gaussian", 1.0, np.random.default_rng(0))
     assert Client_side.update_norm(noise) == pytest.approx(Client_side.update_norm(delta))
     assert not np.allclose(noise[0], delta[0])
+
+
+def test_client_deltas_are_float64_differences():
+    deltas = Client_side.client_deltas([[np.array([1.5], np.float32)]],
+                                       [np.array([1.0], np.float32)])
+    assert deltas[0][0].dtype == np.float64 and deltas[0][0][0] == 0.5
+
+
+@pytest.mark.parametrize("num_clients, fraction, expected", [(10, 0.35, 4), (10, 0.25, 3),
+                                                              (100, 0.2, 20), (5, 0.0, 0)])
+def test_malicious_clients_are_the_share_rounded_half_up_like_the_selection(num_clients,
+                                                                            fraction, expected):
+    """0.35 * 10 is 3.4999999999999996 in binary: it counted 3 attackers while the selection,
+    rounding the same way in words, took 4 clients."""
+    attackers = Client_side.malicious_clients(num_clients, fraction, seed=0)
+    assert len(attackers) == expected and attackers <= set(range(num_clients))
+    assert attackers == Client_side.malicious_clients(num_clients, fraction, seed=0)
