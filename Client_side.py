@@ -488,13 +488,17 @@ def prepare_upload(delta, residual, compression, rng, clip_norm=0.0, topk_fracti
     if residual is not None:
         delta = [np.float64(layer) + carried for layer, carried in zip(delta, residual)]
     encoded = encode_update(delta, compression, rng, topk_fraction, stochastic_rounding)
+    if clip_norm == 0 and residual is None:
+        return encoded, None
     shapes = [np.shape(layer) for layer in delta]
-    if clip_norm > 0:
+    sent = decode_update(encoded, shapes)
+    factor = _shrink_factor(sent, clip_norm) if clip_norm > 0 else 1.0
+    if factor < 1:
+        encoded = _scale_encoded(encoded, factor)
         sent = decode_update(encoded, shapes)
-        encoded = _scale_encoded(encoded, _shrink_factor(sent, clip_norm))
     if residual is None:
         return encoded, None
-    return encoded, [layer - sent for layer, sent in zip(delta, decode_update(encoded, shapes))]
+    return encoded, [layer - layer_sent for layer, layer_sent in zip(delta, sent)]
 
 
 def _shrink_factor(delta, clip_norm):
@@ -509,8 +513,6 @@ def _shrink_factor(delta, clip_norm):
 
 def _scale_encoded(encoded, factor):
     """Multiply the update an encoding stands for by `factor`, keeping its format."""
-    if factor == 1.0:
-        return encoded
     scaled = []
     for layer in encoded:
         layer = dict(layer)
