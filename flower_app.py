@@ -49,9 +49,11 @@ client_app = ClientApp()
 @server_app.main()
 def server_main(grid, context):
     """Run Main.main on the run config's CSV(s), training clients on the SuperNodes."""
-    run_config = context.run_config
-    files = str(run_config.get("config-file", "")).split()
-    num_nodes, timeout = int(run_config["num-nodes"]), float(run_config["round-timeout"])
+    try:
+        files, num_nodes, timeout = read_run_config(context.run_config)
+    except ValueError as error:
+        print(f"error: {error}", flush=True)
+        raise RunFailed(f"Main.py exit code {Main.EXIT_BAD_INPUT} (bad input)") from None
 
     def make_engine(config):
         refuse_unsupported(config)
@@ -65,6 +67,25 @@ def server_main(grid, context):
         # Flower marks a run failed, with this text, when the ServerApp raises (sys.exit would
         # kill the process before its status and logs are sent).
         raise RunFailed(f"Main.py exit code {exit_code} ({EXIT_MEANINGS[exit_code]})")
+
+
+def read_run_config(run_config):
+    """Return (config files, num-nodes, round-timeout) from `flwr run`'s run config.
+
+    Raises ValueError naming the key and what it allows.
+    """
+    files = str(run_config.get("config-file", "")).split()
+    relative = [path for path in files if not pathlib.Path(path).expanduser().is_absolute()]
+    if relative:
+        raise ValueError(f"config-file must name absolute paths on the SuperLink's machine (the "
+                         f"ServerApp runs in Flower's own folder), got {', '.join(relative)}")
+    num_nodes, timeout = run_config.get("num-nodes"), run_config.get("round-timeout")
+    if not Utils.is_integer(num_nodes) or num_nodes < 1:
+        raise ValueError(f"num-nodes must be an integer >= 1, got {num_nodes!r}")
+    if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+            or not 0 < timeout < float("inf")):
+        raise ValueError(f"round-timeout must be a number of seconds > 0, got {timeout!r}")
+    return files, num_nodes, float(timeout)
 
 
 class RunFailed(Exception):

@@ -6,6 +6,7 @@ a run there is the same experiment as `python Main.py`: the same final weights, 
 
 import csv
 import json
+import re
 import subprocess
 import time
 
@@ -68,6 +69,21 @@ def test_what_flower_cannot_run_is_refused_with_the_reason(constants, message):
     config = {**Main.default_config(), **constants}
     with pytest.raises(ValueError, match=message):
         flower_app.refuse_unsupported(config)
+
+
+@pytest.mark.parametrize("run_config, message", [
+    ({"config-file": "my.csv"}, "config-file must name absolute paths"),
+    ({"num-nodes": 0}, "num-nodes must be an integer >= 1, got 0"),
+    ({"num-nodes": "two"}, "num-nodes must be an integer >= 1, got 'two'"),
+    ({"num-nodes": 2.5}, "num-nodes must be an integer >= 1, got 2.5"),
+    ({"round-timeout": 0}, "round-timeout must be a number of seconds > 0, got 0"),
+    ({"round-timeout": "soon"}, "round-timeout must be a number of seconds > 0, got 'soon'"),
+])
+def test_a_bad_run_config_names_the_key(run_config, message):
+    defaults = {"config-file": "/abs/my.csv", "num-nodes": 2, "round-timeout": 600}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        flower_app.read_run_config({**defaults, **run_config})
+    assert flower_app.read_run_config(defaults) == (["/abs/my.csv"], 2, 600.0)
 
 
 @pytest.fixture(scope="module")
