@@ -7,15 +7,16 @@ Two local variants change the step: FedProx (Li et al. 2020) adds (mu/2)||w - w_
 loss; SCAFFOLD (Karimireddy et al. 2020) adds the correction c - c_i to every gradient and keeps
 its control variate c_i across rounds (option II update).
 
-`client_round` is a client's whole round, from the global weights to the encoded upload: both
-engines (`python Main.py` in one process, the Flower ClientApp on a SuperNode) call it, and every
-random draw in it is keyed by (SEED, round, client), so a client's upload does not depend on
-which process trains it or in what order.
+`ClientHost.train` is a round for the clients a process hosts, from the global weights to the
+encoded uploads: both engines (`python Main.py` in one process, the Flower ClientApp on a
+SuperNode) call it, and every random draw in it is keyed by (SEED, round, client), so a client's
+upload does not depend on which process trains it, in what order or beside which clients.
 
-Speed: a client's whole local training is one call of a compiled TensorFlow function whose
-input shapes are left open, so clients of every size share one trace. This does the same
-arithmetic as `model.fit(x[order], y[order], shuffle=False)` with Keras' SGD (see
-tests/test_client_side.py) without fit's per-call and per-step Python work.
+Speed: the local training of many clients is one call of a compiled TensorFlow function (a
+loop over clients, each a loop over its batches) whose input shapes are left open, so clients of
+every size share one trace. Each client gets the same arithmetic as
+`model.fit(x[order], y[order], shuffle=False)` with Keras' SGD, bit for bit the same as training
+it alone (see tests/test_client_side.py), without fit's per-call and per-step Python work.
 """
 
 import dataclasses
@@ -126,6 +127,10 @@ class LocalTrainer:
         self._train = tf.function(self._train_steps, input_signature=[
             weight_specs, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32),
             weight_specs])
+        stacked_specs = [tf.TensorSpec([None, *spec.shape], spec.dtype) for spec in weight_specs]
+        self._train_clients = tf.function(self._train_clients_steps, input_signature=[
+            weight_specs, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([], tf.int32), stacked_specs, tf.TensorSpec([None], tf.int64)])
 
     def get_state(self):
         """Return the model's random state (dropout seeds) as arrays, for checkpoints."""
@@ -158,6 +163,41 @@ class LocalTrainer:
         new_weights, loss, num_steps = self.run(
             global_weights, self.epoch_orders(client_indices, rng), correction)
         return ClientUpdate(new_weights, len(client_indices), num_steps, loss)
+
+    def train_many(self, global_weights, clients_indices, rngs, corrections=None):
+        """Run ClientUpdate for several clients in one compiled call.
+
+        Each client starts from the global weights with its own dropout seed, shuffles and
+        correction, exactly as `train` would train it alone (bit for bit: the same ops on the
+        same values, one client after another inside the call); what is saved is the Python
+        and call overhead per client, which dominates for clients of a few samples.
+
+        Args:
+            global_weights: list of the global model's layer arrays.
+            clients_indices: one int array of training-set rows per client.
+            rngs: one np.random.Generator per client, drawn from as `train` draws.
+            corrections: one SCAFFOLD correction (layer arrays) per client, or None.
+        Returns:
+            list of ClientUpdate, in the clients' order.
+        """
+        seeds = [int(rng.integers(2**31)) for rng in rngs]  # `train` seeds dropout first.
+        orders = [self.epoch_orders(indices, rng) for indices, rng in zip(clients_indices, rngs)]
+        sizes = [len(indices) for indices in clients_indices]
+        if corrections is None:
+            stacked = [tf.expand_dims(zeros, 0) for zeros in self._no_correction]
+        else:
+            stacked = [np.stack(layers).astype(np.float32) for layers in zip(*corrections)]
+        new_weights, losses = self._train_clients(
+            [tf.convert_to_tensor(layer, tf.float32) for layer in global_weights],
+            np.concatenate([order.ravel() for order in orders]).astype(np.int32),
+            np.asarray(sizes, np.int32),
+            tf.constant(self.batch_size or max(sizes), tf.int32), stacked,
+            np.asarray(seeds, np.int64))
+        new_weights, losses = [layer.numpy() for layer in new_weights], losses.numpy()
+        return [ClientUpdate([layer[position] for layer in new_weights], size,
+                             num_local_steps(size, self.batch_size, self.local_epochs),
+                             float(losses[position]))
+                for position, size in enumerate(sizes)]
 
     def seed_dropout(self, seed):
         """Restart the model's dropout masks from `seed` (Keras keeps [seed, counter] states)."""
@@ -219,6 +259,34 @@ class LocalTrainer:
                 epoch_loss += batch_loss * tf.cast(tf.shape(batch)[0], tf.float32)
         return [tf.identity(variable) for variable in variables], \
             epoch_loss / tf.cast(num_examples, tf.float32)
+
+    def _train_clients_steps(self, global_weights, flat_orders, sizes, batch_size, corrections,
+                             seeds):
+        """Compiled body of `train_many`: `_train_steps` for each client in turn.
+
+        flat_orders holds every client's (E, n) order, raveled and concatenated; corrections
+        has one row per client, or a single row shared by all (zeros: no correction).
+        """
+        num_clients = tf.shape(sizes)[0]
+        weights = [tf.TensorArray(tf.float32, size=num_clients, element_shape=variable.shape)
+                   for variable in self.model.trainable_variables]
+        losses = tf.TensorArray(tf.float32, size=num_clients)
+        offset = tf.constant(0)
+        for position in tf.range(num_clients):
+            size = sizes[position]
+            # A full batch (B = 0) is the client's own size, as in `run`.
+            client_batch = size if self.batch_size == 0 else batch_size
+            orders = tf.reshape(flat_orders[offset:offset + self.local_epochs * size],
+                                [self.local_epochs, size])
+            offset += self.local_epochs * size
+            for variable in self.model.non_trainable_variables:
+                variable.assign(tf.cast(tf.stack([seeds[position], 0]), variable.dtype))
+            row = tf.minimum(position, tf.shape(corrections[0])[0] - 1)
+            new_weights, loss = self._train_steps(
+                global_weights, orders, client_batch, [stack[row] for stack in corrections])
+            weights = [array.write(position, layer) for array, layer in zip(weights, new_weights)]
+            losses = losses.write(position, loss)
+        return [array.stack() for array in weights], losses.stack()
 
     def _sgd_step(self, images, labels, anchor, correction):
         """One minibatch step of SGD on the local objective; returns the batch's cross-entropy."""
@@ -314,6 +382,8 @@ class ClientMemory:
 
 
 ATTACKS = ("label_flip", "sign_flip", "gaussian")
+# Clients trained in one compiled call: bounds the stacked results (K x 35k floats each).
+CLIENTS_PER_CALL = 256
 COMPRESSIONS = ("none", "int8", "topk")
 
 
@@ -329,31 +399,35 @@ def kept_state_names(config):
             + (("residual",) if config["COMPRESSION"] == "topk" else ()))
 
 
-def client_round(config, client, round_num, global_weights, trainer, client_indices, memory,
-                 server_variate=None, malicious=False):
-    """One client's whole round: from the global weights and its kept state to its upload.
+def scaffold_correction(memory, client, server_variate):
+    """Return SCAFFOLD's correction c - c_i for a client that keeps a variate, else None."""
+    variates = memory.get("variate")
+    if not variates:
+        return None
+    return [shared - own for shared, own in zip(server_variate, variates.get(client))]
 
-    It trains (with SCAFFOLD's correction c - c_i when it keeps a variate), forms its update
-    y_i - x, forges it if it is a malicious client, then clips and encodes it (with top-k's
-    error feedback). Every random draw is keyed by (SEED, round, client).
+
+def client_upload(config, client, round_num, global_weights, update, memory,
+                  server_variate=None, malicious=False):
+    """A client's round after its local training: from its ClientUpdate to its upload.
+
+    It renews its SCAFFOLD variate when it keeps one, forms its update y_i - x, forges it if it
+    is a malicious client, then clips and encodes it (with top-k's error feedback). Every
+    random draw is keyed by (SEED, round, client).
 
     Args:
         config: the run's constants by name.
-        trainer: a LocalTrainer (one whose labels are flipped for a label-flipping attacker).
-        client_indices: the client's rows in the training set.
+        update: the ClientUpdate of its local training from `global_weights` (with SCAFFOLD's
+            `scaffold_correction` when it keeps a variate).
         memory: dict of ClientMemory by `kept_state_names`; the client's entries are updated.
         server_variate: SCAFFOLD's c (layer arrays), else None.
     Returns:
         Upload.
     """
     seed, variates = config["SEED"], memory.get("variate")
-    own_variate = variates.get(client) if variates else None
-    correction = (None if own_variate is None else
-                  [shared - own for shared, own in zip(server_variate, own_variate)])
-    update = trainer.train(global_weights, client_indices,
-                           Utils.rng(seed, "training", round_num, client), correction)
     variate_delta = None
-    if own_variate is not None:
+    if variates:
+        own_variate = variates.get(client)
         new_variate = scaffold_client_variate(
             own_variate, server_variate, global_weights, update.weights,
             effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]), config["LEARNING_RATE"])
@@ -401,15 +475,36 @@ class ClientHost:
         self.memory = {name: ClientMemory(shapes) for name in kept_state_names(config)}
 
     def train(self, round_num, clients, global_weights, server_variate=None):
-        """Run `client_round` for each of `clients`; return their Uploads in that order."""
-        uploads = []
-        for client in clients:
-            malicious = int(client) in self.malicious
-            trainer = self.flipped_trainer if malicious and self.flipped_trainer else self.trainer
-            uploads.append(client_round(self.config, client, round_num, global_weights, trainer,
-                                        self.client_indices[client], self.memory,
-                                        server_variate, malicious))
-        return uploads
+        """Train `clients` for the round and return their Uploads in that order.
+
+        Clients that share a trainer are trained CLIENTS_PER_CALL at a time in one compiled
+        call (`LocalTrainer.train_many`), each exactly as if trained alone.
+        """
+        clients = [int(client) for client in clients]
+        updates = {}
+        for trainer, group in self._groups_by_trainer(clients):
+            for first in range(0, len(group), CLIENTS_PER_CALL):
+                chunk = group[first:first + CLIENTS_PER_CALL]
+                corrections = [scaffold_correction(self.memory, client, server_variate)
+                               for client in chunk]
+                chunk_updates = trainer.train_many(
+                    global_weights, [self.client_indices[client] for client in chunk],
+                    [Utils.rng(self.config["SEED"], "training", round_num, client)
+                     for client in chunk],
+                    None if corrections[0] is None else corrections)
+                updates.update(zip(chunk, chunk_updates))
+        return [client_upload(self.config, client, round_num, global_weights, updates[client],
+                              self.memory, server_variate, client in self.malicious)
+                for client in clients]
+
+    def _groups_by_trainer(self, clients):
+        """Split clients into (trainer, clients): label-flipping attackers use their own."""
+        flipped = [client for client in clients
+                   if self.flipped_trainer and client in self.malicious]
+        honest = [client for client in clients if client not in flipped]
+        return [(trainer, group) for trainer, group in ((self.trainer, honest),
+                                                         (self.flipped_trainer, flipped))
+                if group]
 
 
 class CentralizedBaseline:

@@ -2,12 +2,12 @@
 
 The ServerApp is `Main.main` with another engine: instead of training the round's clients in its
 own process, it sends every SuperNode one message a round (the global weights and the clients it
-hosts), and each node's ClientApp runs `Client_side.client_round` for them, as `python Main.py`
-does. Selection, dropout, decoding, aggregation, server optimizers, DP, evaluation, history,
-plots and checkpoints are the project's own code on the server side; Flower only carries the
-messages. SuperNode p of N hosts the clients c with c mod N == p (its node config), loads its
-own copy of the data, partitions it from SEED and keeps its clients' state (SCAFFOLD's c_i, top-k
-residuals) between rounds in its context.
+hosts), and each node's ClientApp runs `Client_side.ClientHost.train` for them, as
+`python Main.py` does. Selection, dropout, decoding, aggregation, server optimizers, DP,
+evaluation, history, plots and checkpoints are the project's own code on the server side; Flower
+only carries the messages. SuperNode p of N hosts the clients c with c mod N == p (its node
+config), loads its own copy of the data, partitions it from SEED and keeps its clients' state
+(SCAFFOLD's c_i, top-k residuals) between rounds in its context.
 
 Run on one machine (the README's "Across machines" section has TLS and authentication):
     flower-superlink --insecure --disable-runtime-dependency-installation
@@ -222,7 +222,7 @@ def content_from_uploads(uploads, partition_id):
 
 @client_app.train("round")
 def client_train(message, context):
-    """Train this node's share of the round's clients with Client_side.client_round."""
+    """Train this node's share of the round's clients with Client_side.ClientHost.train."""
     settings = message.content["settings"]
     config = json.loads(settings["config"])
     partition_id = int(context.node_config["partition-id"])

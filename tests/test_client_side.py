@@ -48,12 +48,50 @@ def test_fast_path_equals_model_fit(tiny_client, momentum):
     update = trainer.train(initial_weights, np.arange(70), np.random.default_rng(5))
     expected_weights, expected_loss = fit_reference(initial_weights, x_train, y_train, orders,
                                                     momentum, 32, seed_state)
-    assert update.num_examples == 70
-    for fast, reference in zip(update.weights, expected_weights):
+    # The same client trained inside a multi-client call, after a client of another size.
+    _, in_call = trainer.train_many(initial_weights, [np.arange(33), np.arange(70)],
+                                    [np.random.default_rng(9), np.random.default_rng(5)])
+    assert update.num_examples == in_call.num_examples == 70
+    for fast, grouped, reference in zip(update.weights, in_call.weights, expected_weights):
         np.testing.assert_allclose(fast, reference, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(grouped, fast)
     assert update.train_loss == pytest.approx(expected_loss, rel=1e-4)
     moved = sum(np.abs(new - old).sum() for new, old in zip(update.weights, initial_weights))
     assert moved > 0.1, "training changed nothing"
+
+
+MANY_CLIENT_SETTINGS = {  # (momentum, batch size, epochs, FedProx mu, SCAFFOLD corrections)
+    "sgd": (0.0, 32, 1, 0.0, False),
+    "momentum_two_epochs_fedprox": (0.9, 8, 2, 0.1, False),
+    "fedsgd_full_batch": (0.0, 0, 1, 0.0, False),
+    "scaffold_momentum": (0.5, 16, 2, 0.0, True),
+}
+
+
+@pytest.mark.parametrize("setting", MANY_CLIENT_SETTINGS)
+def test_many_clients_in_one_call_equal_each_trained_alone(tiny_client, setting):
+    momentum, batch_size, epochs, prox_mu, scaffold = MANY_CLIENT_SETTINGS[setting]
+    x_train, y_train = tiny_client
+    keras.utils.set_random_seed(3)
+    trainer = Client_side.LocalTrainer(Server_side.create_model(), x_train, y_train,
+                                       LEARNING_RATE, momentum, batch_size, epochs, prox_mu)
+    weights = trainer.model.get_weights()
+    rows = np.random.default_rng(4)
+    clients = [rows.choice(70, size, replace=False) for size in (1, 5, 32, 33, 70, 6)]
+    corrections = ([random_weights(trainer, seed, scale=0.5) for seed in range(len(clients))]
+                   if scaffold else [None] * len(clients))
+    together = trainer.train_many(weights, clients,
+                                  [np.random.default_rng(client) for client in range(6)],
+                                  corrections if scaffold else None)
+    for client, (indices, grouped) in enumerate(zip(clients, together)):
+        alone = trainer.train(weights, indices, np.random.default_rng(client),
+                              corrections[client])
+        assert (grouped.num_examples, grouped.num_steps) == (alone.num_examples,
+                                                             alone.num_steps)
+        assert grouped.train_loss == alone.train_loss
+        for layer_grouped, layer_alone in zip(grouped.weights, alone.weights):
+            np.testing.assert_array_equal(layer_grouped, layer_alone)
+    assert not np.array_equal(together[2].weights[0], together[3].weights[0])
 
 
 def test_each_client_starts_with_fresh_momentum(tiny_client):
