@@ -33,6 +33,8 @@ NUM_CLASSES = 10
 # NIID-Bench resamples the Dirichlet split until every client holds at least this many samples.
 MIN_DIRICHLET_SAMPLES = 10
 MAX_DIRICHLET_TRIES = 1000
+# Redraws cost about K: with many tiny clients, give up after about this many client draws.
+DIRICHLET_CLIENT_DRAWS = 200_000
 # The seed's quantity-skewed split: a guaranteed minimum, then turns until this share is left.
 IB_MIN_SHARE = 0.002
 IB_STOP_SHARE = 0.001
@@ -285,17 +287,24 @@ def _split_label_and_quantity_skew(labels, num_clients, rng, classes_per_client)
     return [np.concatenate(part) for part in parts]
 
 
+def dirichlet_tries(num_clients):
+    """Return how many draws `dirichlet` makes before giving up: 1,000 up to 200 clients, then
+    fewer (20 for 10,000 clients), so that an impossible split is refused in seconds."""
+    return max(3, min(MAX_DIRICHLET_TRIES, DIRICHLET_CLIENT_DRAWS // num_clients))
+
+
 def _split_dirichlet(labels, num_clients, rng, dirichlet_alpha):
     """`dirichlet` (NIID-Bench): each class spread over clients by proportions ~ Dir(alpha).
 
     As in NIID-Bench, a client already holding more than N/K samples gets no share of further
     classes, and the whole split is redrawn until every client holds at least
-    min(10, N/K) samples.
+    min(10, N/K) samples, at most `dirichlet_tries(K)` times.
     """
     if dirichlet_alpha <= 0:
         raise ValueError(f"DIRICHLET_ALPHA must be > 0, got {dirichlet_alpha}")
     min_size = max(1, min(MIN_DIRICHLET_SAMPLES, len(labels) // num_clients))
-    for _ in range(MAX_DIRICHLET_TRIES):
+    tries = dirichlet_tries(num_clients)
+    for _ in range(tries):
         parts = [[] for _ in range(num_clients)]
         sizes = np.zeros(num_clients, dtype=np.int64)
         for label in range(NUM_CLASSES):
@@ -310,7 +319,7 @@ def _split_dirichlet(labels, num_clients, rng, dirichlet_alpha):
         if sizes.min() >= min_size:
             return [np.concatenate(part) for part in parts]
     raise ValueError(f"dirichlet split found no draw giving every client {min_size} samples in "
-                     f"{MAX_DIRICHLET_TRIES} tries: raise DIRICHLET_ALPHA or lower NUM_CLIENTS")
+                     f"{tries} tries: raise DIRICHLET_ALPHA or lower NUM_CLIENTS")
 
 
 def _split_shards(labels, num_clients, rng, shards_per_client):

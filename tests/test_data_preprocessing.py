@@ -166,6 +166,49 @@ def test_dirichlet_gives_every_client_the_minimum_and_skews_more_with_small_alph
     assert mean_classes_held(0.1) < mean_classes_held(100.0)
 
 
+def test_dirichlet_that_cannot_split_many_tiny_clients_gives_up_after_a_bounded_effort(
+        train_labels):
+    # 10,000 clients of at least 6 samples each: alpha 0.5 leaves some short in every draw. The
+    # old loop made 1,000 draws (6 minutes) before saying so.
+    class CountingGenerator:
+        def __init__(self):
+            self.generator, self.dirichlet_draws = np.random.default_rng(0), 0
+
+        def permutation(self, values):
+            return self.generator.permutation(values)
+
+        def dirichlet(self, alpha):
+            self.dirichlet_draws += 1
+            return self.generator.dirichlet(alpha)
+
+    generator = CountingGenerator()
+    with pytest.raises(ValueError, match="NUM_CLIENTS"):
+        Data_Preprocessing.partition(train_labels, 10000, "dirichlet", generator,
+                                     dirichlet_alpha=0.5)
+    assert generator.dirichlet_draws <= 10 * 20  # 10 classes a split
+
+
+@pytest.mark.parametrize("distribution, num_clients, smallest", [
+    ("iid", 60000, 1), ("shards", 60000, 1), ("iid", 10000, 6), ("noniid_bi", 10000, 1)])
+def test_tiny_clients_hold_every_sample_once(train_labels, distribution, num_clients, smallest):
+    parts = Data_Preprocessing.partition(train_labels, num_clients, distribution,
+                                         np.random.default_rng(0), **{
+                                             **SCHEME_ARGUMENTS, "shards_per_client": 1})
+    assert len(parts) == num_clients
+    assert min(len(part) for part in parts) >= smallest
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(train_labels)))
+
+
+@pytest.mark.parametrize("distribution, message", [
+    ("noniid_ib", "at most 500 for noniid_ib"), ("noniid_bi", "too large for noniid_bi"),
+    ("noniid_ii", "too large for noniid_ii")])
+def test_distributions_that_cannot_make_60000_clients_say_so(train_labels, distribution,
+                                                             message):
+    with pytest.raises(ValueError, match=message):
+        Data_Preprocessing.partition(train_labels, 60000, distribution,
+                                     np.random.default_rng(0), **SCHEME_ARGUMENTS)
+
+
 def test_shards_give_each_client_at_most_s_classes(train_labels):
     parts = split(train_labels, "shards", shards_per_client=2)
     counts = Data_Preprocessing.class_counts(train_labels, parts)

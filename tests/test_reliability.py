@@ -323,3 +323,21 @@ def test_divergence_message_names_the_attack_when_there_are_attackers(tmp_path):
         Main.check_finite(4, [np.array([np.nan])], {"test_loss": 1.0}, config, tmp_path,
                           [{"round": 1}, {"round": 2}, {"round": 3}])
     assert len(error.value.rows) == 3
+
+
+def test_60000_one_sample_clients_keep_state_only_for_those_that_trained(fashion_mnist):
+    config = {**Main.default_config(), "NUM_CLIENTS": 60000, "DISTRIBUTION": "iid",
+              "CLIENT_FRACTION": 0.0001, "ALGORITHM": "scaffold", "COMPRESSION": "topk"}
+    data = fashion_mnist._replace(x_test=fashion_mnist.x_test[:500],
+                                  y_test=fashion_mnist.y_test[:500])
+    client_indices = Main.partition_data(config, data.y_train)
+    assert {len(indices) for indices in client_indices} == {1}
+    federation = Main.build_federation(config, data, client_indices)
+    weights, trained = federation.global_model.get_weights(), set()
+    for round_num in (1, 2):
+        trained |= {int(client) for client in Main.Server_side.round_clients(config, round_num)[0]}
+        weights, row = Main.run_round(round_num, config, federation, weights,
+                                      federation.host.train)
+        assert row["returned"] == 6 and row["samples"] == 6
+    for memory in federation.host.memory.values():
+        assert set(memory.get_state()[0].tolist()) == trained
