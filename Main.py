@@ -256,12 +256,8 @@ def find_checkpoint(config, output_dir):
     if not config["RESUME"]:
         refuse_to_overwrite(path, output_dir)
         return None
-    if not path.is_file() and config["REPEATS"] > 1:
-        return None  # A repeat that never started starts now (see `check_resumable`).
     if not path.is_file():
-        raise FileNotFoundError(f"RESUME is True but there is no checkpoint {path}: no run "
-                                "with exactly these constants (ROUNDS aside) was saved; run "
-                                "once without RESUME first")
+        return None  # A run that never started starts now (see `check_resumable`).
     arrays, metadata = Utils.load_checkpoint(path)
     differing = Utils.config_differences(metadata["config"], config, RESUMABLE_CHANGES)
     if differing:
@@ -313,16 +309,19 @@ def prepare_run(config, loaded_data):
                        find_checkpoint(config, output_dir))
 
 
-def check_resumable(labels, runs):
-    """Raise FileNotFoundError when RESUME finds no checkpoint for any seed of a configuration.
+def check_resumable(runs):
+    """Raise FileNotFoundError when RESUME finds no checkpoint for any run of the command.
 
-    With REPEATS > 1, RESUME continues the seeds that have a checkpoint and starts the others.
+    RESUME continues every run (seed, configuration) that has a checkpoint and starts the
+    others, so a comparison stopped part-way continues where it stopped.
     """
-    for label in dict.fromkeys(labels):
-        group = [prepared for name, prepared in zip(labels, runs) if name == label]
-        if group[0].config["RESUME"] and all(prepared.checkpoint is None for prepared in group):
-            raise FileNotFoundError(f"RESUME is True but no seed of {label} has a checkpoint in "
-                                    f"{group[0].output_dir.parent}; run once without RESUME")
+    resumed = [prepared for prepared in runs if prepared.config["RESUME"]]
+    if resumed and all(prepared.checkpoint is None for prepared in resumed):
+        which = (f"{resumed[0].output_dir / CHECKPOINT_NAME}" if len(resumed) == 1 else
+                 f"for any of the {len(resumed)} runs (the first: {resumed[0].output_dir})")
+        raise FileNotFoundError(f"RESUME is True but there is no checkpoint {which}: no run "
+                                "with exactly these constants (ROUNDS aside) was saved; run "
+                                "once without RESUME first")
 
 
 def prepare_output_dir(config, output_dir):
@@ -353,7 +352,7 @@ def main(argv=None, make_engine=None):
         loaded_data = {}
         labels, configs = zip(*load_configs(arguments))
         runs = [prepare_run(config, loaded_data) for config in configs]
-        check_resumable(labels, runs)
+        check_resumable(runs)
         engines = [make_engine(prepared.config) if make_engine else None for prepared in runs]
         for prepared in runs:
             prepare_output_dir(prepared.config, prepared.output_dir)

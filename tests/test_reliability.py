@@ -341,3 +341,17 @@ def test_60000_one_sample_clients_keep_state_only_for_those_that_trained(fashion
         assert row["returned"] == 6 and row["samples"] == 6
     for memory in federation.host.memory.values():
         assert set(memory.get_state()[0].tolist()) == trained
+
+
+@pytest.mark.slow
+def test_resume_continues_a_comparison_whose_later_runs_never_started(tmp_path,
+                                                                      real_data_once):
+    # A comparison stopped during its first run: RESUME continues that run and starts the rest.
+    small = {**SMALL_RUN, "OUTPUT_DIR": tmp_path / "out", "EVAL_EVERY": 2}
+    first = write_config(tmp_path / "first.csv", ROUNDS=1, **small)
+    assert Main.main(["-c", "-f", str(first)]) == 0
+    first = write_config(tmp_path / "first.csv", ROUNDS=2, RESUME=True, **small)
+    second = write_config(tmp_path / "second.csv", ROUNDS=2, RESUME=True, LEARNING_RATE=0.02,
+                          **small)
+    assert Main.main(["-c", "-f", str(first), str(second)]) == 0
+    assert [len(read_history(run_dir_of(path))) for path in (first, second)] == [2, 2]
