@@ -1,18 +1,21 @@
 """Measure the simulator's speed against one plain `model.fit`, and its memory, in one process.
 
-Run:  python tests/benchmark.py --rounds 20
+Run:  python tests/benchmark.py --scenario NAME [--rounds N]   (NAME: see SCENARIOS below)
 
-(1) The limit: one `model.fit` of the same CNN, batch and optimizer over as many samples as a
-    default round trains (C * 60,000 = 18,000), timed after a warm-up; the median of 3 fits, taken
-    before and after the simulation so that drift on a shared machine hits both sides.
-    For reference it also times the simulator's own compiled client step as one client holding all
-    those samples: the most the simulator could reach with zero per-client and per-round overhead.
-(2) The simulator: Main.py's own `build_federation` and `run_round` on the default configuration
-    (or a CSV given with -f) for N rounds after one warm-up round: client samples trained per
-    second of wall time, including selection, weight transfer, aggregation and test evaluation.
-(3) Memory: peak RSS, and RSS growth from round 5 to the last round.
-Prints a table and, as its last line, one JSON object with the figures. Like Main.py it turns on
-TensorFlow's op determinism; --no-determinism leaves it off, to measure what it costs.
+(1) The limit: one `model.fit` of the same CNN with the scenario's batch size and optimizer over
+    as many samples as a round trains (at least 18,000, so that it is long enough to time), after
+    a warm-up; the median of 3 fits taken before and after the simulation so that drift on a
+    shared machine hits both sides. FedSGD (B = 0) fits with the mean client size as its batch.
+(2) The project's own single compiled call: one client holding those samples, same batch size;
+    what the simulator could reach with zero per-client and per-round overhead.
+(3) The simulator: Main.py's own `build_federation` and `run_round` on the scenario for N rounds
+    after one warm-up round: client samples trained per second of wall time, including
+    selection, weight transfer, screening, aggregation and the test evaluation every EVAL_EVERY
+    rounds (and after the last).
+(4) Memory: peak RSS, and RSS growth from the first quarter of the rounds to the last.
+Prints a table and, as its last line, one JSON object with the figures (ratio = simulator / fit,
+ratio_single_call = simulator / single call). Like Main.py it turns on TensorFlow's op
+determinism; --no-determinism leaves it off, to measure what it costs.
 """
 
 import argparse
@@ -33,6 +36,20 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 LIMIT_REPEATS = 3
+MIN_TIMED_SAMPLES = 18000
+# Overrides of Main.py's defaults, and the timed rounds each runs unless --rounds says otherwise.
+SCENARIOS = {
+    "default": ({"EVAL_EVERY": 10}, 20),
+    "cross_device_60": ({"NUM_CLIENTS": 1000, "CLIENT_FRACTION": 0.1, "DISTRIBUTION": "iid",
+                         "EVAL_EVERY": 10}, 30),
+    "cross_device_6": ({"NUM_CLIENTS": 10000, "CLIENT_FRACTION": 0.01, "DISTRIBUTION": "iid",
+                        "EVAL_EVERY": 10}, 30),
+    # NIID-Bench's setting (10 clients, all each round, #C=2), a tenth of the data per client.
+    "momentum_b64": ({"NUM_CLIENTS": 10, "CLIENT_FRACTION": 1.0, "BATCH_SIZE": 64,
+                      "LOCAL_MOMENTUM": 0.9, "DISTRIBUTION": "noniid_bi",
+                      "CLASSES_PER_CLIENT": 2, "EVAL_EVERY": 10}, 10),
+    "fedsgd": ({"BATCH_SIZE": 0, "EVAL_EVERY": 10}, 20),
+}
 
 
 def rss_mb():
@@ -50,35 +67,49 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def fit_samples_per_second(config, x_train, y_train, num_samples):
+def fit_samples_per_second(config, x_train, y_train, num_samples, batch_size):
     """Time one plain `model.fit` over `num_samples` samples; return samples per second."""
     model = Server_side.create_model()
     model.compile(optimizer=keras.optimizers.SGD(config["LEARNING_RATE"],
                                                  momentum=config["LOCAL_MOMENTUM"]),
                   loss="sparse_categorical_crossentropy")
-    model.fit(x_train[:2000], y_train[:2000], batch_size=config["BATCH_SIZE"], verbose=0)
+    model.fit(x_train[:2000], y_train[:2000], batch_size=batch_size, verbose=0)
     start = time.perf_counter()
-    model.fit(x_train[:num_samples], y_train[:num_samples], batch_size=config["BATCH_SIZE"],
+    model.fit(x_train[:num_samples], y_train[:num_samples], batch_size=batch_size,
               epochs=config["LOCAL_EPOCHS"], shuffle=True, verbose=0)
     return num_samples * config["LOCAL_EPOCHS"] / (time.perf_counter() - start)
 
 
-def single_call_samples_per_second(federation, num_samples, rng):
+def single_call_samples_per_second(federation, num_samples, batch_size, rng):
     """Time the simulator's compiled local training as one client holding `num_samples`."""
     weights = federation.global_model.get_weights()
     indices = np.arange(num_samples)
-    trainer = federation.host.trainer
+    trainer = Main.Client_side.LocalTrainer(
+        federation.host.trainer.model, federation.host.trainer.x_train,
+        federation.host.trainer.y_train, federation.host.trainer.learning_rate,
+        federation.host.trainer.momentum, batch_size, federation.host.trainer.local_epochs)
     trainer.train(weights, indices[:2000], rng)
     start = time.perf_counter()
     trainer.train(weights, indices, rng)
     return num_samples * trainer.local_epochs / (time.perf_counter() - start)
 
 
+def evaluation_seconds(federation, global_weights):
+    """Time one test evaluation of the global model (median of 3)."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        federation.evaluate(global_weights)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def simulate(config, data, rounds):
-    """Run Main.py's rounds.
+    """Run Main.py's rounds 1..rounds after a warm-up round 0.
 
     Returns:
-        (samples per second, seconds of each round, RSS after each round, the federation).
+        (samples per second, seconds of each round, RSS after each round, the federation,
+        the clients' sizes, the last global weights).
     """
     client_indices = Main.partition_data(config, data.y_train)
     federation = Main.build_federation(config, data, client_indices)
@@ -93,66 +124,111 @@ def simulate(config, data, rounds):
         samples += row["samples"] * config["LOCAL_EPOCHS"]
         seconds.append(row["seconds"])
         rss.append(rss_mb())
-    return samples / (time.perf_counter() - start), seconds, rss, federation
+    rate = samples / (time.perf_counter() - start)
+    return rate, seconds, rss, federation, [len(indices) for indices in client_indices], \
+        global_weights
 
 
 def parse_arguments():
     parser = argparse.ArgumentParser(description="Simulator speed versus plain model.fit.")
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
-    parser.add_argument("-f", "--file", help="optional param,val CSV of Main.py constants")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="default",
+                        help="configuration to time (default: default)")
+    parser.add_argument("--rounds", type=int,
+                        help="timed rounds (default: the scenario's, 10 to 30)")
+    parser.add_argument("-f", "--file", help="optional param,val CSV of further overrides")
     parser.add_argument("--no-determinism", action="store_true",
                         help="leave TensorFlow's op determinism off (Main.py turns it on), "
                              "to measure what it costs")
-    return parser.parse_args()
+    arguments = parser.parse_args()
+    if arguments.rounds is not None and arguments.rounds < 1:
+        parser.error(f"--rounds must be an integer >= 1, got {arguments.rounds}")
+    return arguments
+
+
+def scenario_config(arguments):
+    """Main.py's defaults with the scenario's (and the CSV's) overrides; ROUNDS = timed rounds."""
+    overrides, default_rounds = SCENARIOS[arguments.scenario]
+    config = {**Main.default_config(), **overrides}
+    if arguments.file:
+        config.update(Utils.read_overrides(arguments.file, config))
+    config["ROUNDS"] = arguments.rounds or default_rounds  # so the last round is evaluated
+    return Main.validate_config(config)
 
 
 def main():
     arguments = parse_arguments()
-    config = Main.default_config()
-    if arguments.file:
-        config.update(Utils.read_overrides(arguments.file, config))
-    Main.validate_config(config)
+    config = scenario_config(arguments)
     if not arguments.no_determinism:
         Utils.make_deterministic()
     data = Main.Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
     Utils.seed_everything(config["SEED"])
-    samples_per_round = int(round(config["CLIENT_FRACTION"] * len(data[1])))
-    limits = [fit_samples_per_second(config, data[0], data[1], samples_per_round)
-              for _ in range(LIMIT_REPEATS)]
-    sim_rate, seconds, rss, federation = simulate(config, data, arguments.rounds)
-    single_rates = [single_call_samples_per_second(federation, samples_per_round,
+    per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
+    mean_client = len(data.y_train) / config["NUM_CLIENTS"]
+    batch_size = config["BATCH_SIZE"] or max(1, round(mean_client))
+    timed_samples = min(len(data.y_train),
+                        max(MIN_TIMED_SAMPLES, round(per_round * mean_client)))
+    limits = [fit_samples_per_second(config, data.x_train, data.y_train, timed_samples,
+                                     batch_size) for _ in range(LIMIT_REPEATS)]
+    sim_rate, seconds, rss, federation, sizes, weights = simulate(config, data, config["ROUNDS"])
+    single_rates = [single_call_samples_per_second(federation, timed_samples, batch_size,
                                                    np.random.default_rng(repeat))
                     for repeat in range(LIMIT_REPEATS)]
-    limits += [fit_samples_per_second(config, data[0], data[1], samples_per_round)
-               for _ in range(LIMIT_REPEATS)]
-    limit_rate = statistics.median(limits)
-    early = rss[min(4, len(rss) - 1)]
-    result = {
-        "limit_samples_per_s": round(limit_rate, 1),
-        "sim_samples_per_s": round(sim_rate, 1),
+    limits += [fit_samples_per_second(config, data.x_train, data.y_train, timed_samples,
+                                      batch_size) for _ in range(LIMIT_REPEATS)]
+    evaluation = evaluation_seconds(federation, weights)
+    print_report(report(arguments, config, limits, single_rates, sim_rate, seconds, rss, sizes,
+                        evaluation, batch_size))
+
+
+def report(arguments, config, limits, single_rates, sim_rate, seconds, rss, sizes, evaluation,
+           batch_size):
+    """Collect the figures of one benchmark run in a dict (the JSON line)."""
+    limit_rate, single_rate = statistics.median(limits), statistics.median(single_rates)
+    early = rss[len(rss) // 4]
+    return {
+        "scenario": arguments.scenario,
         "ratio": round(sim_rate / limit_rate, 3),
+        "ratio_single_call": round(sim_rate / single_rate, 3),
         "seconds_per_round": round(statistics.median(seconds), 3),
         "rss_mb": round(peak_rss_mb(), 1),
         "rss_growth_pct": round(100 * (rss[-1] - early) / early, 2),
-        "single_call_samples_per_s": round(statistics.median(single_rates), 1),
-        "rounds": arguments.rounds,
+        "limit_samples_per_s": round(limit_rate, 1),
+        "single_call_samples_per_s": round(single_rate, 1),
+        "sim_samples_per_s": round(sim_rate, 1),
+        "evaluation_seconds": round(evaluation, 3),
+        "evaluation_share": round(evaluation / config["EVAL_EVERY"]
+                                  / statistics.median(seconds), 3),
+        "rounds": config["ROUNDS"],
+        "eval_every": config["EVAL_EVERY"],
+        "clients_per_round": Server_side.num_selected_clients(config["NUM_CLIENTS"],
+                                                              config["CLIENT_FRACTION"]),
+        "median_client_samples": float(np.median(sizes)),
+        "fit_batch_size": batch_size,
         "op_determinism": not arguments.no_determinism,
         "limit_fits_samples_per_s": [round(rate) for rate in limits],
         "machine": (f"{platform.machine()}, {os.cpu_count()} cores, "
                     f"TF {Main.Client_side.tf.__version__}"),
     }
-    print(f"machine: {result['machine']}")
-    print(f"{'what':<44}{'samples/s':>12}{'ratio':>8}")
-    print(f"{'plain model.fit, median of ' + str(len(limits)) + ' (the limit)':<44}"
+
+
+def print_report(result):
+    print(f"scenario {result['scenario']}: {result['clients_per_round']} clients a round, "
+          f"median {result['median_client_samples']:g} samples each; machine: "
+          f"{result['machine']}")
+    limit_rate = result["limit_samples_per_s"]
+    print(f"{'what':<50}{'samples/s':>12}{'ratio':>8}")
+    print(f"{'plain model.fit, batch ' + str(result['fit_batch_size']) + ' (the limit)':<50}"
           f"{limit_rate:>12,.0f}{1:>8.2f}")
     single_rate = result["single_call_samples_per_s"]
-    print(f"{'compiled client step, one call (reference)':<44}"
+    print(f"{'compiled client step, one call (reference)':<50}"
           f"{single_rate:>12,.0f}{single_rate / limit_rate:>8.2f}")
-    print(f"{'simulator, ' + str(arguments.rounds) + ' rounds incl. evaluation':<44}"
-          f"{sim_rate:>12,.0f}{result['ratio']:>8.2f}")
-    print(f"median seconds per round {result['seconds_per_round']}, peak RSS "
-          f"{result['rss_mb']} MB, RSS growth round 5 -> {arguments.rounds}: "
-          f"{result['rss_growth_pct']} %")
+    simulator = f"simulator, {result['rounds']} rounds, test every {result['eval_every']}"
+    print(f"{simulator:<50}{result['sim_samples_per_s']:>12,.0f}{result['ratio']:>8.2f}")
+    print(f"simulator / single call {result['ratio_single_call']:.2f}; median seconds per round "
+          f"{result['seconds_per_round']}; one test evaluation {result['evaluation_seconds']} s "
+          f"({100 * result['evaluation_share']:.0f} % of a round, amortized); peak RSS "
+          f"{result['rss_mb']} MB, RSS growth from round {result['rounds'] // 4 + 1} to "
+          f"{result['rounds']}: {result['rss_growth_pct']} %")
     print(json.dumps(result))
 
 
