@@ -191,7 +191,7 @@ class LocalTrainer:
             [tf.convert_to_tensor(layer, tf.float32) for layer in global_weights],
             np.concatenate([order.ravel() for order in orders]).astype(np.int32),
             np.asarray(sizes, np.int32),
-            tf.constant(self.batch_size or max(sizes), tf.int32), stacked,
+            tf.constant(self.batch_size, tf.int32), stacked,  # B = 0: each client's size
             np.asarray(seeds, np.int64))
         new_weights, losses = [layer.numpy() for layer in new_weights], losses.numpy()
         return [ClientUpdate([layer[position] for layer in new_weights], size,
