@@ -492,31 +492,80 @@ def _mean_curves(runs):
             accuracy.max(axis=0), traffic.mean(axis=0))
 
 
+def panels_by_distribution(groups):
+    """{distribution: [label, ...]} in first-seen order: a comparison over several
+    distributions draws one accuracy panel per distribution, so curves compare like with like."""
+    panels = {}
+    for label, runs in groups.items():
+        panels.setdefault(runs[0][0]["DISTRIBUTION"], []).append(label)
+    return panels
+
+
+def _curve_styles(groups):
+    """{label: line style}. Over several distributions a method (algorithm, server optimizer)
+    keeps its colour in every panel, unless some panel holds two runs of one method (say, DP
+    noise levels); then, as for one distribution, every configuration has its own colour."""
+    panels = panels_by_distribution(groups)
+
+    def method(label):
+        config = groups[label][0][0]
+        return config["ALGORITHM"], config["SERVER_OPTIMIZER"]
+    by_method = len(panels) > 1 and all(len({method(label) for label in labels}) == len(labels)
+                                        for labels in panels.values())
+    keys = list(dict.fromkeys(method(label) if by_method else label for label in groups))
+    # tab10's colours are the most distinct, tab20 has 20; line styles cycle after that.
+    colors = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20").colors
+    lines = ("-", "--", ":")
+    styles = {}
+    for label in groups:
+        index = keys.index(method(label) if by_method else label)
+        styles[label] = {"color": colors[index % len(colors)],
+                         "linestyle": lines[index // len(colors) % 3]}
+    return styles
+
+
+def _draw_mean_curve(axis, x_values, mean, low, high, name, style, banded):
+    axis.plot(x_values, mean, label=name, **style)
+    if banded:
+        axis.fill_between(x_values, low, high, color=style["color"], alpha=0.2)
+
+
 def plot_comparison(path, groups, target):
-    """Two panels: test accuracy per round and per cumulative MB uploaded; each configuration
-    as its mean curve over seeds, with a band from the lowest to the highest seed."""
-    figure, (round_axis, traffic_axis) = plt.subplots(1, 2, figsize=(13, 5))
-    # tab20 gives 20 distinct colours; line styles cycle after that.
-    colors, styles = plt.get_cmap("tab20").colors, ("-", "--", ":")
-    for index, (label, runs) in enumerate(groups.items()):
+    """Each configuration as its mean test-accuracy curve over seeds, with a band from the lowest
+    to the highest seed. One distribution: accuracy per round and per cumulative MB uploaded.
+    Several: accuracy per round, one panel per distribution."""
+    panels = panels_by_distribution(groups)
+    if len(panels) > 1:
+        figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), sharey=True)
+        round_axes = dict(zip(panels, axes))
+        traffic_axis = None
+    else:
+        figure, (round_axis, traffic_axis) = plt.subplots(1, 2, figsize=(13, 5))
+        round_axes = {next(iter(panels)): round_axis}
+    styles = _curve_styles(groups)
+    for label, runs in groups.items():
         rounds, mean, low, high, traffic = _mean_curves(runs)
         if len(rounds) == 0:  # every seed diverged in round 1: nothing to draw
             continue
-        style = {"color": colors[index % 20], "linestyle": styles[index // 20 % 3]}
         name = label if len(runs) == 1 else f"{label} (mean of {len(runs)} seeds)"
-        round_axis.plot(rounds, mean, label=name, **style)
-        traffic_axis.plot(traffic, mean, label=name, **style)
-        if len(runs) > 1:
-            round_axis.fill_between(rounds, low, high, color=style["color"], alpha=0.2)
-            traffic_axis.fill_between(traffic, low, high, color=style["color"], alpha=0.2)
-    for axis, quantity in ((round_axis, "round"), (traffic_axis, "cumulative MB uploaded")):
+        banded = len(runs) > 1
+        round_axis = round_axes[runs[0][0]["DISTRIBUTION"]]
+        _draw_mean_curve(round_axis, rounds, mean, low, high, name, styles[label], banded)
+        if traffic_axis is not None:
+            _draw_mean_curve(traffic_axis, traffic, mean, low, high, name, styles[label], banded)
+    labelled = [(axis, "round") for axis in round_axes.values()]
+    if traffic_axis is not None:
+        labelled.append((traffic_axis, "cumulative MB uploaded"))
+        traffic_axis.set_xscale("log")
+    for axis, quantity in labelled:
         axis.axhline(target, color="grey", linestyle=":", label=f"target {target}")
         axis.set_xlabel(quantity)
         axis.set_ylabel("test accuracy")
         axis.grid(alpha=0.3)
-    traffic_axis.set_xscale("log")
-    round_axis.legend(fontsize="small")
-    round_axis.set_title("bands: lowest to highest seed", fontsize="small")
+    for distribution, axis in round_axes.items():
+        axis.legend(fontsize="small", loc="lower right")
+        prefix = f"{distribution}: " if len(panels) > 1 else ""
+        axis.set_title(prefix + "bands: lowest to highest seed", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -135,6 +135,28 @@ def test_comparison_gives_mean_and_sample_std_over_seeds_by_hand(tmp_path):
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_comparison_over_distributions_draws_a_panel_each_with_one_colour_per_method(tmp_path):
+    """Curves compare like with like: iid runs in one panel, shards runs in another, and FedAvg
+    has the same colour in both while SCAFFOLD has another."""
+    config = {"ROUNDS": 3, "TARGET_ACCURACY": 0.5, "SERVER_OPTIMIZER": "sgd", "SERVER_LR": 1.0}
+    runs = {f"{distribution}_{algorithm}": [({**config, "DISTRIBUTION": distribution,
+                                               "ALGORITHM": algorithm, "SEED": seed},
+                                              seed_rows(0.6 + 0.1 * seed)) for seed in (0, 1)]
+            for distribution in ("iid", "shards") for algorithm in ("fedavg", "scaffold")}
+    assert Utils.panels_by_distribution(runs) == {"iid": ["iid_fedavg", "iid_scaffold"],
+                                                  "shards": ["shards_fedavg", "shards_scaffold"]}
+    styles = Utils._curve_styles(runs)
+    assert styles["iid_fedavg"] == styles["shards_fedavg"] != styles["iid_scaffold"]
+    assert styles["iid_scaffold"] == styles["shards_scaffold"]
+    runs["iid_fedavg_again"] = runs["iid_fedavg"]  # two FedAvg runs in one panel: own colours
+    assert Utils._curve_styles(runs)["iid_fedavg_again"] != Utils._curve_styles(runs)["iid_fedavg"]
+    single = {label: group for label, group in runs.items() if label.startswith("iid")}
+    assert Utils.panels_by_distribution(single) == {
+        "iid": ["iid_fedavg", "iid_scaffold", "iid_fedavg_again"]}
+    Utils.plot_comparison(tmp_path / "comparison.png", runs, 0.5)
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tensorboard_log_holds_the_rounds_values_once(tmp_path):
     import tensorflow as tf
 
