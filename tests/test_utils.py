@@ -187,3 +187,9 @@ def test_comparisons_skip_rounds_without_evaluation(tmp_path):
     Utils.write_comparison(tmp_path, ["a"], [config], [rows])
     assert "| a | fedavg | sgd (lr 1.0) | iid | 1 | 0.7000 | 0.7000 | 2.0 (1/1) |" in \
         (tmp_path / "comparison.md").read_text()
+
+
+def test_spread_of_infinite_epsilons_is_not_nan():
+    """z = 0 gives epsilon = inf in every seed; the table says inf, not 'inf ± nan'."""
+    assert Utils.mean_and_spread([float("inf")] * 3, 2) == "inf"
+    assert Utils.mean_and_spread([6.02, 6.02, 6.02], 2) == "6.02 ± 0.00"
