@@ -409,9 +409,8 @@ def mean_and_spread(values, digits):
     values = [float(value) for value in values if value is not None]
     if not values:
         return ""
-    if len(values) == 1 or len(set(values)) == 1:  # std of [inf, inf] would print nan
-        return f"{values[0]:.{digits}f}" + ("" if len(values) == 1 or np.isinf(values[0])
-                                            else f" ± {0:.{digits}f}")
+    if len(values) == 1 or (np.isinf(values[0]) and len(set(values)) == 1):
+        return f"{values[0]:.{digits}f}"  # one value, or inf in every seed (its std is nan)
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
