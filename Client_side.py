@@ -63,7 +63,7 @@ class Upload:
     num_steps: int
     train_loss: float
     variate_delta: list = None
-    node: int = None  # the partition of the Flower node that delivered it; None in process
+    node: int = None  # the id of the Flower node that delivered it; None in process
 
     def to_arrays(self):
         """Flatten into (arrays by name, metrics by name), the form any transport carries."""
@@ -367,6 +367,9 @@ class ClientMemory:
     def put(self, client, arrays):
         self._arrays[int(client)] = [np.asarray(array, np.float32) for array in arrays]
 
+    def __contains__(self, client):
+        return int(client) in self._arrays
+
     def get_state(self):
         """Client ids, then one stacked array per layer, for checkpoints."""
         clients = sorted(self._arrays)
@@ -419,20 +422,20 @@ def client_upload(config, client, round_num, global_weights, update, memory,
         config: the run's constants by name.
         update: the ClientUpdate of its local training from `global_weights` (with SCAFFOLD's
             `scaffold_correction` when it keeps a variate).
-        memory: dict of ClientMemory by `kept_state_names`; the client's entries are updated.
+        memory: dict of ClientMemory by `kept_state_names`, read only: the new state is
+            returned, to be kept only if the server accepts the upload (ClientHost.settle).
         server_variate: SCAFFOLD's c (layer arrays), else None.
     Returns:
-        Upload.
+        (Upload, {state name: the client's new arrays}).
     """
-    seed, variates = config["SEED"], memory.get("variate")
+    seed, variates, kept = config["SEED"], memory.get("variate"), {}
     variate_delta = None
     if variates:
         own_variate = variates.get(client)
-        new_variate = scaffold_client_variate(
+        kept["variate"] = scaffold_client_variate(
             own_variate, server_variate, global_weights, update.weights,
             effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]), config["LEARNING_RATE"])
-        variates.put(client, new_variate)
-        variate_delta = [new - old for new, old in zip(new_variate, own_variate)]
+        variate_delta = [new - old for new, old in zip(kept["variate"], own_variate)]
     (delta,) = client_deltas([update.weights], global_weights)
     if malicious and config["ATTACK"] != "label_flip":
         delta = attack_update(delta, config["ATTACK"], config["ATTACK_SCALE"],
@@ -443,15 +446,18 @@ def client_upload(config, client, round_num, global_weights, update, memory,
         Utils.rng(seed, "compression", round_num, client), config["DP_CLIP_NORM"],
         config["TOPK_FRACTION"], config["STOCHASTIC_ROUNDING"])
     if residuals:
-        residuals.put(client, residual)
+        kept["residual"] = residual
     return Upload(int(client), int(round_num), encoded, update.num_examples, update.num_steps,
-                  update.train_loss, variate_delta)
+                  update.train_loss, variate_delta), kept
 
 
 class ClientHost:
     """The clients one process hosts: the training set, reusable trainers and kept state.
 
     `python Main.py` hosts all K clients in one; on Flower every SuperNode hosts its share.
+    A client's kept state (SCAFFOLD's c_i, top-k's residual) follows the server: what a round
+    produces waits in `pending` until the server says which uploads it accepted (`settle`),
+    so a rejected or lost upload leaves the client's state as it was, as if it had not trained.
 
     Args:
         config: the run's constants by name.
@@ -471,8 +477,9 @@ class ClientHost:
         # Label-flipping attackers train the same model on labels 9 - y.
         self.flipped_trainer = (LocalTrainer(model, x_train, 9 - np.asarray(y_train), *settings)
                                 if self.malicious and config["ATTACK"] == "label_flip" else None)
-        shapes = [variable.shape for variable in model.trainable_variables]
-        self.memory = {name: ClientMemory(shapes) for name in kept_state_names(config)}
+        self.shapes = [variable.shape for variable in model.trainable_variables]
+        self.memory = {name: ClientMemory(self.shapes) for name in kept_state_names(config)}
+        self.pending, self.pending_round = self._no_pending(), None
 
     def train(self, round_num, clients, global_weights, server_variate=None):
         """Train `clients` for the round and return their Uploads in that order.
@@ -493,9 +500,30 @@ class ClientHost:
                      for client in chunk],
                     None if corrections[0] is None else corrections)
                 updates.update(zip(chunk, chunk_updates))
-        return [client_upload(self.config, client, round_num, global_weights, updates[client],
-                              self.memory, server_variate, client in self.malicious)
-                for client in clients]
+        self.settle(None, ())  # State the server never settled is dropped.
+        uploads = []
+        for client in clients:
+            upload, kept = client_upload(self.config, client, round_num, global_weights,
+                                         updates[client], self.memory, server_variate,
+                                         client in self.malicious)
+            for name, arrays in kept.items():
+                self.pending[name].put(client, arrays)
+            uploads.append(upload)
+        self.pending_round = round_num
+        return uploads
+
+    def settle(self, round_num, accepted_clients):
+        """Keep the new state of the clients whose upload of `round_num` the server accepted;
+        drop every other pending state."""
+        if round_num is not None and round_num == self.pending_round:
+            for name, pending in self.pending.items():
+                for client in accepted_clients:
+                    if client in pending:
+                        self.memory[name].put(client, pending.get(client))
+        self.pending, self.pending_round = self._no_pending(), None
+
+    def _no_pending(self):
+        return {name: ClientMemory(self.shapes) for name in self.memory}
 
     def _groups_by_trainer(self, clients):
         """Split clients into (trainer, clients): label-flipping attackers use their own."""

@@ -65,6 +65,7 @@ STOCHASTIC_ROUNDING = False  # int8: unbiased random rounding instead of roundin
 DP_CLIP_NORM = 0.0  # S: clip each client update to this L2 norm, >= 0; 0 turns DP off
 DP_NOISE_MULTIPLIER = 1.0  # z: server noise std is z * S / (clients averaged), >= 0
 DP_DELTA = 1e-5  # delta of the (epsilon, delta) reported, in (0, 1)
+DP_NOISE = "seeded"  # seeded: from (SEED, round), reproducible | secure: OS entropy (Flower default)
 # Robustness
 AGGREGATION = "fedavg"  # fedavg | median | trimmed_mean | krum | multi_krum
 TRIM_RATIO = 0.1  # trimmed_mean: share of values dropped at each end, in [0, 0.5)
@@ -89,6 +90,7 @@ HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients
                    "mb_up_total", "seconds")
 BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
 PRIVACY_COLUMNS = ("epsilon",)
+KRUM_COLUMNS = ("krum_skipped",)
 CHECKPOINT_NAME = "checkpoint.npz"
 # Constants that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT_DIR",
@@ -162,6 +164,8 @@ RULES = {
     "DP_CLIP_NORM": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a number >= 0"),
     "DP_NOISE_MULTIPLIER": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a number >= 0"),
     "DP_DELTA": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "DP_NOISE": (lambda v: v in Server_side.DP_NOISE_SOURCES,
+                 "one of " + ", ".join(Server_side.DP_NOISE_SOURCES)),
     "AGGREGATION": (lambda v: v in AGGREGATIONS, "one of " + ", ".join(AGGREGATIONS)),
     "TRIM_RATIO": (lambda v: _is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
     "KRUM_F": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
@@ -208,18 +212,20 @@ def parse_arguments(argv):
     return parser.parse_args(argv)
 
 
-def load_configs(arguments):
+def load_configs(arguments, engine_defaults=None):
     """Return (label, validated config) for every run to make, in order.
 
     One configuration per CSV, labelled by the file's name (or the constants alone, labelled
     'default', without -c), each made REPEATS times with SEED, SEED + 1, ...
+    `engine_defaults` replaces some constants' defaults (what a CSV does not set) for an engine.
     """
+    defaults = {**default_config(), **(engine_defaults or {})}
     if arguments.config:
         sources = [(pathlib.Path(path).stem,
-                    {**default_config(), **Utils.read_overrides(path, default_config())})
+                    {**defaults, **Utils.read_overrides(path, default_config())})
                    for path in arguments.file]
     else:
-        sources = [("default", default_config())]
+        sources = [("default", defaults)]
     labels = [label for label, _ in sources]
     for position, label in enumerate(labels):
         if label in labels[:position]:
@@ -334,7 +340,7 @@ def prepare_output_dir(config, output_dir):
             from None
 
 
-def main(argv=None, make_engine=None):
+def main(argv=None, make_engine=None, engine_defaults=None):
     """Run federated training; return the exit code (0 done, 2 bad input, 3 diverged, 130 Ctrl-C).
 
     Everything that can be wrong with the input is checked before any output folder is touched.
@@ -342,15 +348,17 @@ def main(argv=None, make_engine=None):
     Args:
         argv: the command line (default: sys.argv).
         make_engine: None trains every client in this process; the Flower ServerApp passes a
-            function config -> train_clients (see `run`) that may refuse a configuration with
+            function config -> engine (see `run`) that may refuse a configuration with
             ValueError.
+        engine_defaults: constants' defaults the engine changes, e.g. {"DP_NOISE": "secure"}
+            on Flower; a CSV that sets the constant still decides.
     """
     arguments = parse_arguments(argv)
     if arguments.distributions:
         return draw_distributions(arguments)
     try:
         loaded_data = {}
-        labels, configs = zip(*load_configs(arguments))
+        labels, configs = zip(*load_configs(arguments, engine_defaults))
         runs = [prepare_run(config, loaded_data) for config in configs]
         check_resumable(runs)
         engines = [make_engine(prepared.config) if make_engine else None for prepared in runs]
@@ -419,17 +427,20 @@ def partition_data(config, train_labels):
 
 def history_columns(config):
     return (HISTORY_COLUMNS + (BASELINE_COLUMNS if config["CENTRALIZED_BASELINE"] else ())
-            + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ()))
+            + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ())
+            + (KRUM_COLUMNS if config["AGGREGATION"] in ("krum", "multi_krum") else ()))
 
 
-def run(prepared, train_clients=None):
+def run(prepared, engine=None):
     """Train for ROUNDS rounds (from the checkpoint, if any), logging and checkpointing each.
 
     Args:
         prepared: a PreparedRun.
-        train_clients: the engine, called as train_clients(round_num, clients, global_weights,
-            server_variate) -> list of Client_side.Upload; None trains every client here, in
-            this process (the Flower ServerApp passes one that asks the SuperNodes).
+        engine: what trains the clients, with engine.train(round_num, clients, global_weights,
+            server_variate) -> list of Client_side.Upload and engine.settle(round_num,
+            accepted clients), which lets the clients keep the state of accepted uploads only;
+            None trains every client here, in this process (Client_side.ClientHost); the
+            Flower ServerApp passes one that asks the SuperNodes.
     Returns:
         the history rows, one dict per round.
     """
@@ -440,8 +451,8 @@ def run(prepared, train_clients=None):
                             Data_Preprocessing.class_counts(prepared.data.y_train,
                                                             prepared.client_indices), name)
     federation = build_federation(config, prepared.data, prepared.client_indices,
-                                  in_process=train_clients is None)
-    train_clients = train_clients or federation.host.train
+                                  in_process=engine is None)
+    engine = engine or federation.host
     global_weights, rows = federation.global_model.get_weights(), []
     if prepared.checkpoint is not None:
         global_weights, rows = Utils.restore_run_state(prepared.checkpoint, federation.components)
@@ -452,7 +463,7 @@ def run(prepared, train_clients=None):
         for round_num in range(len(rows) + 1, config["ROUNDS"] + 1):
             try:
                 global_weights, row = run_round(round_num, config, federation, global_weights,
-                                                train_clients)
+                                                engine)
             except ClientsDiverged as error:
                 raise divergence(round_num, str(error), config, output_dir, rows) from None
             add_totals(row, rows)
@@ -596,7 +607,7 @@ def build_federation(config, data, client_indices, in_process=True):
                       components, [len(indices) for indices in client_indices], host, baseline)
 
 
-def run_round(round_num, config, federation, global_weights, train_clients):
+def run_round(round_num, config, federation, global_weights, engine):
     """One round of Algorithm 1: sample clients, train them, aggregate, evaluate.
 
     Returns:
@@ -605,8 +616,8 @@ def run_round(round_num, config, federation, global_weights, train_clients):
     start = time.perf_counter()
     selected, returning = Server_side.round_clients(config, round_num)
     # Clients that drop out never send an update, so they are not trained at all.
-    delivered = train_clients(round_num, returning, global_weights,
-                              federation.server.server_variate())
+    delivered = engine.train(round_num, returning, global_weights,
+                             federation.server.server_variate())
     # Nothing a client sends is trusted: a malformed, stale or foreign upload is dropped as if
     # its client had not returned.
     uploads, rejections = Server_side.screen_uploads(
@@ -614,6 +625,9 @@ def run_round(round_num, config, federation, global_weights, train_clients):
         federation.server.shapes)
     for rejection in rejections:
         print(rejection, file=sys.stderr, flush=True)
+    # Clients keep their new state (SCAFFOLD's c_i, top-k residuals) only for what the server
+    # accepted, so the server's c stays the mean of the clients' c_i.
+    engine.settle(round_num, [upload.client for upload in uploads])
     # The server drops NaN updates, so the global model stays finite; when every client's
     # update was NaN, training itself diverged and the run stops as it would have before.
     if rejections and not uploads and all(Server_side.NON_FINITE in rejection.reason
@@ -621,6 +635,12 @@ def run_round(round_num, config, federation, global_weights, train_clients):
         raise ClientsDiverged(f"local training diverged: every returned client's update "
                               f"({len(rejections)}) was NaN or infinite")
     global_weights = federation.server.aggregate(round_num, global_weights, uploads)
+    krum_skipped = Server_side.too_few_for_krum(config["AGGREGATION"], config["KRUM_F"],
+                                                len(uploads))
+    if krum_skipped:
+        print(f"round {round_num}: {len(uploads)} updates, fewer than the {config['AGGREGATION']} "
+              f"needs (2 KRUM_F + 3 = {2 * config['KRUM_F'] + 3}): the global model is kept",
+              file=sys.stderr, flush=True)
     evaluated = round_num % config["EVAL_EVERY"] == 0 or round_num == config["ROUNDS"]
     test_loss, test_accuracy = (federation.evaluate(global_weights) if evaluated
                                 else (None, None))
@@ -628,6 +648,8 @@ def run_round(round_num, config, federation, global_weights, train_clients):
                     time.perf_counter() - start)
     row["malicious"] = sum(upload.client in federation.malicious for upload in uploads)
     row["rejected"] = len(rejections)
+    if config["AGGREGATION"] in ("krum", "multi_krum"):
+        row["krum_skipped"] = int(krum_skipped)
     row.update(Server_side.round_traffic(config, federation.model_bytes, len(selected), uploads))
     if config["DP_CLIP_NORM"] > 0:
         row["epsilon"] = round(Server_side.privacy_spent(

@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 import pathlib
+import secrets
 import signal
 
 import matplotlib
@@ -65,6 +66,15 @@ def rng(seed, stream, *keys):
     own: changing LOCAL_EPOCHS changes the shuffles but not which clients are selected.
     """
     return np.random.default_rng([seed, STREAMS.index(stream), *keys])
+
+
+def secret_rng():
+    """Return a generator seeded from 256 bits of the operating system's entropy.
+
+    For draws an observer must not be able to regenerate from the published config (DP noise);
+    runs that use it are not reproducible bit for bit.
+    """
+    return np.random.default_rng(secrets.randbits(256))
 
 
 def convert_value(name, text, default):

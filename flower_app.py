@@ -1,13 +1,14 @@
 """Run Main.py's federation across machines on Flower's Deployment Engine (flwr 1.42).
 
 The ServerApp is `Main.main` with another engine: instead of training the round's clients in its
-own process, it sends every SuperNode one message a round (the global weights and the clients it
-hosts), and each node's ClientApp runs `Client_side.ClientHost.train` for them, as
+own process, it sends every hosting SuperNode one message a round (the global weights and the
+clients it hosts), and each node's ClientApp runs `Client_side.ClientHost.train` for them, as
 `python Main.py` does. Selection, dropout, decoding, aggregation, server optimizers, DP,
 evaluation, history, plots and checkpoints are the project's own code on the server side; Flower
-only carries the messages. SuperNode p of N hosts the clients c with c mod N == p (its node
-config), loads its own copy of the data, partitions it from SEED and keeps its clients' state
-(SCAFFOLD's c_i, top-k residuals) between rounds in its context.
+only carries the messages. Partition p of N holds the clients c with c mod N == p; which node
+hosts which partition is the server's decision (`NodeRoster`), and an upload is accepted only
+from the node its client was sent to. A node loads its own copy of the data, partitions it from
+SEED and keeps its clients' state (SCAFFOLD's c_i, top-k residuals) between rounds in its context.
 
 Run on one machine (the README's "Across machines" section has TLS and authentication):
     flower-superlink --insecure --disable-runtime-dependency-installation
@@ -36,9 +37,13 @@ import Server_side
 import Utils
 
 MESSAGE_TYPE = "train.round"
+QUERY_TYPE = "query.partition"
 # The ServerApp asks the SuperLink for replies this often (Grid.send_and_receive waits 3 s).
 POLL_SECONDS = 0.2
 LOGGER = logging.getLogger("flower_app")
+# Across machines the published config must not let anyone regenerate the DP noise; a config
+# file that sets DP_NOISE seeded (to reproduce a simulation) still gets seeded noise.
+ENGINE_DEFAULTS = {"DP_NOISE": "secure"}
 EXIT_MEANINGS = {Main.EXIT_BAD_INPUT: "bad input", Main.EXIT_DIVERGED: "diverged",
                  Main.EXIT_INTERRUPTED: "interrupted"}
 
@@ -50,19 +55,20 @@ client_app = ClientApp()
 def server_main(grid, context):
     """Run Main.main on the run config's CSV(s), training clients on the SuperNodes."""
     try:
-        files, num_nodes, timeout = read_run_config(context.run_config)
+        files, num_nodes, timeout, pinned = read_run_config(context.run_config)
     except ValueError as error:
         print(f"error: {error}", flush=True)
         raise RunFailed(f"Main.py exit code {Main.EXIT_BAD_INPUT} (bad input)") from None
 
     def make_engine(config):
         refuse_unsupported(config)
-        return FlowerEngine(grid, num_nodes, timeout, config).train
+        return FlowerEngine(grid, NodeRoster(num_nodes, pinned), timeout, config)
 
     # Flower streams the ServerApp's standard output to `flwr run --stream`; Main.py's one-line
     # errors go to standard error, so they are sent there too.
     with contextlib.redirect_stderr(sys.stdout):
-        exit_code = Main.main(["-c", "-f", *files] if files else [], make_engine)
+        exit_code = Main.main(["-c", "-f", *files] if files else [], make_engine,
+                              ENGINE_DEFAULTS)
     if exit_code:
         # Flower marks a run failed, with this text, when the ServerApp raises (sys.exit would
         # kill the process before its status and logs are sent).
@@ -70,8 +76,9 @@ def server_main(grid, context):
 
 
 def read_run_config(run_config):
-    """Return (config files, num-nodes, round-timeout) from `flwr run`'s run config.
+    """Return (config files, num-nodes, round-timeout, node-partitions) from the run config.
 
+    node-partitions is None (nodes claim their partition) or {node id: partition}.
     Raises ValueError naming the key and what it allows.
     """
     files = str(run_config.get("config-file", "")).split()
@@ -85,60 +92,176 @@ def read_run_config(run_config):
     if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
             or not 0 < timeout < float("inf")):
         raise ValueError(f"round-timeout must be a number of seconds > 0, got {timeout!r}")
-    return files, num_nodes, float(timeout)
+    pinned = parse_node_partitions(run_config.get("node-partitions", ""), num_nodes)
+    return files, num_nodes, float(timeout), pinned
+
+
+def parse_node_partitions(text, num_nodes):
+    """Read node-partitions '<node id>:<partition>,...' into {node id: partition}; '' is None.
+
+    Every partition 0..N-1 must have exactly one node, so no client is left without a host.
+    """
+    text = str(text).strip()
+    if not text:
+        return None
+    allowed = (f"node-partitions must be '<node id>:<partition>,...' with every partition "
+               f"0..{num_nodes - 1} once (node ids as `flwr supernode list` shows them)")
+    try:
+        pairs = [tuple(int(part) for part in item.split(":")) for item in text.split(",")]
+        pinned = dict(pairs)
+    except ValueError:
+        raise ValueError(f"{allowed}, got {text!r}") from None
+    if (any(len(pair) != 2 for pair in pairs) or len(pinned) != len(pairs)
+            or sorted(pinned.values()) != list(range(num_nodes))):
+        raise ValueError(f"{allowed}, got {text!r}")
+    return pinned
 
 
 class RunFailed(Exception):
     """Main.main ended with a non-zero exit code on Flower."""
 
 
+class NodeRoster:
+    """Which SuperNode hosts which partition: the server's decision, not a node's claim.
+
+    Partition p of N holds the clients c with c mod N == p. Without a pinned map, the server
+    asks every new node which partition it hosts (its node config `partition-id`) and gives a
+    free partition to the first live node that claims it; a node claiming a partition that a
+    live node already holds gets no work (logged once), and takes over only when the holder
+    leaves Flower's list of live nodes (e.g. a restarted node, which gets a new id). With a
+    pinned map (run config node-partitions, for SuperNode authentication, where a node id is
+    tied to a registered key) the map decides and a node not in it gets no work.
+    """
+
+    def __init__(self, num_nodes, pinned=None):
+        self.num_nodes, self.pinned = num_nodes, pinned
+        self.claims = {}  # node id -> the partition it claimed, in the order they answered
+        self.holders = {}  # partition -> node id
+        self.refused = set()  # nodes already logged as given no work
+
+    def unknown(self, live_nodes):
+        """Return the live nodes to ask for their partition (none with a pinned map)."""
+        return [] if self.pinned else [node for node in live_nodes if node not in self.claims]
+
+    def claim(self, node, partition):
+        """Record what `node` says it hosts (None when it gave no readable answer)."""
+        self.claims[node] = partition
+
+    def hosts(self, round_num, live_nodes):
+        """Return {node id: partition} of the nodes that get work this round."""
+        live = set(live_nodes)
+        if self.pinned:
+            for node in sorted(live - set(self.pinned)):
+                self._refuse(round_num, node, "is not in node-partitions")
+            return {node: partition for node, partition in self.pinned.items() if node in live}
+        self.holders = {partition: node for partition, node in self.holders.items()
+                        if node in live}
+        for node, partition in self.claims.items():
+            if node not in live or self.holders.get(partition) == node:
+                continue
+            if partition is None:
+                self._refuse(round_num, node, "did not say which partition it hosts")
+            elif not (Utils.is_integer(partition) and 0 <= partition < self.num_nodes):
+                self._refuse(round_num, node, f"claims partition {partition!r}, not one of "
+                                              f"0..{self.num_nodes - 1}")
+            elif partition in self.holders:
+                self._refuse(round_num, node, f"claims partition {partition}, which node "
+                                              f"{self.holders[partition]} holds")
+            else:
+                self.holders[partition] = node
+        return {node: partition for partition, node in self.holders.items()}
+
+    def _refuse(self, round_num, node, why):
+        if node not in self.refused:
+            self.refused.add(node)
+            LOGGER.warning("round %d: node %d %s: it gets no work (a possible impostor)",
+                           round_num, node, why)
+
+
 class FlowerEngine:
-    """Train a round's clients on the SuperNodes: one message per node and round.
+    """Train a round's clients on the SuperNodes: one message per hosting node and round.
 
     Args:
         grid: Flower's Grid of the ServerApp.
-        num_nodes: N, how many SuperNodes share the K clients (client c on node c mod N).
+        roster: the NodeRoster deciding which node hosts which clients.
         timeout: seconds a round waits for replies; a node silent by then counts as dropped.
         config: the run's constants, shipped to the nodes with every round.
     """
 
-    def __init__(self, grid, num_nodes, timeout, config):
-        self.grid, self.num_nodes, self.timeout = grid, num_nodes, timeout
+    def __init__(self, grid, roster, timeout, config):
+        self.grid, self.roster, self.timeout = grid, roster, timeout
         self.config = config
+        self.accepted = {}  # round -> the clients whose uploads the server accepted
+        # node -> {round: clients sent}: rounds whose outcome the node has not yet been told.
+        self.unsettled = {}
+
+    def settle(self, round_num, accepted_clients):
+        """Note which uploads of `round_num` the server accepted; each node learns it with its
+        next message and keeps the new state of those clients only (Client_side.ClientHost)."""
+        self.accepted[round_num] = {int(client) for client in accepted_clients}
 
     def train(self, round_num, clients, global_weights, server_variate=None):
-        """Send the round to every node; return what came back: Uploads, and Rejections for
-        what could not be read or came from a node that does not host that client.
+        """Send each hosting node its clients of the round; return what came back: Uploads,
+        and Rejections for what could not be read or came for a client not sent to that node.
 
         Everything else is checked by Server_side.screen_uploads, as in process."""
         if len(clients) == 0:
             return []
-        messages = [Message(self._content(round_num, clients, global_weights, server_variate),
-                            dst_node_id=node, message_type=MESSAGE_TYPE,
-                            group_id=str(round_num))
-                    for node in sorted(self.grid.get_node_ids())]
+        work = self._work(round_num, [int(client) for client in clients])
+        messages = [Message(self._content(round_num, node_clients, global_weights,
+                                          server_variate, self._outcomes(node)),
+                            dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(round_num))
+                    for node, node_clients in sorted(work.items())]
+        for node, node_clients in work.items():
+            self.unsettled.setdefault(node, {})[round_num] = node_clients
         delivered = []
         for reply in self._send_and_receive(messages):
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                LOGGER.warning("round %d: node %d replied with error %s", round_num,
-                               reply.metadata.src_node_id, reply.error.reason)
+                LOGGER.warning("round %d: node %d replied with error %s", round_num, node,
+                               reply.error.reason)
                 continue
-            delivered += [self._owned(item) for item in uploads_from_content(reply.content,
-                                                                            round_num)]
-        answered = {item.client for item in delivered}
-        missing = sorted({int(client) for client in clients} - answered)
+            # Its reply shows that the node read the outcomes of its earlier rounds.
+            self.unsettled[node] = {round_num: work[node]} if node in work else {}
+            delivered += [self._sent_to(item, work.get(node, ()))
+                          for item in uploads_from_content(reply.content, round_num, node)]
+        missing = sorted(set(int(client) for client in clients)
+                         - {item.client for item in delivered})
         if missing:
             LOGGER.warning("round %d: no upload from clients %s within %.0f s (their node is "
                            "down, late or failed)", round_num, missing, self.timeout)
         return delivered
 
-    def _owned(self, item):
-        """Refuse an upload for a client that the node it came from does not host."""
-        if isinstance(item, Client_side.Upload) and (
-                item.node is None or item.client % self.num_nodes != item.node):
+    def _work(self, round_num, clients):
+        """Return {node id: its clients this round}, asking new nodes for their partition."""
+        live = sorted(self.grid.get_node_ids())
+        unknown = self.roster.unknown(live)
+        if unknown:
+            queries = [Message(RecordDict(), dst_node_id=node, message_type=QUERY_TYPE,
+                               group_id=str(round_num)) for node in unknown]
+            # A node that does not answer within the timeout claims nothing: asking it again
+            # every round would cost every round the timeout.
+            answers = {reply.metadata.src_node_id: _partition_of(reply.content)
+                       for reply in self._send_and_receive(queries) if not reply.has_error()}
+            for node in unknown:
+                self.roster.claim(node, answers.get(node))
+        hosts = self.roster.hosts(round_num, live)
+        work = {node: [client for client in clients
+                       if client % self.roster.num_nodes == partition]
+                for node, partition in hosts.items()}
+        return {node: node_clients for node, node_clients in work.items() if node_clients}
+
+    def _outcomes(self, node):
+        """Return {round: accepted clients} for the node's rounds it has not been told about."""
+        return {str(past): sorted(self.accepted.get(past, set()) & set(clients))
+                for past, clients in self.unsettled.get(node, {}).items()}
+
+    @staticmethod
+    def _sent_to(item, node_clients):
+        """Refuse an upload for a client that was not sent to the node it came from."""
+        if isinstance(item, Client_side.Upload) and item.client not in node_clients:
             return Server_side.Rejection(item.round_num, item.client, item.node,
-                                         f"client {item.client} is not hosted by that node "
-                                         f"(clients c mod {self.num_nodes} = node)")
+                                         f"client {item.client} was not sent to that node")
         return item
 
     def _send_and_receive(self, messages):
@@ -153,10 +276,10 @@ class FlowerEngine:
                 time.sleep(POLL_SECONDS)
         return replies
 
-    def _content(self, round_num, clients, global_weights, server_variate):
+    def _content(self, round_num, clients, global_weights, server_variate, outcomes):
         settings = {"config": json.dumps(self.config, default=str), "round": int(round_num),
-                    "clients": [int(client) for client in clients],
-                    "num-nodes": self.num_nodes}
+                    "clients": clients, "num-nodes": self.roster.num_nodes,
+                    "accepted": json.dumps(outcomes)}
         content = RecordDict({"settings": ConfigRecord(settings),
                               "global": ArrayRecord(list(global_weights))})
         if server_variate is not None:
@@ -177,12 +300,12 @@ def refuse_unsupported(config):
                          "run; resume it with python Main.py, or start over")
 
 
-def uploads_from_content(content, round_num=None):
-    """Read what a node's reply carries (records 'upload.<c>', 'metrics.<c>' and 'node').
+def uploads_from_content(content, round_num=None, node=None):
+    """Read what a node's reply carries (records 'upload.<c>' and 'metrics.<c>').
 
     A node can send anything: an upload that cannot be read becomes a Rejection saying why.
+    `node` is the node id Flower names as the reply's source; each upload carries it.
     """
-    node = _partition_of(content)
     items = []
     for name, record in content.array_records.items():
         if not name.startswith("upload."):
@@ -202,16 +325,16 @@ def uploads_from_content(content, round_num=None):
 
 
 def _partition_of(content):
-    """The partition id the replying node states, or None when it states none."""
+    """The partition id a node states in its answer, or None when it states none."""
     try:
         return int(content.config_records["node"]["partition-id"])
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def content_from_uploads(uploads, partition_id):
-    """The reply of a node: its partition, and one ArrayRecord and MetricRecord per client."""
-    content = RecordDict({"node": ConfigRecord({"partition-id": int(partition_id)})})
+def content_from_uploads(uploads):
+    """The reply of a node: one ArrayRecord and MetricRecord per client."""
+    content = RecordDict()
     for upload in uploads:
         arrays, metrics = upload.to_arrays()
         content[f"upload.{upload.client}"] = ArrayRecord(
@@ -220,12 +343,18 @@ def content_from_uploads(uploads, partition_id):
     return content
 
 
+@client_app.query("partition")
+def client_partition(message, context):
+    """Tell the server which partition this node claims (its node config); the server decides."""
+    return Message(RecordDict({"node": ConfigRecord(
+        {"partition-id": int(context.node_config["partition-id"])})}), reply_to=message)
+
+
 @client_app.train("round")
 def client_train(message, context):
-    """Train this node's share of the round's clients with Client_side.ClientHost.train."""
+    """Train the clients the server sent this node with Client_side.ClientHost.train."""
     settings = message.content["settings"]
     config = json.loads(settings["config"])
-    partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     if num_partitions != settings["num-nodes"]:
         raise ValueError(f"this SuperNode's num-partitions is {num_partitions} but the run's "
@@ -236,19 +365,36 @@ def client_train(message, context):
     Utils.seed_everything(config["SEED"])
     host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
                                   data.y_train, Main.partition_data(config, data.y_train))
-    for name, memory in host.memory.items():
-        if f"memory.{name}" in context.state:
-            memory.set_state(context.state[f"memory.{name}"].to_numpy_ndarrays())
-    mine = [client for client in settings["clients"] if client % num_partitions == partition_id]
+    restore_client_state(host, context.state)
+    # Keep the state of last time's clients only where the server accepted their uploads.
+    outcomes = json.loads(settings["accepted"])
+    host.settle(host.pending_round, outcomes.get(str(host.pending_round), []))
     variate = (message.content["variate"].to_numpy_ndarrays()
                if "variate" in message.content else None)
-    uploads = host.train(settings["round"], mine,
+    uploads = host.train(settings["round"], list(settings["clients"]),
                          message.content["global"].to_numpy_ndarrays(), variate)
-    for name, memory in host.memory.items():
-        context.state[f"memory.{name}"] = ArrayRecord(memory.get_state())
+    save_client_state(host, context.state)
     if context.node_config.get("corrupt-uploads"):
         uploads = [corrupted(upload) for upload in uploads]
-    return Message(content_from_uploads(uploads, partition_id), reply_to=message)
+    return Message(content_from_uploads(uploads), reply_to=message)
+
+
+def save_client_state(host, state):
+    """Put the host's kept and pending client state into the node's Flower context state."""
+    for name in host.memory:
+        state[f"memory.{name}"] = ArrayRecord(host.memory[name].get_state())
+        state[f"pending.{name}"] = ArrayRecord(host.pending[name].get_state())
+    state["pending"] = ConfigRecord({"round": host.pending_round or 0})
+
+
+def restore_client_state(host, state):
+    """Load what save_client_state put into the context state (nothing on the first round)."""
+    for name in host.memory:
+        if f"memory.{name}" in state:
+            host.memory[name].set_state(state[f"memory.{name}"].to_numpy_ndarrays())
+            host.pending[name].set_state(state[f"pending.{name}"].to_numpy_ndarrays())
+    if "pending" in state:
+        host.pending_round = int(state["pending"]["round"]) or None
 
 
 def corrupted(upload):

@@ -115,12 +115,12 @@ def simulate(config, data, rounds):
     federation = Main.build_federation(config, data, client_indices)
     global_weights, _ = Main.run_round(0, config, federation,
                                        federation.global_model.get_weights(),
-                                       federation.host.train)
+                                       federation.host)
     rss, seconds, samples = [], [], 0
     start = time.perf_counter()
     for round_num in range(1, rounds + 1):
         global_weights, row = Main.run_round(round_num, config, federation, global_weights,
-                                             federation.host.train)
+                                             federation.host)
         samples += row["samples"] * config["LOCAL_EPOCHS"]
         seconds.append(row["seconds"])
         rss.append(rss_mb())

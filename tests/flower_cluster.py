@@ -5,6 +5,7 @@ node (or everything) by process group. Polling is shortened where Flower lets us
 executor), and telemetry is off (the test machines have no internet).
 """
 
+import json
 import os
 import pathlib
 import signal
@@ -104,7 +105,7 @@ class Cluster:
         self.home, self.num_nodes, self.tls, self.node_keys = home, num_nodes, tls, node_keys
         self.extra_node_config = extra_node_config or {}
         self.port = free_port()
-        self.processes, self.nodes = [], {}
+        self.processes, self.nodes, self.node_ids = [], {}, {}
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
         security = (["--root-certificates", str(tls["ca"])] if tls else ["--insecure"])
@@ -125,25 +126,35 @@ class Cluster:
         self.link = self._spawn(link, "superlink")
         _wait_for(self._port_open, 60, "SuperLink")
         for key in self.node_keys or ():
-            # Registration goes through the Control API, which may come up after the port.
-            _wait_for(lambda: self.flwr("supernode", "register", f"{key}.pub", "test")
-                      .returncode == 0, 60, f"registration of {key}")
+            self.register(key)
         for partition in range(self.num_nodes):
             self.start_node(partition)
         self.wait_for_nodes(self.num_nodes)
         return self
 
-    def node_command(self, partition, key=None):
+    def register(self, key):
+        """Register the public key of `key` with the SuperLink; return the node id it gets."""
+        results = []
+        # Registration goes through the Control API, which may come up after the port.
+        _wait_for(lambda: results.append(self.flwr("supernode", "register", f"{key}.pub",
+                                                   "test", "--format", "json"))
+                  or results[-1].returncode == 0, 60, f"registration of {key}")
+        self.node_ids[key] = int(json.loads(results[-1].stdout)["node-id"])
+        return self.node_ids[key]
+
+    def node_command(self, partition, key=None, extra=""):
         command = [str(FLOWER_BIN / "flower-supernode"), *self._security, "--superlink",
                    f"127.0.0.1:{self.port}", "--port", str(free_port()),
                    "--node-config", f"partition-id={partition} num-partitions={self.num_nodes} "
-                   f"{self.extra_node_config.get(partition, '')}".strip()]
+                   f"{self.extra_node_config.get(partition, '')} {extra}".strip()]
         key = key or (self.node_keys[partition] if self.node_keys else None)
         return command + (["--auth-supernode-private-key", str(key)] if key else [])
 
-    def start_node(self, partition, key=None, name=None):
-        """Start the SuperNode of `partition` (with another key or log name if given)."""
-        process = self._spawn(self.node_command(partition, key), name or f"node{partition}")
+    def start_node(self, partition, key=None, name=None, extra=""):
+        """Start a SuperNode claiming `partition` (with another key, log name or node config
+        if given)."""
+        process = self._spawn(self.node_command(partition, key, extra),
+                              name or f"node{partition}")
         if name is None:
             self.nodes[partition] = process
         return process
@@ -165,6 +176,12 @@ class Cluster:
         """`flwr run . test --stream` with the config file; return the CompletedProcess."""
         return subprocess.run(self.run_command(config_file, **run_config), cwd=ROOT,
                               env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def start_app(self, config_file, **run_config):
+        """Start `flwr run . test --stream` in the background; return the Popen (text output)."""
+        return subprocess.Popen(self.run_command(config_file, **run_config), cwd=ROOT,
+                                env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
 
     def run_command(self, config_file, **run_config):
         settings = " ".join([f'config-file="{config_file}"', f"num-nodes={self.num_nodes}"]

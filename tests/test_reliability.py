@@ -1,6 +1,7 @@
 """Tests of Main.py's reliability: bad input, kill -9 and resume, Ctrl-C, dropout, divergence."""
 
 import csv
+import dataclasses
 import gzip
 import json
 import pathlib
@@ -108,6 +109,7 @@ BAD_CONSTANTS = [
     ("CLIENT_DROPOUT", "1", "CLIENT_DROPOUT must be a number in [0, 1)"),
     ("CHECKPOINT_EVERY", "0", "CHECKPOINT_EVERY must be an integer >= 1"),
     ("RESUME", "maybe", "RESUME must be True or False, got 'maybe'"),
+    ("DP_NOISE", "random", "DP_NOISE must be one of seeded, secure, got 'random'"),
     ("NUM_CLIENTS", "600", "NUM_CLIENTS must be at most 500 for noniid_ib"),
 ]
 
@@ -275,7 +277,7 @@ def test_a_round_where_no_client_returns_keeps_the_global_model(fashion_mnist):
     client_indices = Main.partition_data(config, data.y_train)
     federation = Main.build_federation(config, data, client_indices)
     weights = federation.global_model.get_weights()
-    new_weights, row = Main.run_round(1, config, federation, weights, federation.host.train)
+    new_weights, row = Main.run_round(1, config, federation, weights, federation.host)
     assert row["returned"] == 0 and row["samples"] == 0 and row["train_loss"] == ""
     for before, after in zip(weights, new_weights, strict=True):
         np.testing.assert_array_equal(before, after)
@@ -337,7 +339,7 @@ def test_60000_one_sample_clients_keep_state_only_for_those_that_trained(fashion
     for round_num in (1, 2):
         trained |= {int(client) for client in Main.Server_side.round_clients(config, round_num)[0]}
         weights, row = Main.run_round(round_num, config, federation, weights,
-                                      federation.host.train)
+                                      federation.host)
         assert row["returned"] == 6 and row["samples"] == 6
     for memory in federation.host.memory.values():
         assert set(memory.get_state()[0].tolist()) == trained
@@ -355,3 +357,71 @@ def test_resume_continues_a_comparison_whose_later_runs_never_started(tmp_path,
                           **small)
     assert Main.main(["-c", "-f", str(first), str(second)]) == 0
     assert [len(read_history(run_dir_of(path))) for path in (first, second)] == [2, 2]
+
+
+class SpoilingEngine:
+    """Trains in process, then spoils some uploads (a NaN variate change) before the server
+    sees them: {round: clients whose upload is spoiled}."""
+
+    def __init__(self, host, spoiled):
+        self.host, self.spoiled = host, spoiled
+
+    def train(self, round_num, clients, global_weights, server_variate=None):
+        uploads = self.host.train(round_num, clients, global_weights, server_variate)
+        return [dataclasses.replace(upload, variate_delta=[
+                    np.full_like(layer, np.nan) for layer in upload.variate_delta])
+                if upload.client in self.spoiled.get(round_num, ()) else upload
+                for upload in uploads]
+
+    def settle(self, round_num, accepted_clients):
+        self.host.settle(round_num, accepted_clients)
+
+
+@pytest.mark.slow
+def test_client_state_follows_what_the_server_accepted(fashion_mnist):
+    """SCAFFOLD with top-k and client dropout; some uploads are rejected. A client keeps its
+    new c_i and residual only when its upload was accepted, so after every round the server's
+    c is the mean of all K clients' c_i, and a client rejected once trains normally later."""
+    config = {**Main.default_config(), "NUM_CLIENTS": 100, "CLIENT_FRACTION": 0.1,
+              "DISTRIBUTION": "iid", "ALGORITHM": "scaffold", "COMPRESSION": "topk",
+              "TOPK_FRACTION": 0.1, "CLIENT_DROPOUT": 0.2, "SEED": 1}
+    returning = {round_num: [int(client) for client in
+                             Main.Server_side.round_clients(config, round_num)[1]]
+                 for round_num in range(1, 6)}
+    later = {client for round_num in range(2, 6) for client in returning[round_num]}
+    again = min(set(returning[1]) & later)  # rejected in round 1, selected again later
+    spoiled = {1: {again}, 3: {returning[3][0]}}
+    data = fashion_mnist._replace(x_test=fashion_mnist.x_test[:500],
+                                  y_test=fashion_mnist.y_test[:500])
+    federation = Main.build_federation(config, data, Main.partition_data(config, data.y_train))
+    engine = SpoilingEngine(federation.host, spoiled)
+    weights = federation.global_model.get_weights()
+    variates, residuals = federation.host.memory["variate"], federation.host.memory["residual"]
+    for round_num in range(1, 6):
+        weights, row = Main.run_round(round_num, config, federation, weights, engine)
+        assert row["rejected"] == len(spoiled.get(round_num, ()))
+        assert row["returned"] == len(returning[round_num]) - row["rejected"]
+        mean_variate = [np.mean([variates.get(client)[layer] for client in range(100)], axis=0)
+                        for layer in range(len(weights))]
+        for server, mean in zip(federation.server.variate.arrays, mean_variate, strict=True):
+            np.testing.assert_allclose(server, mean, rtol=1e-4, atol=1e-7)
+        if round_num == 1:
+            assert again not in variates and again not in residuals
+    assert again in variates and all(np.isfinite(layer).all() for layer in variates.get(again))
+
+
+def test_a_krum_round_with_too_few_updates_is_logged_and_counted(fashion_mnist, capsys):
+    config = {**Main.default_config(), **SMALL_RUN, "AGGREGATION": "krum", "KRUM_F": 1,
+              "CLIENT_DROPOUT": 0.5}
+    data = fashion_mnist._replace(x_test=fashion_mnist.x_test[:500],
+                                  y_test=fashion_mnist.y_test[:500])
+    federation = Main.build_federation(config, data, Main.partition_data(config, data.y_train))
+    returned = len(Main.Server_side.round_clients(config, 1)[1])
+    assert returned < 5, "the test needs dropout to leave fewer than 2 f + 3 = 5 clients"
+    weights = federation.global_model.get_weights()
+    new_weights, row = Main.run_round(1, config, federation, weights, federation.host)
+    assert row["krum_skipped"] == 1 and row["returned"] == returned
+    assert "the global model is kept" in capsys.readouterr().err
+    for before, after in zip(weights, new_weights, strict=True):
+        np.testing.assert_array_equal(before, after)
+    assert "krum_skipped" in Main.history_columns(config)

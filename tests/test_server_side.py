@@ -495,3 +495,55 @@ def test_a_round_where_every_upload_is_rejected_keeps_the_model():
     assert accepted == [] and len(rejections) == 1
     for layer in aggregated(config, accepted):
         assert not layer.any()
+
+
+def test_secure_dp_noise_cannot_be_regenerated_from_the_config():
+    """Seeded noise is keyed by (SEED, round): the same twice, so an observer who knows the
+    config can subtract it. Secure noise comes from OS entropy: two runs of the same round differ."""
+    results = {}
+    for source in Server_side.DP_NOISE_SOURCES:
+        config = screening_config(DP_CLIP_NORM=1.0, DP_NOISE=source)
+        uploads = [good_upload(client, config) for client in (2, 5)]
+        results[source] = [aggregated(config, uploads) for _ in range(2)]
+    for first, second in zip(*results["seeded"]):
+        np.testing.assert_array_equal(first, second)
+    first, second = results["secure"]
+    assert not np.array_equal(first[0], second[0])
+    assert not np.array_equal(first[0], results["seeded"][0][0])
+
+
+@pytest.mark.parametrize("rule", ["krum", "multi_krum"])
+def test_krum_with_fewer_than_2f_plus_3_updates_keeps_the_model(rule):
+    """With f = 1 Krum needs 5 updates: 4 keep the global model, 5 move it."""
+    config = screening_config(AGGREGATION=rule, KRUM_F=1)
+    start = [np.zeros(shape, np.float32) for shape in SHAPES]
+    for count, moves in ((4, False), (5, True)):
+        uploads = [good_upload(client, config) for client in range(count)]
+        new = Server_side.Server(config, SHAPES).aggregate(4, start, uploads)
+        assert Server_side.too_few_for_krum(rule, 1, count) is not moves
+        assert any(not np.array_equal(layer, zero) for layer, zero in zip(new, start)) is moves
+
+
+def test_a_scaffold_variate_change_far_beyond_the_rounds_others_is_rejected():
+    """One client's c_i+ - c_i 1,000 times longer than the others' would move the server's c
+    by itself; it is rejected, and c moves as if that client had not returned."""
+    config = screening_config(ALGORITHM="scaffold")
+    honest = [good_upload(client, config) for client in (1, 2, 3, 4)]
+    forged = good_upload(5, config)
+    forged = dataclasses.replace(forged, variate_delta=[1000 * layer
+                                                        for layer in forged.variate_delta])
+    accepted, rejections = Server_side.screen_uploads(config, 4, honest + [forged],
+                                                      [1, 2, 3, 4, 5], SIZES, SHAPES)
+    assert accepted == honest
+    (rejection,) = rejections
+    assert rejection.client == 5 and "more than 10 times the round's median" in rejection.reason
+    with_forged, without = (Server_side.Server(config, SHAPES) for _ in range(2))
+    start = [np.zeros(shape, np.float32) for shape in SHAPES]
+    with_forged.aggregate(4, start, accepted)
+    without.aggregate(4, start, honest)
+    for screened, clean in zip(with_forged.server_variate(), without.server_variate()):
+        np.testing.assert_array_equal(screened, clean)
+    # Variates of the same scale all pass, whatever their spread within 10x.
+    mixed = honest + [dataclasses.replace(good_upload(5, config), variate_delta=[
+        3 * layer for layer in good_upload(5, config).variate_delta])]
+    assert Server_side.screen_uploads(config, 4, mixed, [1, 2, 3, 4, 5], SIZES, SHAPES)[1] == []
