@@ -26,6 +26,7 @@ import tensorflow as tf
 import keras
 
 import Utils
+import upload_format
 
 # Grappler's arithmetic optimizer rewrites sums of gradients inside the nested training loops
 # into temporary variables that collide from the second call on (AlreadyExistsError with FedProx,
@@ -45,51 +46,6 @@ class ClientUpdate:
     num_examples: int
     num_steps: int
     train_loss: float
-
-
-@dataclasses.dataclass
-class Upload:
-    """What one client sends the server after a round.
-
-    update: its encoded update y_i - x (see `encode_update`); num_examples, num_steps and
-    train_loss as in ClientUpdate; variate_delta: SCAFFOLD's c_i+ - c_i (float32 layers, sent
-    uncompressed), None for the other algorithms.
-    """
-
-    client: int
-    round_num: int
-    update: list
-    num_examples: int
-    num_steps: int
-    train_loss: float
-    variate_delta: list = None
-    node: int = None  # the id of the Flower node that delivered it; None in process
-
-    def to_arrays(self):
-        """Flatten into (arrays by name, metrics by name), the form any transport carries."""
-        arrays = {f"update.{layer}.{key}": np.asarray(value)
-                  for layer, encoded in enumerate(self.update) for key, value in encoded.items()}
-        for layer, value in enumerate(self.variate_delta or []):
-            arrays[f"variate.{layer}"] = np.asarray(value)
-        metrics = {"client": self.client, "round_num": self.round_num,
-                   "num_examples": self.num_examples, "num_steps": self.num_steps,
-                   "train_loss": self.train_loss}
-        return arrays, metrics
-
-    @classmethod
-    def from_arrays(cls, arrays, metrics):
-        """Rebuild an Upload from what `to_arrays` returned."""
-        update, variate = {}, {}
-        for name, value in arrays.items():
-            kind, layer, *key = name.split(".")
-            if kind == "update":
-                update.setdefault(int(layer), {})[key[0]] = value
-            else:
-                variate[int(layer)] = value
-        return cls(int(metrics["client"]), int(metrics["round_num"]),
-                   [update[layer] for layer in sorted(update)], int(metrics["num_examples"]),
-                   int(metrics["num_steps"]), float(metrics["train_loss"]),
-                   [variate[layer] for layer in sorted(variate)] if variate else None)
 
 
 class LocalTrainer:
@@ -195,7 +151,8 @@ class LocalTrainer:
             np.asarray(seeds, np.int64))
         new_weights, losses = [layer.numpy() for layer in new_weights], losses.numpy()
         return [ClientUpdate([layer[position] for layer in new_weights], size,
-                             num_local_steps(size, self.batch_size, self.local_epochs),
+                             upload_format.num_local_steps(size, self.batch_size,
+                                                           self.local_epochs),
                              float(losses[position]))
                 for position, size in enumerate(sizes)]
 
@@ -217,7 +174,8 @@ class LocalTrainer:
             np.asarray(orders, np.int32), tf.constant(batch_size, tf.int32),
             self._no_correction if correction is None
             else [tf.convert_to_tensor(layer, tf.float32) for layer in correction])
-        num_steps = num_local_steps(num_examples, self.batch_size, orders.shape[0])
+        num_steps = upload_format.num_local_steps(num_examples, self.batch_size,
+                                                  orders.shape[0])
         return [layer.numpy() for layer in new_weights], float(loss), num_steps
 
     def loss_and_gradients(self, images, labels, anchor):
@@ -302,29 +260,10 @@ class LocalTrainer:
         return loss
 
 
-def num_local_steps(num_examples, batch_size, local_epochs):
-    """Return the SGD steps of E epochs over n samples in batches of B (0: one full batch)."""
-    return local_epochs * -(-num_examples // (batch_size or num_examples))
-
-
 def client_deltas(client_weights, global_weights):
     """Return each client's update y_i - x as float64 layer arrays."""
     return [[np.float64(new) - np.float64(start) for new, start in zip(weights, global_weights)]
             for weights in client_weights]
-
-
-def effective_steps(num_steps, momentum):
-    """Return a_i = ||a_i||_1, how far tau local steps move the weights, in units of eta * g.
-
-    Under a constant gradient g, tau steps of SGD move the weights by tau * eta * g; with
-    momentum rho (Keras' v = rho v - eta g, w = w + v, v starting at 0) by
-    (tau - rho (1 - rho**tau) / (1 - rho)) / (1 - rho) * eta * g (Wang et al. 2020, eq. 9).
-    FedNova normalizes by it, and SCAFFOLD's variate needs it to turn a change of weights back
-    into a mean gradient.
-    """
-    if momentum == 0:
-        return float(num_steps)
-    return (num_steps - momentum * (1 - momentum ** num_steps) / (1 - momentum)) / (1 - momentum)
 
 
 def scaffold_client_variate(client_variate, server_variate, global_weights, new_weights,
@@ -387,7 +326,6 @@ class ClientMemory:
 ATTACKS = ("label_flip", "sign_flip", "gaussian")
 # Clients trained in one compiled call: bounds the stacked results (K x 35k floats each).
 CLIENTS_PER_CALL = 256
-COMPRESSIONS = ("none", "int8", "topk")
 
 
 def malicious_clients(num_clients, malicious_fraction, seed):
@@ -434,7 +372,8 @@ def client_upload(config, client, round_num, global_weights, update, memory,
         own_variate = variates.get(client)
         kept["variate"] = scaffold_client_variate(
             own_variate, server_variate, global_weights, update.weights,
-            effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]), config["LEARNING_RATE"])
+            upload_format.effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]),
+            config["LEARNING_RATE"])
         variate_delta = [new - old for new, old in zip(kept["variate"], own_variate)]
     (delta,) = client_deltas([update.weights], global_weights)
     if malicious and config["ATTACK"] != "label_flip":
@@ -447,8 +386,8 @@ def client_upload(config, client, round_num, global_weights, update, memory,
         config["TOPK_FRACTION"], config["STOCHASTIC_ROUNDING"])
     if residuals:
         kept["residual"] = residual
-    return Upload(int(client), int(round_num), encoded, update.num_examples, update.num_steps,
-                  update.train_loss, variate_delta), kept
+    return upload_format.Upload(int(client), int(round_num), encoded, update.num_examples,
+                                update.num_steps, update.train_loss, variate_delta), kept
 
 
 class ClientHost:
@@ -577,18 +516,6 @@ class CentralizedBaseline:
         self.trainer.set_state(arrays[num_layers + 1:])
 
 
-def update_norm(delta):
-    """Return the L2 norm of an update over all its layers."""
-    return float(np.sqrt(sum(np.sum(np.square(np.float64(layer))) for layer in delta)))
-
-
-def clip_update(delta, clip_norm):
-    """Scale an update down to L2 norm `clip_norm` if it is longer (DP-FedAvg's client step)."""
-    norm = update_norm(delta)
-    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return [factor * np.float64(layer) for layer in delta]
-
-
 def prepare_upload(delta, residual, compression, rng, clip_norm=0.0, topk_fraction=0.01,
                    stochastic_rounding=False):
     """Clip, add the error-feedback residual, and encode an update; return what is sent.
@@ -601,24 +528,26 @@ def prepare_upload(delta, residual, compression, rng, clip_norm=0.0, topk_fracti
     Args:
         delta: the client's update y_i - x, a list of layer arrays.
         residual: its kept top-k residual (list of arrays), or None without top-k.
-        compression, topk_fraction, stochastic_rounding: see `encode_update`; rng draws its
+        compression, topk_fraction, stochastic_rounding: see `upload_format.encode_update`; rng
+            draws its
             random rounding.
     Returns:
         (encoded update, the new residual or None).
     """
     if clip_norm > 0:
-        delta = clip_update(delta, clip_norm)
+        delta = upload_format.clip_update(delta, clip_norm)
     if residual is not None:
         delta = [np.float64(layer) + carried for layer, carried in zip(delta, residual)]
-    encoded = encode_update(delta, compression, rng, topk_fraction, stochastic_rounding)
+    encoded = upload_format.encode_update(delta, compression, rng, topk_fraction,
+                                          stochastic_rounding)
     if clip_norm == 0 and residual is None:
         return encoded, None
     shapes = [np.shape(layer) for layer in delta]
-    sent = decode_update(encoded, shapes)
+    sent = upload_format.decode_update(encoded, shapes)
     factor = _shrink_factor(sent, clip_norm) if clip_norm > 0 else 1.0
     if factor < 1:
-        encoded = _scale_encoded(encoded, factor)
-        sent = decode_update(encoded, shapes)
+        encoded = upload_format.scale_encoded(encoded, factor)
+        sent = upload_format.decode_update(encoded, shapes)
     if residual is None:
         return encoded, None
     return encoded, [layer - layer_sent for layer, layer_sent in zip(delta, sent)]
@@ -630,20 +559,8 @@ def _shrink_factor(delta, clip_norm):
     It shrinks by a hair (2**-20) more than needed: float32 rounding of the scaled values
     (relative error 2**-24) can then not push the norm back above the bound.
     """
-    norm = update_norm(delta)
+    norm = upload_format.update_norm(delta)
     return 1.0 if norm <= clip_norm else clip_norm / norm * (1 - 2.0 ** -20)
-
-
-def _scale_encoded(encoded, factor):
-    """Multiply the update an encoding stands for by `factor`, keeping its format."""
-    scaled = []
-    for layer in encoded:
-        layer = dict(layer)
-        for key in ("values", "offset", "step"):
-            if key in layer:
-                layer[key] = np.asarray(np.float64(layer[key]) * factor, np.float32)
-        scaled.append(layer)
-    return scaled
 
 
 def attack_update(delta, attack, scale, rng):
@@ -656,62 +573,8 @@ def attack_update(delta, attack, scale, rng):
         return [-scale * np.float64(layer) for layer in delta]
     if attack == "gaussian":
         noise = [rng.standard_normal(np.shape(layer)) for layer in delta]
-        factor = update_norm(delta) / max(update_norm(noise), 1e-12)
+        factor = upload_format.update_norm(delta) / max(upload_format.update_norm(noise), 1e-12)
         return [factor * layer for layer in noise]
     return delta
 
 
-def encode_update(delta, compression, rng=None, topk_fraction=0.01, stochastic_rounding=False):
-    """Encode an update for upload, one dict of arrays per layer (the seed's Local_compression_).
-
-    none: the float32 values. int8: per-tensor uniform 8-bit codes q in 0..255 with the offset
-    (the minimum) and the step ((max - min) / 255), so x ~ offset + q * step; rounding to nearest,
-    or stochastic (unbiased, needs `rng`). topk: the ceil(topk_fraction * size) entries of largest
-    magnitude, as int32 flat indices and float32 values. Scalars are 0-d arrays.
-    Returns:
-        list of dicts of arrays; every array crosses the wire and is counted in bytes.
-    """
-    return [_encode_layer(np.asarray(layer, np.float64), compression, rng, topk_fraction,
-                          stochastic_rounding) for layer in delta]
-
-
-def _encode_layer(layer, compression, rng, topk_fraction, stochastic_rounding):
-    if compression == "none":
-        return {"values": layer.astype(np.float32)}
-    flat = layer.ravel()
-    if compression == "int8":
-        low, high = (flat.min(), flat.max()) if flat.size else (0.0, 0.0)
-        step = (high - low) / 255 if high > low else 1.0
-        scaled = (flat - low) / step
-        codes = np.floor(scaled + rng.random(flat.size)) if stochastic_rounding else np.rint(scaled)
-        return {"codes": np.clip(codes, 0, 255).astype(np.uint8).reshape(layer.shape),
-                "offset": np.array(low, np.float32), "step": np.array(step, np.float32)}
-    count = topk_count(flat.size, topk_fraction)
-    indices = np.sort(np.argpartition(np.abs(flat), flat.size - count)[flat.size - count:])
-    return {"indices": indices.astype(np.int32), "values": flat[indices].astype(np.float32)}
-
-
-def topk_count(size, topk_fraction):
-    """Return how many entries top-k sends of a tensor of `size`: ceil(fraction x size), >= 1."""
-    return min(size, max(1, int(np.ceil(topk_fraction * size))))
-
-
-def encoded_bytes(encoded):
-    """Return the bytes an encoded update takes on the wire: the sizes of its arrays."""
-    return int(sum(np.asarray(value).nbytes for layer in encoded for value in layer.values()))
-
-
-def decode_update(encoded, shapes):
-    """Turn encode_update's output back into float64 layer arrays of `shapes` (the seed's
-    uncompression_); the shapes are the model's, known to both sides."""
-    return [_decode_layer(layer, shape) for layer, shape in zip(encoded, shapes, strict=True)]
-
-
-def _decode_layer(layer, shape):
-    if "codes" in layer:
-        return np.float64(layer["offset"]) + np.float64(layer["step"]) * layer["codes"]
-    if "indices" in layer:
-        dense = np.zeros(int(np.prod(shape)))
-        dense[layer["indices"]] = layer["values"]
-        return dense.reshape(shape)
-    return np.float64(layer["values"])

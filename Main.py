@@ -21,7 +21,9 @@ import numpy as np
 import Client_side
 import Data_Preprocessing
 import Server_side
+import robust_rules
 import Utils
+import upload_format
 
 # -----------------------------------------------------------------------------
 # Federated setup
@@ -65,7 +67,7 @@ STOCHASTIC_ROUNDING = False  # int8: unbiased random rounding instead of roundin
 DP_CLIP_NORM = 0.0  # S: clip each client update to this L2 norm, >= 0; 0 turns DP off
 DP_NOISE_MULTIPLIER = 1.0  # z: server noise std is z * S / (clients averaged), >= 0
 DP_DELTA = 1e-5  # delta of the (epsilon, delta) reported, in (0, 1)
-DP_NOISE = "seeded"  # seeded: from (SEED, round), reproducible | secure: OS entropy (Flower default)
+DP_NOISE = "seeded"  # seeded: from (SEED, round), reproducible | secure: OS entropy (on Flower)
 # Robustness
 AGGREGATION = "fedavg"  # fedavg | median | trimmed_mean | krum | multi_krum
 TRIM_RATIO = 0.1  # trimmed_mean: share of values dropped at each end, in [0, 0.5)
@@ -83,7 +85,7 @@ CONSTANT_NAMES = tuple(name for name in dir() if name.isupper())
 
 ALGORITHMS = Server_side.ALGORITHMS
 AGGREGATIONS = Server_side.AGGREGATIONS
-COMPRESSIONS = Client_side.COMPRESSIONS
+COMPRESSIONS = upload_format.COMPRESSIONS
 ATTACKS = Client_side.ATTACKS
 HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "returned",
                    "rejected", "malicious", "samples", "bytes_down", "bytes_up", "mb_down_total",
@@ -428,7 +430,7 @@ def partition_data(config, train_labels):
 def history_columns(config):
     return (HISTORY_COLUMNS + (BASELINE_COLUMNS if config["CENTRALIZED_BASELINE"] else ())
             + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ())
-            + (KRUM_COLUMNS if config["AGGREGATION"] in ("krum", "multi_krum") else ()))
+            + (KRUM_COLUMNS if config["AGGREGATION"] in robust_rules.KRUM_RULES else ()))
 
 
 def run(prepared, engine=None):
@@ -437,7 +439,7 @@ def run(prepared, engine=None):
     Args:
         prepared: a PreparedRun.
         engine: what trains the clients, with engine.train(round_num, clients, global_weights,
-            server_variate) -> list of Client_side.Upload and engine.settle(round_num,
+            server_variate) -> list of upload_format.Upload and engine.settle(round_num,
             accepted clients), which lets the clients keep the state of accepted uploads only;
             None trains every client here, in this process (Client_side.ClientHost); the
             Flower ServerApp passes one that asks the SuperNodes.
@@ -569,10 +571,8 @@ class Federation:
     global_model: object
     server: Server_side.Server
     evaluate: Server_side.Evaluator
-    model_bytes: int
     malicious: set
     components: dict
-    client_sizes: list
     host: Client_side.ClientHost = None
     baseline: Client_side.CentralizedBaseline = None
 
@@ -583,7 +583,7 @@ def build_federation(config, data, client_indices, in_process=True):
     global_model = Server_side.create_model()
     initial_weights = global_model.get_weights()
     shapes = [layer.shape for layer in initial_weights]
-    server = Server_side.Server(config, shapes)
+    server = Server_side.Server(config, shapes, [len(indices) for indices in client_indices])
     components = {"server": server}
     host = None
     if in_process:
@@ -601,10 +601,9 @@ def build_federation(config, data, client_indices, in_process=True):
         components["baseline"] = baseline
     return Federation(global_model, server,
                       Server_side.Evaluator(global_model, data.x_test, data.y_test),
-                      sum(layer.nbytes for layer in initial_weights),
                       Client_side.malicious_clients(config["NUM_CLIENTS"],
                                                     config["MALICIOUS_FRACTION"], config["SEED"]),
-                      components, [len(indices) for indices in client_indices], host, baseline)
+                      components, host, baseline)
 
 
 def run_round(round_num, config, federation, global_weights, engine):
@@ -618,64 +617,67 @@ def run_round(round_num, config, federation, global_weights, engine):
     # Clients that drop out never send an update, so they are not trained at all.
     delivered = engine.train(round_num, returning, global_weights,
                              federation.server.server_variate())
-    # Nothing a client sends is trusted: a malformed, stale or foreign upload is dropped as if
-    # its client had not returned.
-    uploads, rejections = Server_side.screen_uploads(
-        config, round_num, delivered, returning, federation.client_sizes,
-        federation.server.shapes)
-    for rejection in rejections:
-        print(rejection, file=sys.stderr, flush=True)
+    global_weights, report = federation.server.round(round_num, global_weights, delivered,
+                                                     returning, len(selected))
     # Clients keep their new state (SCAFFOLD's c_i, top-k residuals) only for what the server
     # accepted, so the server's c stays the mean of the clients' c_i.
-    engine.settle(round_num, [upload.client for upload in uploads])
-    # The server drops NaN updates, so the global model stays finite; when every client's
-    # update was NaN, training itself diverged and the run stops as it would have before.
-    if rejections and not uploads and all(Server_side.NON_FINITE in rejection.reason
-                                          for rejection in rejections):
-        raise ClientsDiverged(f"local training diverged: every returned client's update "
-                              f"({len(rejections)}) was NaN or infinite")
-    global_weights = federation.server.aggregate(round_num, global_weights, uploads)
-    krum_skipped = Server_side.too_few_for_krum(config["AGGREGATION"], config["KRUM_F"],
-                                                len(uploads))
-    if krum_skipped:
-        print(f"round {round_num}: {len(uploads)} updates, fewer than the {config['AGGREGATION']} "
-              f"needs (2 KRUM_F + 3 = {2 * config['KRUM_F'] + 3}): the global model is kept",
-              file=sys.stderr, flush=True)
+    engine.settle(round_num, [upload.client for upload in report.accepted])
+    say_what_was_refused(round_num, report, config)
     evaluated = round_num % config["EVAL_EVERY"] == 0 or round_num == config["ROUNDS"]
-    test_loss, test_accuracy = (federation.evaluate(global_weights) if evaluated
-                                else (None, None))
-    row = round_row(round_num, test_accuracy, test_loss, len(selected), uploads,
+    evaluation = federation.evaluate(global_weights) if evaluated else (None, None)
+    row = round_row(round_num, report, evaluation, len(selected), federation.malicious,
                     time.perf_counter() - start)
-    row["malicious"] = sum(upload.client in federation.malicious for upload in uploads)
-    row["rejected"] = len(rejections)
-    if config["AGGREGATION"] in ("krum", "multi_krum"):
-        row["krum_skipped"] = int(krum_skipped)
-    row.update(Server_side.round_traffic(config, federation.model_bytes, len(selected), uploads))
-    if config["DP_CLIP_NORM"] > 0:
-        row["epsilon"] = round(Server_side.privacy_spent(
-            config["DP_NOISE_MULTIPLIER"], config["CLIENT_SAMPLING"], config["NUM_CLIENTS"],
-            config["CLIENT_FRACTION"], round_num, config["DP_DELTA"]), 6)
     if federation.baseline is not None:
-        federation.baseline.train(row["samples"] * config["LOCAL_EPOCHS"])
-        baseline_loss, baseline_accuracy = (federation.evaluate(federation.baseline.weights)
-                                            if evaluated else (None, None))
-        row.update(baseline_accuracy=_rounded(baseline_accuracy),
-                   baseline_loss=_rounded(baseline_loss))
+        row.update(baseline_columns(federation, row["samples"] * config["LOCAL_EPOCHS"],
+                                    evaluated))
     return global_weights, row
 
 
-def round_row(round_num, test_accuracy, test_loss, num_selected, uploads, seconds):
+def say_what_was_refused(round_num, report, config):
+    """Print the round's rejections and a skipped Krum; stop when local training diverged."""
+    for rejection in report.rejections:
+        print(rejection, file=sys.stderr, flush=True)
+    # The server drops NaN updates, so the global model stays finite; when every client's
+    # update was NaN, training itself diverged and the run stops as it would have before.
+    if report.diverged:
+        raise ClientsDiverged(f"local training diverged: every returned client's update "
+                              f"({len(report.rejections)}) was NaN or infinite")
+    if report.krum_skipped:
+        print(f"round {round_num}: {len(report.accepted)} updates, fewer than the "
+              f"{config['AGGREGATION']} needs (2 KRUM_F + 3 = {2 * config['KRUM_F'] + 3}): "
+              "the global model is kept", file=sys.stderr, flush=True)
+
+
+def baseline_columns(federation, num_samples, evaluated):
+    """Train the centralized baseline on `num_samples` more samples; return its row entries."""
+    weights = federation.baseline.train(num_samples)
+    loss, accuracy = federation.evaluate(weights) if evaluated else (None, None)
+    return {"baseline_accuracy": _rounded(accuracy), "baseline_loss": _rounded(loss)}
+
+
+def round_row(round_num, report, evaluation, num_selected, malicious, seconds):
     """Summarise one round for history.csv.
 
     train_loss is the returned clients' sample-weighted mean, empty when none returned; the test
-    figures are empty in rounds without evaluation (see EVAL_EVERY).
+    figures are empty in rounds without evaluation (see EVAL_EVERY); krum_skipped only with
+    Krum, epsilon only with DP.
     """
+    uploads = report.accepted
+    test_loss, test_accuracy = evaluation
     num_samples = sum(upload.num_examples for upload in uploads)
     train_loss = (round(sum(upload.train_loss * upload.num_examples for upload in uploads)
                         / num_samples, 6) if uploads else "")
-    return {"round": round_num, "test_accuracy": _rounded(test_accuracy),
-            "test_loss": _rounded(test_loss), "train_loss": train_loss, "clients": num_selected,
-            "returned": len(uploads), "samples": num_samples, "seconds": round(seconds, 3)}
+    row = {"round": round_num, "test_accuracy": _rounded(test_accuracy),
+           "test_loss": _rounded(test_loss), "train_loss": train_loss, "clients": num_selected,
+           "returned": len(uploads), "samples": num_samples, "seconds": round(seconds, 3),
+           "malicious": sum(upload.client in malicious for upload in uploads),
+           "rejected": len(report.rejections), "bytes_down": report.bytes_down,
+           "bytes_up": report.bytes_up}
+    if report.krum_skipped is not None:
+        row["krum_skipped"] = int(report.krum_skipped)
+    if report.epsilon is not None:
+        row["epsilon"] = round(report.epsilon, 6)
+    return row
 
 
 def _rounded(value):

@@ -8,8 +8,9 @@ into a pseudo-gradient Delta and a server optimizer moves x along it (plain FedA
 server learning rate 1). FedNova (Wang et al. 2020) and SCAFFOLD (Karimireddy et al. 2020) change
 how Delta is formed.
 
-`Server.aggregate` is the server's whole round, from the clients' uploads to the next global
-weights: both engines (`python Main.py` in one process, the Flower ServerApp) call it. Uploads
+`Server.round` is the server's whole round, from what the engine delivered to the next global
+weights (screen, aggregate, count traffic and privacy): both engines (`python Main.py` in one
+process, the Flower ServerApp) call it. Uploads
 are combined in client-id order and every server-side draw (selection, dropout, DP noise) is
 keyed by (SEED, round), so the result does not depend on the order replies arrive in.
 """
@@ -22,8 +23,10 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-import Client_side
 import Utils
+import robust_rules
+import screening
+import upload_format
 
 # Test images are pushed through the model in chunks this large: big enough that per-call
 # overhead vanishes, small enough to keep activations in cache-friendly sizes (measured fastest).
@@ -220,193 +223,73 @@ def round_clients(config, round_num):
 
 
 @dataclasses.dataclass
-class Rejection:
-    """An upload the server refused: its round, client and node (when known) and why."""
+class RoundReport:
+    """What the server's round saw and did, for the round's history row.
 
-    round_num: int
-    client: object
-    node: object
-    reason: str
-
-    def __str__(self):
-        return (f"round {self.round_num}: rejected the upload of client {self.client!r} from "
-                f"node {'-' if self.node is None else self.node}: {self.reason}")
-
-
-# Every rejection for a non-finite value says this (Main tells divergence from garbage by it).
-NON_FINITE = "NaN or infinity"
-ENCODING_ARRAYS = {"none": {"values"}, "int8": {"codes", "offset", "step"},
-                   "topk": {"indices", "values"}}
-
-
-def screen_uploads(config, round_num, uploads, expected_clients, client_sizes, shapes):
-    """Check every upload before anything is decoded; nothing a client sends is trusted.
-
-    Args:
-        uploads: what the engine delivered: Client_side.Upload objects, and Rejection objects
-            for replies the engine could not even read.
-        expected_clients: the clients selected (and not dropped) this round.
-        client_sizes: how many samples every client holds (the server knows the partition).
-    Returns:
-        (accepted uploads, rejections); a client's first acceptable upload is kept.
+    accepted: the uploads it used; rejections: those it refused (screening.Rejection);
+    diverged: every upload was refused for NaN or infinity (local training diverged);
+    krum_skipped: Krum had too few updates and the model was kept (None without Krum);
+    bytes_down / bytes_up: the round's traffic; epsilon: the privacy spent so far under DP,
+    else None.
     """
-    expected = {int(client) for client in expected_clients}
-    accepted, rejections, answered = [], [], set()
-    for upload in uploads:
-        if isinstance(upload, Rejection):
-            rejections.append(upload)
-            continue
-        reason = upload_problem(config, round_num, upload, expected, answered, client_sizes,
-                                shapes)
-        if reason is None:
-            accepted.append(upload)
-            answered.add(upload.client)
-        else:
-            rejections.append(Rejection(round_num, getattr(upload, "client", None),
-                                        getattr(upload, "node", None), reason))
-    if config["ALGORITHM"] == "scaffold":
-        accepted, outliers = _without_variate_outliers(round_num, accepted)
-        rejections += outliers
-    return accepted, rejections
 
-
-# SCAFFOLD's c moves by the plain mean of the variate changes, so one client could move it
-# anywhere. Honest changes of a round stay close in norm: over the 50 rounds of each of the
-# README's SCAFFOLD runs (seed 0) the largest was at most 2.2 (shards), 3.4 (dirichlet) and
-# 1.7 (iid) times the round's median.
-VARIATE_OUTLIER_FACTOR = 10
-
-
-def _without_variate_outliers(round_num, uploads):
-    """Reject SCAFFOLD variate changes longer than VARIATE_OUTLIER_FACTOR times the round's
-    median norm (a median needs at least 3 uploads to be one an outlier cannot set)."""
-    if len(uploads) < 3:
-        return uploads, []
-    norms = [Client_side.update_norm(upload.variate_delta) for upload in uploads]
-    median = float(np.median(norms))
-    kept = [upload for upload, norm in zip(uploads, norms)
-            if norm <= VARIATE_OUTLIER_FACTOR * median]
-    rejected = [Rejection(round_num, upload.client, upload.node,
-                          f"its control variate change has norm {norm:.3g}, more than "
-                          f"{VARIATE_OUTLIER_FACTOR} times the round's median {median:.3g}")
-                for upload, norm in zip(uploads, norms) if norm > VARIATE_OUTLIER_FACTOR * median]
-    return kept, rejected
-
-
-def upload_problem(config, round_num, upload, expected, answered, client_sizes, shapes):
-    """Return why `upload` must be refused this round, or None when it is acceptable."""
-    if not isinstance(upload, Client_side.Upload):
-        return "not an upload"
-    if not Utils.is_integer(upload.round_num) or upload.round_num != round_num:
-        return f"stale or replayed: made for round {upload.round_num!r}"
-    if not Utils.is_integer(upload.client) or upload.client not in expected:
-        return f"client {upload.client!r} was not selected this round"
-    if upload.client in answered:
-        return "this client already answered this round"
-    return (_metrics_problem(config, upload, client_sizes[upload.client])
-            or _update_problem(upload.update, config["COMPRESSION"], config["TOPK_FRACTION"],
-                               shapes)
-            or _variate_problem(upload.variate_delta, config["ALGORITHM"] == "scaffold",
-                                shapes))
-
-
-def _metrics_problem(config, upload, size):
-    """The sample count must be one the client can hold, the steps those it must take."""
-    if not Utils.is_integer(upload.num_examples) or not 1 <= upload.num_examples <= size:
-        return f"sample count {upload.num_examples!r} is outside 1..{size}, what it holds"
-    steps = Client_side.num_local_steps(upload.num_examples, config["BATCH_SIZE"],
-                                        config["LOCAL_EPOCHS"])
-    if not Utils.is_integer(upload.num_steps) or upload.num_steps != steps:
-        return f"step count {upload.num_steps!r}, expected {steps} for its samples"
-    loss = upload.train_loss
-    if not isinstance(loss, (float, int, np.floating)):
-        return f"training loss {loss!r} is not a number"
-    if not np.isfinite(loss):
-        return f"training loss is {NON_FINITE}"
-    if loss < 0:
-        return f"training loss {loss!r} is negative"
-    return None
-
-
-def _update_problem(update, compression, topk_fraction, shapes):
-    """The update must hold exactly its encoding's arrays, of the right dtypes and shapes."""
-    if not isinstance(update, list) or len(update) != len(shapes):
-        return f"the update must have {len(shapes)} layers"
-    names = ENCODING_ARRAYS[compression]
-    for index, (layer, shape) in enumerate(zip(update, shapes)):
-        if not isinstance(layer, dict) or set(layer) != names:
-            found = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
-            return f"layer {index} holds {found}, {compression} sends {sorted(names)}"
-        problem = _layer_problem(layer, compression, tuple(shape), topk_fraction)
-        if problem:
-            return f"layer {index}: {problem}"
-    return None
-
-
-def _layer_problem(layer, compression, shape, topk_fraction):
-    if compression == "none":
-        return _array_problem(layer["values"], np.float32, shape, "values")
-    if compression == "int8":
-        return (_array_problem(layer["codes"], np.uint8, shape, "codes")
-                or _array_problem(layer["offset"], np.float32, (), "offset")
-                or _array_problem(layer["step"], np.float32, (), "step")
-                or ("step is negative" if layer["step"] < 0 else None))
-    size = int(np.prod(shape))
-    count = Client_side.topk_count(size, topk_fraction)
-    problem = (_array_problem(layer["indices"], np.int32, (count,), "indices")
-               or _array_problem(layer["values"], np.float32, (count,), "values"))
-    if problem:
-        return problem
-    if layer["indices"].min() < 0 or layer["indices"].max() >= size:
-        return f"a top-k index is outside 0..{size - 1}"
-    if len(np.unique(layer["indices"])) != count:
-        return "a top-k index repeats"
-    return None
-
-
-def _array_problem(array, dtype, shape, name):
-    if not isinstance(array, np.ndarray):
-        return f"{name} is not an array"
-    if array.dtype != dtype:
-        return f"{name} has dtype {array.dtype}, expected {np.dtype(dtype)}"
-    if array.shape != shape:
-        return f"{name} has shape {array.shape}, expected {shape}"
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        return f"{name} holds {NON_FINITE}"
-    return None
-
-
-def _variate_problem(variate_delta, scaffold, shapes):
-    """SCAFFOLD's variate change: float32 layers of the model's shapes; none otherwise."""
-    if not scaffold:
-        return None if variate_delta is None else "sends a control variate without SCAFFOLD"
-    if not isinstance(variate_delta, list) or len(variate_delta) != len(shapes):
-        return f"the control variate must have {len(shapes)} layers"
-    for index, (layer, shape) in enumerate(zip(variate_delta, shapes)):
-        problem = _array_problem(layer, np.float32, tuple(shape), f"variate layer {index}")
-        if problem:
-            return problem
-    return None
+    accepted: list
+    rejections: list
+    diverged: bool
+    krum_skipped: bool
+    bytes_down: int
+    bytes_up: int
+    epsilon: float = None
 
 
 class Server:
-    """The server's state across rounds and its round: decode, aggregate, step.
+    """The server's state across rounds and its round: screen, decode, aggregate, step.
 
     Args:
         config: the run's constants by name.
         shapes: the global model's layer shapes.
+        client_sizes: how many samples every client holds (the server knows the partition);
+            needed by `round` to check sample counts.
     """
 
-    def __init__(self, config, shapes):
+    def __init__(self, config, shapes, client_sizes=None):
         if config["ALGORITHM"] not in ALGORITHMS or config["AGGREGATION"] not in AGGREGATIONS:
             raise ValueError(f"ALGORITHM must be one of {', '.join(ALGORITHMS)} and AGGREGATION "
                              f"one of {', '.join(AGGREGATIONS)}")
         self.config, self.shapes = config, [tuple(shape) for shape in shapes]
+        self.client_sizes = client_sizes
+        self.model_bytes = sum(4 * int(np.prod(shape)) for shape in self.shapes)  # float32
         self.optimizer = ServerOptimizer(
             config["SERVER_OPTIMIZER"], shapes, config["SERVER_LR"], config["SERVER_MOMENTUM"],
             config["SERVER_BETA1"], config["SERVER_BETA2"], config["SERVER_TAU"])
         self.variate = (ScaffoldServerVariate(shapes) if config["ALGORITHM"] == "scaffold"
                         else None)
+
+    def round(self, round_num, global_weights, delivered, expected_clients, num_selected):
+        """The server's part of a round, from what the engine delivered to the next weights.
+
+        Nothing a client sends is trusted: a malformed, stale or foreign upload is dropped as
+        if its client had not returned (see `screening.screen_uploads`).
+        Returns:
+            (new float32 layer arrays, RoundReport).
+        """
+        config = self.config
+        accepted, rejections = screening.screen_uploads(
+            config, round_num, delivered, expected_clients, self.client_sizes, self.shapes)
+        diverged = bool(rejections) and not accepted and all(
+            rejection.kind == upload_format.NON_FINITE for rejection in rejections)
+        new_weights = (global_weights if diverged
+                       else self.aggregate(round_num, global_weights, accepted))
+        epsilon = (privacy_spent(config["DP_NOISE_MULTIPLIER"], config["CLIENT_SAMPLING"],
+                                 config["NUM_CLIENTS"], config["CLIENT_FRACTION"], round_num,
+                                 config["DP_DELTA"]) if config["DP_CLIP_NORM"] > 0 else None)
+        return new_weights, RoundReport(
+            accepted, rejections, diverged,
+            (robust_rules.too_few_for_krum(config["AGGREGATION"], config["KRUM_F"],
+                                           len(accepted))
+             if config["AGGREGATION"] in robust_rules.KRUM_RULES else None),
+            **round_traffic(config["ALGORITHM"] == "scaffold", self.model_bytes, num_selected,
+                            accepted), epsilon=epsilon)
 
     def server_variate(self):
         """SCAFFOLD's c, which clients need for their correction; None otherwise."""
@@ -423,9 +306,9 @@ class Server:
         private = config["DP_CLIP_NORM"] > 0
         if not uploads and not (private and config["CLIENT_SAMPLING"] == "poisson"):
             return global_weights
-        if too_few_for_krum(config["AGGREGATION"], config["KRUM_F"], len(uploads)):
+        if robust_rules.too_few_for_krum(config["AGGREGATION"], config["KRUM_F"], len(uploads)):
             return global_weights
-        deltas = [Client_side.decode_update(upload.update, self.shapes) for upload in uploads]
+        deltas = [upload_format.decode_update(upload.update, self.shapes) for upload in uploads]
         if config["AGGREGATION"] != "fedavg":
             delta = robust_aggregate(deltas, config)
         elif private:
@@ -443,7 +326,7 @@ class Server:
         """FedAvg/FedProx by sample count; FedNova by steps; SCAFFOLD uniform, updating c."""
         num_examples = [upload.num_examples for upload in uploads]
         if self.config["ALGORITHM"] == "fednova":
-            normalizers = [Client_side.effective_steps(upload.num_steps,
+            normalizers = [upload_format.effective_steps(upload.num_steps,
                                                        self.config["LOCAL_MOMENTUM"])
                            for upload in uploads]
             return fednova_delta(deltas, num_examples, normalizers)
@@ -463,32 +346,25 @@ class Server:
             self.variate.set_state(arrays[num_optimizer:])
 
 
-def too_few_for_krum(aggregation, num_attackers, num_updates):
-    """True when Krum or Multi-Krum has fewer than the 2f + 3 updates its guarantee needs
-    (Blanchard et al. 2017). Under Poisson sampling, dropout or rejections a round can; it then
-    keeps the global model rather than pick an update it cannot vouch for."""
-    return aggregation in ("krum", "multi_krum") and num_updates < 2 * num_attackers + 3
-
-
 def robust_aggregate(deltas, config):
     """Apply AGGREGATION's robust rule (median, trimmed_mean, krum, multi_krum) to the updates."""
     rule = config["AGGREGATION"]
     if rule == "median":
-        return coordinate_median(deltas)
+        return robust_rules.coordinate_median(deltas)
     if rule == "trimmed_mean":
-        return trimmed_mean(deltas, config["TRIM_RATIO"])
+        return robust_rules.trimmed_mean(deltas, config["TRIM_RATIO"])
     keep = 1 if rule == "krum" else max(1, len(deltas) - config["KRUM_F"])
-    return multi_krum(deltas, config["KRUM_F"], keep)
+    return uniform_mean([deltas[position] for position in
+                         robust_rules.multi_krum_choice(deltas, config["KRUM_F"], keep)])
 
 
-def round_traffic(config, model_bytes, num_selected, uploads):
+def round_traffic(scaffold, model_bytes, num_selected, uploads):
     """Count bytes down (the global model to every selected client) and up (what clients sent).
 
     SCAFFOLD also sends the server variate down and the client variate change up, uncompressed.
     """
-    scaffold = config["ALGORITHM"] == "scaffold"
     return {"bytes_down": num_selected * model_bytes * (2 if scaffold else 1),
-            "bytes_up": sum(Client_side.encoded_bytes(upload.update)
+            "bytes_up": sum(upload_format.encoded_bytes(upload.update)
                             + (model_bytes if scaffold else 0) for upload in uploads)}
 
 
@@ -527,46 +403,6 @@ class Evaluator:
         return cross_entropy(probabilities, self.y_test), accuracy
 
 
-def _stacked(deltas, layer):
-    return np.stack([np.float64(delta[layer]) for delta in deltas])
-
-
-def coordinate_median(deltas):
-    """Coordinate-wise median of the client updates (Yin et al. 2018)."""
-    return [np.median(_stacked(deltas, layer), axis=0) for layer in range(len(deltas[0]))]
-
-
-def trimmed_mean(deltas, trim_ratio):
-    """Coordinate-wise mean after dropping the floor(trim_ratio * m) largest and smallest values."""
-    cut = int(trim_ratio * len(deltas))
-    return [np.mean(np.sort(_stacked(deltas, layer), axis=0)[cut:len(deltas) - cut], axis=0)
-            for layer in range(len(deltas[0]))]
-
-
-def krum_scores(deltas, num_attackers):
-    """Krum's score per client: the summed squared distances to its m - f - 2 nearest others.
-
-    Blanchard et al. (2017) need m > 2f + 2 (the server keeps the model otherwise, see
-    `too_few_for_krum`). Distances come from the Gram matrix, ||a||^2 + ||b||^2 - 2 a.b,
-    so memory is m x d (the updates) and m x m, not m x m x d.
-    """
-    flat = np.stack([np.concatenate([np.ravel(np.float64(layer)) for layer in delta])
-                     for delta in deltas])
-    gram = flat @ flat.T
-    norms = np.diag(gram)
-    # Cancellation can leave tiny negatives for (nearly) equal updates.
-    squared = np.maximum(norms[:, np.newaxis] + norms[np.newaxis, :] - 2 * gram, 0.0)
-    num_neighbours = max(1, len(deltas) - num_attackers - 2)
-    return np.array([np.sort(np.delete(row, client))[:num_neighbours].sum()
-                     for client, row in enumerate(squared)])
-
-
-def multi_krum(deltas, num_attackers, num_selected):
-    """Average the `num_selected` updates with the lowest Krum scores (Krum: num_selected=1)."""
-    chosen = np.argsort(krum_scores(deltas, num_attackers), kind="stable")[:num_selected]
-    return uniform_mean([deltas[index] for index in chosen])
-
-
 def dp_noisy_mean(deltas, shapes, clip_norm, noise_multiplier, denominator, rng):
     """DP-FedAvg's server step: (sum of clipped updates + N(0, (z S)^2)) / denominator.
 
@@ -582,7 +418,7 @@ def dp_noisy_mean(deltas, shapes, clip_norm, noise_multiplier, denominator, rng)
     Returns:
         list of float64 layer arrays.
     """
-    clipped = [Client_side.clip_update(delta, clip_norm) for delta in deltas]
+    clipped = [upload_format.clip_update(delta, clip_norm) for delta in deltas]
     total = [np.zeros(shape) for shape in shapes]
     for delta in clipped:
         total = [accumulated + layer for accumulated, layer in zip(total, delta)]

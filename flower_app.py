@@ -34,7 +34,9 @@ import Client_side
 import Data_Preprocessing
 import Main
 import Server_side
+import screening
 import Utils
+import upload_format
 
 MESSAGE_TYPE = "train.round"
 QUERY_TYPE = "query.partition"
@@ -204,7 +206,7 @@ class FlowerEngine:
         """Send each hosting node its clients of the round; return what came back: Uploads,
         and Rejections for what could not be read or came for a client not sent to that node.
 
-        Everything else is checked by Server_side.screen_uploads, as in process."""
+        Everything else is checked by screening.screen_uploads, as in process."""
         if len(clients) == 0:
             return []
         work = self._work(round_num, [int(client) for client in clients])
@@ -259,8 +261,8 @@ class FlowerEngine:
     @staticmethod
     def _sent_to(item, node_clients):
         """Refuse an upload for a client that was not sent to the node it came from."""
-        if isinstance(item, Client_side.Upload) and item.client not in node_clients:
-            return Server_side.Rejection(item.round_num, item.client, item.node,
+        if isinstance(item, upload_format.Upload) and item.client not in node_clients:
+            return screening.Rejection(item.round_num, item.client, item.node,
                                          f"client {item.client} was not sent to that node")
         return item
 
@@ -312,11 +314,11 @@ def uploads_from_content(content, round_num=None, node=None):
             continue
         client = name.split(".", 1)[1]
         try:
-            upload = Client_side.Upload.from_arrays(
+            upload = upload_format.Upload.from_arrays(
                 {key: array.numpy() for key, array in record.items()},
                 content.metric_records[f"metrics.{client}"])
         except Exception as error:  # noqa: BLE001 (any malformed content is a rejection)
-            items.append(Server_side.Rejection(round_num, client, node,
+            items.append(screening.Rejection(round_num, client, node,
                                                f"unreadable upload ({type(error).__name__})"))
             continue
         upload.node = node

@@ -6,6 +6,7 @@ import keras
 
 import Client_side
 import Server_side
+import upload_format
 
 LEARNING_RATE = 0.05
 
@@ -216,7 +217,7 @@ def run_scaffold_on_quadratics(momentum, rounds=60, steps=20, learning_rate=0.01
                 steps, learning_rate, momentum)
             variate = Client_side.scaffold_client_variate(
                 [own], server_variate.arrays, [global_weights], [new],
-                Client_side.effective_steps(steps, momentum), learning_rate)
+                upload_format.effective_steps(steps, momentum), learning_rate)
             memory.put(client, variate)
             deltas.append([new - global_weights])
             variate_deltas.append([variate[0] - own])
@@ -239,7 +240,7 @@ def test_scaffold_variate_with_momentum_recovers_a_constant_gradient():
     gradient = np.array([0.5, -2.0])
     new = local_momentum_sgd(np.zeros(2), lambda w: gradient, 7, 0.1, 0.9)
     variate = Client_side.scaffold_client_variate(
-        [np.zeros(2)], [np.zeros(2)], [np.zeros(2)], [new], Client_side.effective_steps(7, 0.9),
+        [np.zeros(2)], [np.zeros(2)], [np.zeros(2)], [new], upload_format.effective_steps(7, 0.9),
         0.1)
     np.testing.assert_allclose(variate[0], gradient, rtol=1e-6)
 
@@ -262,11 +263,11 @@ def test_what_is_sent_under_dp_never_exceeds_the_clip_norm(compression, stochast
         encoded, new_residual = Client_side.prepare_upload(
             delta, residual, compression, rng, clip_norm, topk_fraction=0.05,
             stochastic_rounding=stochastic_rounding)
-        sent = Client_side.decode_update(encoded, [(30, 20), (7,)])
-        assert Client_side.update_norm(sent) <= clip_norm, (compression, trial)
+        sent = upload_format.decode_update(encoded, [(30, 20), (7,)])
+        assert upload_format.update_norm(sent) <= clip_norm, (compression, trial)
         if compression == "topk":
             # Error feedback: what was not sent is kept, nothing is lost or invented.
-            kept = Client_side.clip_update(delta, clip_norm)
+            kept = upload_format.clip_update(delta, clip_norm)
             for layer_sent, layer_kept, old, new in zip(sent, kept, residual, new_residual):
                 np.testing.assert_allclose(layer_sent + new, layer_kept + old, atol=1e-9)
 
@@ -274,7 +275,7 @@ def test_what_is_sent_under_dp_never_exceeds_the_clip_norm(compression, stochast
 def test_dp_upload_of_a_short_update_is_the_update():
     delta = [np.array([0.03, 0.04])]
     encoded, _ = Client_side.prepare_upload(delta, None, "none", None, clip_norm=1.0)
-    np.testing.assert_allclose(Client_side.decode_update(encoded, [(2,)])[0], delta[0], rtol=1e-7)
+    np.testing.assert_allclose(upload_format.decode_update(encoded, [(2,)])[0], delta[0], rtol=1e-7)
 
 
 def test_client_memory_keeps_each_clients_arrays_and_round_trips_its_state():
@@ -309,8 +310,8 @@ def test_centralized_baseline_walks_reshuffled_passes_over_all_samples(tiny_clie
 def test_int8_round_trip_error_is_within_half_a_step():
     rng = np.random.default_rng(0)
     delta = [rng.normal(size=(3, 3, 1, 32)), rng.normal(size=10) * 1e-3, np.full(4, 0.25)]
-    encoded = Client_side.encode_update(delta, "int8")
-    decoded = Client_side.decode_update(encoded, [np.shape(layer) for layer in delta])
+    encoded = upload_format.encode_update(delta, "int8")
+    decoded = upload_format.decode_update(encoded, [np.shape(layer) for layer in delta])
     for original, restored, layer in zip(delta, decoded, encoded):
         assert layer["codes"].dtype == np.uint8
         step = (original.max() - original.min()) / 255
@@ -322,7 +323,7 @@ def test_stochastic_int8_rounding_is_unbiased_and_within_one_step():
     rng = np.random.default_rng(1)
     delta = [np.linspace(-1, 1, 1000)]
     step = 2 / 255
-    draws = np.stack([Client_side.decode_update(Client_side.encode_update(
+    draws = np.stack([upload_format.decode_update(upload_format.encode_update(
         delta, "int8", rng, stochastic_rounding=True), [(1000,)])[0] for _ in range(400)])
     assert np.max(np.abs(draws - delta[0])) < step + 1e-7
     assert np.max(np.abs(draws.mean(axis=0) - delta[0])) < step / 5
@@ -330,29 +331,29 @@ def test_stochastic_int8_rounding_is_unbiased_and_within_one_step():
 
 def test_topk_keeps_exactly_k_largest_entries():
     layer = np.array([0.1, -5.0, 0.2, 3.0, -0.3, 0.05, 4.0, 0.0, 0.01, -0.02])
-    encoded = Client_side.encode_update([layer], "topk", topk_fraction=0.3)
+    encoded = upload_format.encode_update([layer], "topk", topk_fraction=0.3)
     assert len(encoded[0]["indices"]) == 3
-    np.testing.assert_array_equal(Client_side.decode_update(encoded, [(10,)])[0],
+    np.testing.assert_array_equal(upload_format.decode_update(encoded, [(10,)])[0],
                                   [0, -5.0, 0, 3.0, 0, 0, 4.0, 0, 0, 0])
 
 
 def test_encoded_bytes_are_the_sizes_of_the_encoded_arrays():
     delta = [np.zeros((100, 10)), np.zeros(10)]
-    assert Client_side.encoded_bytes(Client_side.encode_update(delta, "none")) == 4 * 1010
+    assert upload_format.encoded_bytes(upload_format.encode_update(delta, "none")) == 4 * 1010
     # int8: one byte a value plus a float32 offset and step per tensor.
-    assert Client_side.encoded_bytes(Client_side.encode_update(delta, "int8")) == 1010 + 2 * 8
+    assert upload_format.encoded_bytes(upload_format.encode_update(delta, "int8")) == 1010 + 2 * 8
     # topk 1%: ceil(10) and ceil(0.1) = 1 entries, 4 bytes of index and 4 of value each.
-    assert Client_side.encoded_bytes(
-        Client_side.encode_update(delta, "topk", topk_fraction=0.01)) == (10 + 1) * 8
+    assert upload_format.encoded_bytes(
+        upload_format.encode_update(delta, "topk", topk_fraction=0.01)) == (10 + 1) * 8
 
 
 def test_clipping_bounds_the_update_norm_and_keeps_short_updates():
     long_update = [np.full(4, 3.0), np.full(5, 4.0)]
-    clipped = Client_side.clip_update(long_update, 2.0)
-    assert Client_side.update_norm(clipped) == pytest.approx(2.0)
+    clipped = upload_format.clip_update(long_update, 2.0)
+    assert upload_format.update_norm(clipped) == pytest.approx(2.0)
     np.testing.assert_allclose(clipped[0] / clipped[1][0], 0.75)  # direction kept
     short = [np.array([0.3, 0.4])]
-    np.testing.assert_array_equal(Client_side.clip_update(short, 2.0)[0], short[0])
+    np.testing.assert_array_equal(upload_format.clip_update(short, 2.0)[0], short[0])
 
 
 def test_attacks_flip_the_sign_or_replace_by_noise_of_the_same_norm():
@@ -360,7 +361,7 @@ def test_attacks_flip_the_sign_or_replace_by_noise_of_the_same_norm():
     flipped = Client_side.attack_update(delta, "sign_flip", 3.0, None)
     np.testing.assert_array_equal(flipped[0], [-3.0, 6.0])
     noise = Client_side.attack_update(delta, "gaussian", 1.0, np.random.default_rng(0))
-    assert Client_side.update_norm(noise) == pytest.approx(Client_side.update_norm(delta))
+    assert upload_format.update_norm(noise) == pytest.approx(upload_format.update_norm(delta))
     assert not np.allclose(noise[0], delta[0])
 
 

@@ -16,6 +16,7 @@ import Client_side
 import flower_app
 import Main
 import Server_side
+import upload_format
 import Utils
 from flower_cluster import Cluster, make_node_key, make_tls_files
 
@@ -42,17 +43,17 @@ def history_and_weights(output_dir):
 def test_an_upload_survives_the_wire_format():
     rng = np.random.default_rng(0)
     delta = [rng.standard_normal((3, 4)), rng.standard_normal(5)]
-    for compression in Client_side.COMPRESSIONS:
-        encoded = Client_side.encode_update(delta, compression, rng, topk_fraction=0.5)
+    for compression in upload_format.COMPRESSIONS:
+        encoded = upload_format.encode_update(delta, compression, rng, topk_fraction=0.5)
         variate = [rng.standard_normal((3, 4)).astype(np.float32), np.zeros(5, np.float32)]
-        sent = Client_side.Upload(7, 3, encoded, 120, 8, 0.25, variate)
+        sent = upload_format.Upload(7, 3, encoded, 120, 8, 0.25, variate)
         (received,) = flower_app.uploads_from_content(
             flower_app.content_from_uploads([sent]), round_num=3, node=123456789)
         assert received.node == 123456789
         assert (received.client, received.round_num, received.num_examples,
                 received.num_steps, received.train_loss) == (7, 3, 120, 8, 0.25)
-        for before, after in zip(Client_side.decode_update(sent.update, [(3, 4), (5,)]),
-                                 Client_side.decode_update(received.update, [(3, 4), (5,)])):
+        for before, after in zip(upload_format.decode_update(sent.update, [(3, 4), (5,)]),
+                                 upload_format.decode_update(received.update, [(3, 4), (5,)])):
             np.testing.assert_array_equal(before, after)
         for before, after in zip(variate, received.variate_delta):
             np.testing.assert_array_equal(before, after)

@@ -10,6 +10,9 @@ import keras
 
 import Client_side
 import Server_side
+import robust_rules
+import screening
+import upload_format
 from conftest import ROOT
 
 
@@ -135,8 +138,8 @@ def test_fednova_normalizes_by_local_steps_by_hand():
 def test_effective_steps_with_momentum_sum_the_momentum_weights():
     """tau = 2, rho = 0.5: step k of a constant gradient moves (1 - rho^(k+1)) / (1 - rho),
     so a = 1 + 1.5 = 2.5; the formula gives (2 - 0.5 * 0.75 / 0.5) / 0.5 = 2.5."""
-    assert Client_side.effective_steps(2, 0.5) == pytest.approx(2.5)
-    assert Client_side.effective_steps(7, 0.0) == 7.0
+    assert upload_format.effective_steps(2, 0.5) == pytest.approx(2.5)
+    assert upload_format.effective_steps(7, 0.0) == 7.0
 
 
 def test_scaffold_server_variate_moves_by_participating_fraction():
@@ -198,14 +201,14 @@ HONEST_AND_OUTLIER = [[np.array([value])] for value in (0.9, 1.0, 1.05, 1.2, 100
 
 
 def test_median_ignores_one_outlier():
-    assert Server_side.coordinate_median(HONEST_AND_OUTLIER)[0][0] == pytest.approx(1.05)
+    assert robust_rules.coordinate_median(HONEST_AND_OUTLIER)[0][0] == pytest.approx(1.05)
 
 
 def test_trimmed_mean_drops_the_extremes_by_hand():
     """TRIM_RATIO 0.2 of 5 clients drops 1 at each end: mean(1.0, 1.05, 1.2) = 1.0833."""
-    assert Server_side.trimmed_mean(HONEST_AND_OUTLIER, 0.2)[0][0] == pytest.approx(3.25 / 3)
+    assert robust_rules.trimmed_mean(HONEST_AND_OUTLIER, 0.2)[0][0] == pytest.approx(3.25 / 3)
     # With nothing trimmed it is the plain mean, which the outlier drags to 20.83.
-    assert Server_side.trimmed_mean(HONEST_AND_OUTLIER, 0.0)[0][0] == pytest.approx(20.83)
+    assert robust_rules.trimmed_mean(HONEST_AND_OUTLIER, 0.0)[0][0] == pytest.approx(20.83)
 
 
 def test_krum_scores_and_choice_by_hand():
@@ -214,12 +217,15 @@ def test_krum_scores_and_choice_by_hand():
     0.9: 0.01 + 0.0225; 1.0: 0.01 + 0.0025; 1.05: 0.0025 + 0.0225; 1.2: 0.0225 + 0.04;
     100: 98.8^2 + 98.95^2. Krum picks the lowest, the client at 1.0.
     """
-    scores = Server_side.krum_scores(HONEST_AND_OUTLIER, num_attackers=1)
+    scores = robust_rules.krum_scores(HONEST_AND_OUTLIER, num_attackers=1)
     np.testing.assert_allclose(scores[:4], [0.0325, 0.0125, 0.025, 0.0625], atol=1e-12)
     assert scores[4] == pytest.approx(98.8**2 + 98.95**2)
-    assert Server_side.multi_krum(HONEST_AND_OUTLIER, 1, 1)[0][0] == pytest.approx(1.0)
+    assert robust_rules.multi_krum_choice(HONEST_AND_OUTLIER, 1, 1).tolist() == [1]
     # Multi-Krum with m - f = 4 averages the four honest clients: 4.15 / 4.
-    assert Server_side.multi_krum(HONEST_AND_OUTLIER, 1, 4)[0][0] == pytest.approx(4.15 / 4)
+    config = {**screening_config(), "AGGREGATION": "multi_krum", "KRUM_F": 1}
+    assert Server_side.robust_aggregate(HONEST_AND_OUTLIER, config)[0][0] == pytest.approx(4.15 / 4)
+    config["AGGREGATION"] = "krum"
+    assert Server_side.robust_aggregate(HONEST_AND_OUTLIER, config)[0][0] == pytest.approx(1.0)
 
 
 def test_krum_scores_of_200_clients_need_little_memory():
@@ -227,14 +233,14 @@ def test_krum_scores_of_200_clients_need_little_memory():
     rng = np.random.default_rng(0)
     deltas = [[rng.standard_normal(5000)] for _ in range(200)]
     tracemalloc.start()
-    scores = Server_side.krum_scores(deltas, num_attackers=10)
+    scores = robust_rules.krum_scores(deltas, num_attackers=10)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 50e6, f"peak {peak / 1e6:.0f} MB"
     flat = np.stack([delta[0] for delta in deltas[:5]])
     direct = ((flat[:, None] - flat[None]) ** 2).sum(axis=2)
     expected = np.sort(direct[0])[1:3].sum()
-    assert Server_side.krum_scores(deltas[:5], num_attackers=1)[0] == pytest.approx(expected)
+    assert robust_rules.krum_scores(deltas[:5], num_attackers=1)[0] == pytest.approx(expected)
     assert scores.shape == (200,)
 
 
@@ -368,9 +374,9 @@ def good_upload(client, config, round_num=4, seed=0):
     delta = [rng.standard_normal(shape) * 0.1 for shape in SHAPES]
     variate = ([rng.standard_normal(shape).astype(np.float32) for shape in SHAPES]
                if config["ALGORITHM"] == "scaffold" else None)
-    encoded = Client_side.encode_update(delta, config["COMPRESSION"], rng,
+    encoded = upload_format.encode_update(delta, config["COMPRESSION"], rng,
                                         config["TOPK_FRACTION"])
-    return Client_side.Upload(client, round_num, encoded, 40, 2, 0.5, variate)
+    return upload_format.Upload(client, round_num, encoded, 40, 2, 0.5, variate)
 
 
 def with_layer(upload, index, **arrays):
@@ -460,7 +466,7 @@ def test_a_malformed_upload_is_rejected_with_its_reason_and_changes_nothing(name
     config = screening_config(**constants)
     honest = good_upload(2, config)
     delivered = [honest, spoil(good_upload(5, config))]
-    accepted, rejections = Server_side.screen_uploads(config, 4, delivered, [2, 5], SIZES,
+    accepted, rejections = screening.screen_uploads(config, 4, delivered, [2, 5], SIZES,
                                                       SHAPES)
     assert accepted == [honest]
     (rejection,) = rejections
@@ -472,18 +478,18 @@ def test_a_malformed_upload_is_rejected_with_its_reason_and_changes_nothing(name
 def test_the_same_client_twice_keeps_only_its_first_upload():
     config = screening_config()
     first, again = good_upload(2, config), good_upload(2, config, seed=9)
-    accepted, rejections = Server_side.screen_uploads(config, 4, [first, again], [2], SIZES,
+    accepted, rejections = screening.screen_uploads(config, 4, [first, again], [2], SIZES,
                                                       SHAPES)
     assert accepted == [first] and "already answered" in rejections[0].reason
 
 
-@pytest.mark.parametrize("compression", Client_side.COMPRESSIONS)
+@pytest.mark.parametrize("compression", upload_format.COMPRESSIONS)
 def test_honest_uploads_of_every_encoding_pass_the_checks(compression):
     for algorithm in ("fedavg", "scaffold"):
         config = screening_config(COMPRESSION=compression, ALGORITHM=algorithm,
                                   TOPK_FRACTION=0.25)
         uploads = [good_upload(client, config) for client in (2, 5)]
-        accepted, rejections = Server_side.screen_uploads(config, 4, uploads, [2, 5], SIZES,
+        accepted, rejections = screening.screen_uploads(config, 4, uploads, [2, 5], SIZES,
                                                           SHAPES)
         assert accepted == uploads and rejections == []
 
@@ -491,7 +497,7 @@ def test_honest_uploads_of_every_encoding_pass_the_checks(compression):
 def test_a_round_where_every_upload_is_rejected_keeps_the_model():
     config = screening_config()
     bad = dataclasses.replace(good_upload(5, config), round_num=1)
-    accepted, rejections = Server_side.screen_uploads(config, 4, [bad], [5], SIZES, SHAPES)
+    accepted, rejections = screening.screen_uploads(config, 4, [bad], [5], SIZES, SHAPES)
     assert accepted == [] and len(rejections) == 1
     for layer in aggregated(config, accepted):
         assert not layer.any()
@@ -499,7 +505,7 @@ def test_a_round_where_every_upload_is_rejected_keeps_the_model():
 
 def test_secure_dp_noise_cannot_be_regenerated_from_the_config():
     """Seeded noise is keyed by (SEED, round): the same twice, so an observer who knows the
-    config can subtract it. Secure noise comes from OS entropy: two runs of the same round differ."""
+    config can subtract it. Secure noise comes from OS entropy: two draws of a round differ."""
     results = {}
     for source in Server_side.DP_NOISE_SOURCES:
         config = screening_config(DP_CLIP_NORM=1.0, DP_NOISE=source)
@@ -520,7 +526,7 @@ def test_krum_with_fewer_than_2f_plus_3_updates_keeps_the_model(rule):
     for count, moves in ((4, False), (5, True)):
         uploads = [good_upload(client, config) for client in range(count)]
         new = Server_side.Server(config, SHAPES).aggregate(4, start, uploads)
-        assert Server_side.too_few_for_krum(rule, 1, count) is not moves
+        assert robust_rules.too_few_for_krum(rule, 1, count) is not moves
         assert any(not np.array_equal(layer, zero) for layer, zero in zip(new, start)) is moves
 
 
@@ -532,7 +538,7 @@ def test_a_scaffold_variate_change_far_beyond_the_rounds_others_is_rejected():
     forged = good_upload(5, config)
     forged = dataclasses.replace(forged, variate_delta=[1000 * layer
                                                         for layer in forged.variate_delta])
-    accepted, rejections = Server_side.screen_uploads(config, 4, honest + [forged],
+    accepted, rejections = screening.screen_uploads(config, 4, honest + [forged],
                                                       [1, 2, 3, 4, 5], SIZES, SHAPES)
     assert accepted == honest
     (rejection,) = rejections
@@ -546,4 +552,26 @@ def test_a_scaffold_variate_change_far_beyond_the_rounds_others_is_rejected():
     # Variates of the same scale all pass, whatever their spread within 10x.
     mixed = honest + [dataclasses.replace(good_upload(5, config), variate_delta=[
         3 * layer for layer in good_upload(5, config).variate_delta])]
-    assert Server_side.screen_uploads(config, 4, mixed, [1, 2, 3, 4, 5], SIZES, SHAPES)[1] == []
+    assert screening.screen_uploads(config, 4, mixed, [1, 2, 3, 4, 5], SIZES, SHAPES)[1] == []
+
+
+def test_the_servers_round_reports_what_it_refused_by_kind():
+    """A round whose every upload is NaN diverged; one with a NaN and a stale upload did not:
+    the kind of each rejection is data, not a phrase to search for."""
+    config = screening_config()
+    start = [np.zeros(shape, np.float32) for shape in SHAPES]
+    nan = dataclasses.replace(good_upload(2, config), train_loss=float("nan"))
+    stale = dataclasses.replace(good_upload(5, config), round_num=3)
+    server = Server_side.Server(config, SHAPES, SIZES)
+    new, report = server.round(4, start, [nan], [2], num_selected=1)
+    assert report.diverged and [rejection.kind for rejection in report.rejections] == [
+        upload_format.NON_FINITE]
+    new, report = server.round(4, start, [nan, stale], [2, 5], num_selected=2)
+    assert not report.diverged and report.accepted == []
+    assert [rejection.kind for rejection in report.rejections] == [upload_format.NON_FINITE,
+                                                                   screening.UNEXPECTED]
+    honest = good_upload(5, config)
+    new, report = server.round(4, start, [honest], [2, 5], num_selected=3)
+    model_bytes = 4 * (12 + 5)
+    assert (report.bytes_down, report.bytes_up) == (3 * model_bytes, model_bytes)
+    assert report.krum_skipped is None and report.epsilon is None
