@@ -48,8 +48,16 @@ class ClientUpdate:
     train_loss: float
 
 
+# A dropout seed that tells the compiled call to continue the model's dropout state.
+KEEP_DROPOUT_STATE = -1
+
+
 class LocalTrainer:
     """Train one reusable Keras model as any client, without rebuilding or recompiling it.
+
+    One compiled call (`train_orders`) trains any number of clients, each from the start
+    weights over its own sample order; `train_many` and `train` draw those orders and dropout
+    seeds for clients, the centralized baseline passes its own stream.
 
     Args:
         model: a Keras model with the global architecture; its weights are overwritten per client.
@@ -77,16 +85,28 @@ class LocalTrainer:
         self.y_train = tf.convert_to_tensor(y_train, tf.int32)
         self._velocities = [tf.Variable(tf.zeros_like(variable), trainable=False)
                             for variable in model.trainable_variables]
-        self._no_correction = [tf.zeros_like(variable) for variable in model.trainable_variables]
         weight_specs = [tf.TensorSpec(variable.shape, variable.dtype)
                         for variable in model.trainable_variables]
-        self._train = tf.function(self._train_steps, input_signature=[
-            weight_specs, tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32),
-            weight_specs])
+        self._no_correction = [tf.zeros([1, *variable.shape], variable.dtype)
+                               for variable in model.trainable_variables]
         stacked_specs = [tf.TensorSpec([None, *spec.shape], spec.dtype) for spec in weight_specs]
         self._train_clients = tf.function(self._train_clients_steps, input_signature=[
             weight_specs, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([], tf.int32), stacked_specs, tf.TensorSpec([None], tf.int64)])
+
+    @classmethod
+    def for_clients(cls, model, x_train, y_train, config):
+        """The clients' trainer from the constants (FedProx's term only with ALGORITHM fedprox)."""
+        return cls(model, x_train, y_train, config["LEARNING_RATE"], config["LOCAL_MOMENTUM"],
+                   config["BATCH_SIZE"], config["LOCAL_EPOCHS"],
+                   config["PROX_MU"] if config["ALGORITHM"] == "fedprox" else 0.0)
+
+    @classmethod
+    def for_baseline(cls, model, x_train, y_train, config):
+        """The centralized baseline's trainer: the clients' optimizer and batch, one pass of its
+        stream per call, no proximal term."""
+        return cls(model, x_train, y_train, config["LEARNING_RATE"], config["LOCAL_MOMENTUM"],
+                   config["BATCH_SIZE"], 1)
 
     def get_state(self):
         """Return the model's random state (dropout seeds) as arrays, for checkpoints."""
@@ -103,80 +123,65 @@ class LocalTrainer:
                          for _ in range(self.local_epochs)]).astype(np.int32)
 
     def train(self, global_weights, client_indices, rng, correction=None):
-        """Run ClientUpdate for one client.
-
-        Args:
-            global_weights: list of the global model's layer arrays.
-            client_indices: int array (n,) of the client's rows in the training set.
-            rng: np.random.Generator that seeds the model's dropout, then draws the
-                per-epoch shuffles.
-            correction: SCAFFOLD's c - c_i, added to every gradient; None adds nothing.
-        Returns:
-            ClientUpdate with float32 layer arrays, n, the number of steps, and the
-            sample-weighted mean training loss of the last local epoch (what `fit` reports).
-        """
-        self.seed_dropout(int(rng.integers(2**31)))
-        new_weights, loss, num_steps = self.run(
-            global_weights, self.epoch_orders(client_indices, rng), correction)
-        return ClientUpdate(new_weights, len(client_indices), num_steps, loss)
+        """Run ClientUpdate for one client: `train_many` of one."""
+        (update,) = self.train_many(global_weights, [client_indices], [rng],
+                                    None if correction is None else [correction])
+        return update
 
     def train_many(self, global_weights, clients_indices, rngs, corrections=None):
         """Run ClientUpdate for several clients in one compiled call.
 
         Each client starts from the global weights with its own dropout seed, shuffles and
-        correction, exactly as `train` would train it alone (bit for bit: the same ops on the
-        same values, one client after another inside the call); what is saved is the Python
-        and call overhead per client, which dominates for clients of a few samples.
+        correction, exactly as if trained alone (bit for bit: the same ops on the same values,
+        one client after another inside the call); what is saved is the Python and call
+        overhead per client, which dominates for clients of a few samples.
 
         Args:
             global_weights: list of the global model's layer arrays.
             clients_indices: one int array of training-set rows per client.
-            rngs: one np.random.Generator per client, drawn from as `train` draws.
-            corrections: one SCAFFOLD correction (layer arrays) per client, or None.
+            rngs: one np.random.Generator per client: it draws the client's dropout seed, then
+                its per-epoch shuffles.
+            corrections: one SCAFFOLD correction c - c_i (layer arrays) per client, added to
+                every gradient, or None.
         Returns:
-            list of ClientUpdate, in the clients' order.
+            list of ClientUpdate (float32 layer arrays, n, the number of steps, and the
+            sample-weighted mean training loss of the last local epoch, what `fit` reports), in
+            the clients' order.
         """
-        seeds = [int(rng.integers(2**31)) for rng in rngs]  # `train` seeds dropout first.
+        seeds = [int(rng.integers(2**31)) for rng in rngs]
         orders = [self.epoch_orders(indices, rng) for indices, rng in zip(clients_indices, rngs)]
-        sizes = [len(indices) for indices in clients_indices]
-        if corrections is None:
-            stacked = [tf.expand_dims(zeros, 0) for zeros in self._no_correction]
-        else:
-            stacked = [np.stack(layers).astype(np.float32) for layers in zip(*corrections)]
+        return [ClientUpdate(weights, len(indices),
+                             upload_format.num_local_steps(len(indices), self.batch_size,
+                                                           self.local_epochs), loss)
+                for (weights, loss), indices in zip(
+                    self.train_orders(global_weights, orders, seeds, corrections),
+                    clients_indices)]
+
+    def train_orders(self, start_weights, orders, seeds, corrections=None):
+        """The one compiled training call: each client from `start_weights` over its order.
+
+        Args:
+            start_weights: list of layer arrays every client starts from.
+            orders: one int array (E, n) of training-set rows per client, epoch by epoch.
+            seeds: one dropout seed per client, or None for a client that continues the
+                model's dropout state (the centralized baseline's stream).
+            corrections: one SCAFFOLD correction per client, or None.
+        Returns:
+            list of (new float32 layer arrays, last-epoch mean loss), in the clients' order.
+        """
+        sizes = [order.shape[1] for order in orders]
+        stacked = (self._no_correction if corrections is None
+                   else [np.stack(layers).astype(np.float32) for layers in zip(*corrections)])
         new_weights, losses = self._train_clients(
-            [tf.convert_to_tensor(layer, tf.float32) for layer in global_weights],
-            np.concatenate([order.ravel() for order in orders]).astype(np.int32),
+            [tf.convert_to_tensor(layer, tf.float32) for layer in start_weights],
+            np.concatenate([np.ravel(order) for order in orders]).astype(np.int32),
             np.asarray(sizes, np.int32),
             tf.constant(self.batch_size, tf.int32), stacked,  # B = 0: each client's size
-            np.asarray(seeds, np.int64))
+            np.asarray([KEEP_DROPOUT_STATE if seed is None else seed for seed in seeds],
+                       np.int64))
         new_weights, losses = [layer.numpy() for layer in new_weights], losses.numpy()
-        return [ClientUpdate([layer[position] for layer in new_weights], size,
-                             upload_format.num_local_steps(size, self.batch_size,
-                                                           self.local_epochs),
-                             float(losses[position]))
-                for position, size in enumerate(sizes)]
-
-    def seed_dropout(self, seed):
-        """Restart the model's dropout masks from `seed` (Keras keeps [seed, counter] states)."""
-        for variable in self.model.non_trainable_variables:
-            variable.assign(np.array([seed, 0], variable.dtype))
-
-    def run(self, start_weights, orders, correction=None):
-        """Train from `start_weights` over the rows `orders` (E, n), epoch by epoch.
-
-        Returns:
-            (new float32 layer arrays, last-epoch mean loss, number of SGD steps).
-        """
-        num_examples = orders.shape[1]
-        batch_size = self.batch_size or num_examples
-        new_weights, loss = self._train(
-            [tf.convert_to_tensor(layer, tf.float32) for layer in start_weights],
-            np.asarray(orders, np.int32), tf.constant(batch_size, tf.int32),
-            self._no_correction if correction is None
-            else [tf.convert_to_tensor(layer, tf.float32) for layer in correction])
-        num_steps = upload_format.num_local_steps(num_examples, self.batch_size,
-                                                  orders.shape[0])
-        return [layer.numpy() for layer in new_weights], float(loss), num_steps
+        return [([layer[position] for layer in new_weights], float(losses[position]))
+                for position in range(len(sizes))]
 
     def loss_and_gradients(self, images, labels, anchor):
         """Return (cross-entropy, gradients of the local objective) at the current weights.
@@ -197,7 +202,8 @@ class LocalTrainer:
         return loss, tape.gradient(objective, variables)
 
     def _train_steps(self, global_weights, orders, batch_size, correction):
-        """Compiled body: load the global weights, then SGD over `orders` batch by batch."""
+        """One client, inside the compiled call: load the start weights, then SGD over
+        `orders` (E, n) batch by batch."""
         variables = self.model.trainable_variables
         for variable, value in zip(variables, global_weights):
             variable.assign(value)
@@ -215,15 +221,16 @@ class LocalTrainer:
                                             tf.gather(self.y_train, batch),
                                             global_weights, correction)
                 epoch_loss += batch_loss * tf.cast(tf.shape(batch)[0], tf.float32)
-        return [tf.identity(variable) for variable in variables], \
-            epoch_loss / tf.cast(num_examples, tf.float32)
+        return ([tf.identity(variable) for variable in variables],
+                epoch_loss / tf.cast(num_examples, tf.float32))
 
     def _train_clients_steps(self, global_weights, flat_orders, sizes, batch_size, corrections,
                              seeds):
-        """Compiled body of `train_many`: `_train_steps` for each client in turn.
+        """Compiled body of `train_orders`: `_train_steps` for each client in turn.
 
         flat_orders holds every client's (E, n) order, raveled and concatenated; corrections
-        has one row per client, or a single row shared by all (zeros: no correction).
+        has one row per client, or a single row shared by all (zeros: no correction); a seed
+        of KEEP_DROPOUT_STATE leaves the dropout state as it is.
         """
         num_clients = tf.shape(sizes)[0]
         weights = [tf.TensorArray(tf.float32, size=num_clients, element_shape=variable.shape)
@@ -232,13 +239,15 @@ class LocalTrainer:
         offset = tf.constant(0)
         for position in tf.range(num_clients):
             size = sizes[position]
-            # A full batch (B = 0) is the client's own size, as in `run`.
+            # A full batch (B = 0) is the client's own size.
             client_batch = size if self.batch_size == 0 else batch_size
             orders = tf.reshape(flat_orders[offset:offset + self.local_epochs * size],
                                 [self.local_epochs, size])
             offset += self.local_epochs * size
-            for variable in self.model.non_trainable_variables:
-                variable.assign(tf.cast(tf.stack([seeds[position], 0]), variable.dtype))
+            if seeds[position] != KEEP_DROPOUT_STATE:
+                # Keras keeps dropout's random state as [seed, counter] variables.
+                for variable in self.model.non_trainable_variables:
+                    variable.assign(tf.cast(tf.stack([seeds[position], 0]), variable.dtype))
             row = tf.minimum(position, tf.shape(corrections[0])[0] - 1)
             new_weights, loss = self._train_steps(
                 global_weights, orders, client_batch, [stack[row] for stack in corrections])
@@ -407,15 +416,13 @@ class ClientHost:
     def __init__(self, config, model, x_train, y_train, client_indices):
         self.config, self.client_indices = config, client_indices
         x_train = tf.convert_to_tensor(x_train)  # One copy, shared by both trainers.
-        settings = (config["LEARNING_RATE"], config["LOCAL_MOMENTUM"], config["BATCH_SIZE"],
-                    config["LOCAL_EPOCHS"],
-                    config["PROX_MU"] if config["ALGORITHM"] == "fedprox" else 0.0)
-        self.trainer = LocalTrainer(model, x_train, y_train, *settings)
+        self.trainer = LocalTrainer.for_clients(model, x_train, y_train, config)
         self.malicious = malicious_clients(config["NUM_CLIENTS"], config["MALICIOUS_FRACTION"],
                                            config["SEED"])
         # Label-flipping attackers train the same model on labels 9 - y.
-        self.flipped_trainer = (LocalTrainer(model, x_train, 9 - np.asarray(y_train), *settings)
-                                if self.malicious and config["ATTACK"] == "label_flip" else None)
+        self.flipped_trainer = (
+            LocalTrainer.for_clients(model, x_train, 9 - np.asarray(y_train), config)
+            if self.malicious and config["ATTACK"] == "label_flip" else None)
         self.shapes = [variable.shape for variable in model.trainable_variables]
         self.memory = {name: ClientMemory(self.shapes) for name in kept_state_names(config)}
         self.pending, self.pending_round = self._no_pending(), None
@@ -479,7 +486,8 @@ class CentralizedBaseline:
 
     It walks through reshuffled passes over all training samples, continuing where the previous
     round stopped, with the clients' batch size and SGD settings; pass p is ordered by
-    (SEED, p) alone. Its momentum buffer (if any) restarts every round, as a client's does.
+    (SEED, p) alone. Its momentum buffer (if any) restarts every round, as a client's does;
+    its dropout is seeded by SEED when the stream starts and continues from round to round.
     """
 
     def __init__(self, trainer, initial_weights, num_samples, seed):
@@ -490,7 +498,11 @@ class CentralizedBaseline:
 
     def train(self, num_samples):
         """Train on the next `num_samples` samples of the stream; return the new weights."""
-        self.weights, _, _ = self.trainer.run(self.weights, self._next(num_samples)[np.newaxis])
+        if num_samples == 0:  # A round where no client returned.
+            return self.weights
+        seed = self._seed if (self._pass, self._position) == (0, 0) else None
+        ((self.weights, _),) = self.trainer.train_orders(
+            self.weights, [self._next(num_samples)[np.newaxis]], [seed])
         return self.weights
 
     def _next(self, count):

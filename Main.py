@@ -11,19 +11,24 @@ Run:   python Main.py                  (the constants below)
 
 import argparse
 import dataclasses
-import numbers
+import os
 import pathlib
 import sys
 import time
 
-import numpy as np
+# TensorFlow's C++ start-up lines about CPU features are noise for a user; level 2 still shows
+# its errors, and a level the user set wins. It must be set before TensorFlow is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import Client_side
-import Data_Preprocessing
-import Server_side
-import robust_rules
-import Utils
-import upload_format
+import numpy as np  # noqa: E402 (after the log level above)
+
+import checkpoints  # noqa: E402
+import Client_side  # noqa: E402
+import configuration  # noqa: E402
+import Data_Preprocessing  # noqa: E402
+import Server_side  # noqa: E402
+import robust_rules  # noqa: E402
+import Utils  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Federated setup
@@ -83,263 +88,13 @@ EVAL_EVERY = 1  # test the global model every this many rounds (and after the la
 # Taken here, before any other upper-case name exists: exactly the constants above.
 CONSTANT_NAMES = tuple(name for name in dir() if name.isupper())
 
-ALGORITHMS = Server_side.ALGORITHMS
-AGGREGATIONS = Server_side.AGGREGATIONS
-COMPRESSIONS = upload_format.COMPRESSIONS
-ATTACKS = Client_side.ATTACKS
 HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "returned",
                    "rejected", "malicious", "samples", "bytes_down", "bytes_up", "mb_down_total",
                    "mb_up_total", "seconds")
 BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
 PRIVACY_COLUMNS = ("epsilon",)
 KRUM_COLUMNS = ("krum_skipped",)
-CHECKPOINT_NAME = "checkpoint.npz"
-# Constants that may change between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT_DIR",
-                     "TARGET_ACCURACY", "REPEATS", "EVAL_EVERY")
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
-
-
-class DivergenceError(Exception):
-    """The global model's weights or test loss stopped being finite numbers.
-
-    `rows` holds the history of the rounds before, for comparisons.
-    """
-
-    def __init__(self, message, rows=()):
-        super().__init__(message)
-        self.rows = list(rows)
-
-
-def default_config():
-    """Return the constants above by name."""
-    return {name: globals()[name] for name in CONSTANT_NAMES}
-
-
-_is_int = Utils.is_integer  # the server's upload checks use the same test
-
-
-def _is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-DISTRIBUTIONS = Data_Preprocessing.DISTRIBUTIONS
-RULES = {
-    "NUM_CLIENTS": (lambda v: _is_int(v) and 1 <= v <= 60000, "an integer from 1 to 60000"),
-    "ROUNDS": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "CLIENT_FRACTION": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "CLIENT_SAMPLING": (lambda v: v in Server_side.CLIENT_SAMPLINGS,
-                        "one of " + ", ".join(Server_side.CLIENT_SAMPLINGS)),
-    "LOCAL_EPOCHS": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "BATCH_SIZE": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = all local data)"),
-    "LEARNING_RATE": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
-    "LOCAL_MOMENTUM": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "ALGORITHM": (lambda v: v in ALGORITHMS, "one of " + ", ".join(ALGORITHMS)),
-    "PROX_MU": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a number >= 0"),
-    "SERVER_OPTIMIZER": (lambda v: v in Server_side.SERVER_OPTIMIZERS,
-                         "one of " + ", ".join(Server_side.SERVER_OPTIMIZERS)),
-    "SERVER_LR": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
-    "SERVER_MOMENTUM": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "SERVER_BETA1": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "SERVER_BETA2": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "SERVER_TAU": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
-    "CENTRALIZED_BASELINE": (lambda v: isinstance(v, bool), "True or False"),
-    "DISTRIBUTION": (lambda v: v in DISTRIBUTIONS, "one of " + ", ".join(DISTRIBUTIONS)),
-    "MAX_SAMPLE_SHARE": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "CLASSES_PER_CLIENT": (lambda v: _is_int(v) and 1 <= v <= 10, "an integer from 1 to 10"),
-    "DIRICHLET_ALPHA": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
-    "SHARDS_PER_CLIENT": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "SEED": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
-    "REPEATS": (lambda v: _is_int(v) and 1 <= v <= 1000, "an integer from 1 to 1000"),
-    "EVAL_EVERY": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "CLIENT_DROPOUT": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "CHECKPOINT_EVERY": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "RESUME": (lambda v: isinstance(v, bool), "True or False"),
-    "DATA_DIR": (lambda v: v is None or (isinstance(v, (str, pathlib.Path)) and str(v) != ""),
-                 "None or a folder path"),
-    "OUTPUT_DIR": (lambda v: isinstance(v, (str, pathlib.Path)) and str(v) != "",
-                   "a folder path"),
-    "TARGET_ACCURACY": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "COMPRESSION": (lambda v: v in COMPRESSIONS, "one of " + ", ".join(COMPRESSIONS)),
-    "TOPK_FRACTION": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "STOCHASTIC_ROUNDING": (lambda v: isinstance(v, bool), "True or False"),
-    "DP_CLIP_NORM": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a number >= 0"),
-    "DP_NOISE_MULTIPLIER": (lambda v: _is_number(v) and 0 <= v < float("inf"), "a number >= 0"),
-    "DP_DELTA": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "DP_NOISE": (lambda v: v in Server_side.DP_NOISE_SOURCES,
-                 "one of " + ", ".join(Server_side.DP_NOISE_SOURCES)),
-    "AGGREGATION": (lambda v: v in AGGREGATIONS, "one of " + ", ".join(AGGREGATIONS)),
-    "TRIM_RATIO": (lambda v: _is_number(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
-    "KRUM_F": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "MALICIOUS_FRACTION": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "ATTACK": (lambda v: v in ATTACKS, "one of " + ", ".join(ATTACKS)),
-    "ATTACK_SCALE": (lambda v: _is_number(v) and 0 < v < float("inf"), "a number > 0"),
-}
-
-
-def validate_config(config):
-    """Raise ValueError naming the first constant whose value is not allowed."""
-    for name, (is_allowed, allowed) in RULES.items():
-        if not is_allowed(config[name]):
-            raise ValueError(f"{name} must be {allowed}, got {config[name]!r}")
-    averaging = config["ALGORITHM"] in ("fedavg", "fedprox")
-    if config["AGGREGATION"] != "fedavg" and not averaging:
-        raise ValueError(f"AGGREGATION {config['AGGREGATION']} needs ALGORITHM fedavg or "
-                         f"fedprox, got {config['ALGORITHM']}")
-    if config["DP_CLIP_NORM"] > 0 and not (averaging and config["AGGREGATION"] == "fedavg"):
-        raise ValueError("DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM fedavg or fedprox and "
-                         "AGGREGATION fedavg")
-    if config["SEED"] + config["REPEATS"] > 2**32:
-        raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
-                         f"{config['REPEATS']} - 1")
-    per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
-    if config["AGGREGATION"] in ("krum", "multi_krum") and per_round < 2 * config["KRUM_F"] + 3:
-        raise ValueError(f"KRUM_F must leave at least 2 * KRUM_F + 3 clients a round for Krum; "
-                         f"with {per_round} clients a round KRUM_F can be at most "
-                         f"{max(0, (per_round - 3) // 2)}, got {config['KRUM_F']}")
-    return config
-
-
-def parse_arguments(argv):
-    """Read the seed's command line: -c turns on CSV overrides, -f names the CSV(s)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", action="store_true",
-                        help="override constants from the CSV(s) named by -f")
-    parser.add_argument("-f", "--file", nargs="+", default=["config.csv"],
-                        help="CSV with header 'param,val' and one constant per row; several "
-                             "files run one after another and are compared in one table")
-    parser.add_argument("--distributions", metavar="FOLDER", type=pathlib.Path,
-                        help="only draw distribution_<name>.png for every DISTRIBUTION with "
-                             "the constants (and -c -f overrides) into FOLDER, then stop")
-    return parser.parse_args(argv)
-
-
-def load_configs(arguments, engine_defaults=None):
-    """Return (label, validated config) for every run to make, in order.
-
-    One configuration per CSV, labelled by the file's name (or the constants alone, labelled
-    'default', without -c), each made REPEATS times with SEED, SEED + 1, ...
-    `engine_defaults` replaces some constants' defaults (what a CSV does not set) for an engine.
-    """
-    defaults = {**default_config(), **(engine_defaults or {})}
-    if arguments.config:
-        sources = [(pathlib.Path(path).stem,
-                    {**defaults, **Utils.read_overrides(path, default_config())})
-                   for path in arguments.file]
-    else:
-        sources = [("default", defaults)]
-    labels = [label for label, _ in sources]
-    for position, label in enumerate(labels):
-        if label in labels[:position]:
-            raise ValueError(f"two config files are named {label}: comparisons label runs by "
-                             "file name, so rename one")
-    runs = [(label, {**config, "SEED": config["SEED"] + repeat})
-            for label, config in sources
-            for repeat in range(validate_config(config)["REPEATS"])]
-    folders = [run_dir(config) for _, config in runs]
-    for position, folder in enumerate(folders):
-        if folder in folders[:position]:
-            raise ValueError(f"{runs[folders.index(folder)][0]} and {runs[position][0]} would "
-                             f"both write {folder}; give them different OUTPUT_DIR values")
-    return runs
-
-
-def run_dir(config):
-    """Return the run's output folder: OUTPUT_DIR/<readable name>_<hash of every constant>.
-
-    The hash covers every constant that can change results, so two different configurations
-    never share a folder, while a resumed run (more ROUNDS) finds its own.
-    """
-    return (pathlib.Path(config["OUTPUT_DIR"]).expanduser()
-            / f"{Utils.run_name(config)}_{Utils.config_hash(config, RESUMABLE_CHANGES)}")
-
-
-def find_checkpoint(config, output_dir):
-    """Return the checkpoint to resume from, or None for a fresh run; refuse risky cases.
-
-    RESUME needs a checkpoint whose constants match (ROUNDS may grow). Without RESUME, an
-    unfinished run in the same folder is an error rather than silently overwritten.
-    """
-    path = output_dir / CHECKPOINT_NAME
-    if not config["RESUME"]:
-        refuse_to_overwrite(path, output_dir)
-        return None
-    if not path.is_file():
-        return None  # A run that never started starts now (see `check_resumable`).
-    arrays, metadata = Utils.load_checkpoint(path)
-    differing = Utils.config_differences(metadata["config"], config, RESUMABLE_CHANGES)
-    if differing:
-        raise ValueError(f"RESUME: the checkpoint in {output_dir} was made with other values of "
-                         f"{', '.join(differing)}; restore them or start a new run")
-    if config["ROUNDS"] < metadata["round"]:
-        raise ValueError(f"ROUNDS must be at least the checkpoint's round {metadata['round']} "
-                         f"to resume, got {config['ROUNDS']}")
-    return arrays, metadata
-
-
-def refuse_to_overwrite(checkpoint_path, output_dir):
-    """Raise ValueError when `output_dir` holds rounds of an earlier run, finished or not."""
-    if checkpoint_path.is_file():
-        _, metadata = Utils.load_checkpoint(checkpoint_path)
-        done, planned = metadata["round"], metadata["config"]["ROUNDS"]
-        state = (f"a finished run ({done} rounds)" if done >= planned
-                 else f"an unfinished run (round {done} of {planned})")
-    elif Utils.history_length(output_dir / "history.csv"):
-        state = "the history of an earlier run"
-    else:
-        return
-    raise ValueError(f"{output_dir} holds {state} of this configuration: set RESUME to True "
-                     "to continue or extend it (more ROUNDS), or delete that folder to start over")
-
-
-@dataclasses.dataclass
-class PreparedRun:
-    """A checked configuration with its data, its partition, its folder and its checkpoint."""
-
-    config: dict
-    data: Data_Preprocessing.FashionMNIST
-    client_indices: list
-    output_dir: pathlib.Path
-    checkpoint: tuple = None
-
-
-def prepare_run(config, loaded_data):
-    """Load data, partition and find the checkpoint: every input check, nothing written yet.
-
-    `loaded_data` caches data sets by DATA_DIR, so a comparison loads them once.
-    """
-    if config["DATA_DIR"] not in loaded_data:
-        loaded_data[config["DATA_DIR"]] = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
-    data = loaded_data[config["DATA_DIR"]]
-    client_indices = partition_data(config, data.y_train)
-    output_dir = run_dir(config)
-    return PreparedRun(config, data, client_indices, output_dir,
-                       find_checkpoint(config, output_dir))
-
-
-def check_resumable(runs):
-    """Raise FileNotFoundError when RESUME finds no checkpoint for any run of the command.
-
-    RESUME continues every run (seed, configuration) that has a checkpoint and starts the
-    others, so a comparison stopped part-way continues where it stopped.
-    """
-    resumed = [prepared for prepared in runs if prepared.config["RESUME"]]
-    if resumed and all(prepared.checkpoint is None for prepared in resumed):
-        which = (f"{resumed[0].output_dir / CHECKPOINT_NAME}" if len(resumed) == 1 else
-                 f"for any of the {len(resumed)} runs (the first: {resumed[0].output_dir})")
-        raise FileNotFoundError(f"RESUME is True but there is no checkpoint {which}: no run "
-                                "with exactly these constants (ROUNDS aside) was saved; run "
-                                "once without RESUME first")
-
-
-def prepare_output_dir(config, output_dir):
-    """Create the run's output folder and save the config there."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        Utils.save_config(output_dir / "config.json", config)
-    except OSError as error:
-        raise ValueError(f"OUTPUT_DIR {config['OUTPUT_DIR']} is not writable ({error.strerror})") \
-            from None
 
 
 def main(argv=None, make_engine=None, engine_defaults=None):
@@ -360,12 +115,13 @@ def main(argv=None, make_engine=None, engine_defaults=None):
         return draw_distributions(arguments)
     try:
         loaded_data = {}
-        labels, configs = zip(*load_configs(arguments, engine_defaults))
-        runs = [prepare_run(config, loaded_data) for config in configs]
-        check_resumable(runs)
+        labels, configs = zip(*configuration.load_configs(arguments, default_config(),
+                                                             engine_defaults))
+        runs = [configuration.prepare_run(config, loaded_data) for config in configs]
+        checkpoints.check_resumable(runs)
         engines = [make_engine(prepared.config) if make_engine else None for prepared in runs]
         for prepared in runs:
-            prepare_output_dir(prepared.config, prepared.output_dir)
+            configuration.prepare_output_dir(prepared.config, prepared.output_dir)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -387,50 +143,6 @@ def main(argv=None, make_engine=None, engine_defaults=None):
     if len(runs) > 1:
         write_comparison(labels, runs, histories)
     return exit_code
-
-
-def draw_distributions(arguments):
-    """Draw every DISTRIBUTION's split of the first configuration (the README's pictures)."""
-    try:
-        (_, config), *_ = load_configs(arguments)
-        data = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
-        arguments.distributions.mkdir(parents=True, exist_ok=True)
-        for distribution in DISTRIBUTIONS:
-            config = {**config, "DISTRIBUTION": distribution}
-            counts = Data_Preprocessing.class_counts(data.y_train,
-                                                     partition_data(config, data.y_train))
-            path = arguments.distributions / f"distribution_{distribution}.png"
-            Utils.plot_distribution(path, counts, Utils.run_name(config))
-            print(f"wrote {path}")
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
-
-
-def write_comparison(labels, runs, histories):
-    """Write comparison.md, comparison_seeds.csv and comparison.png into the first OUTPUT_DIR."""
-    output_dir = pathlib.Path(runs[0].config["OUTPUT_DIR"]).expanduser()
-    Utils.write_comparison(output_dir, labels, [prepared.config for prepared in runs], histories)
-    print(f"comparison: {output_dir / 'comparison.md'}, comparison_seeds.csv and "
-          "comparison.png")
-
-
-def partition_data(config, train_labels):
-    """Split the training set over the clients as DISTRIBUTION says, from SEED alone."""
-    return Data_Preprocessing.partition(
-        train_labels, config["NUM_CLIENTS"], config["DISTRIBUTION"],
-        Utils.rng(config["SEED"], "partition"),
-        max_sample_share=config["MAX_SAMPLE_SHARE"],
-        classes_per_client=config["CLASSES_PER_CLIENT"],
-        dirichlet_alpha=config["DIRICHLET_ALPHA"],
-        shards_per_client=config["SHARDS_PER_CLIENT"])
-
-
-def history_columns(config):
-    return (HISTORY_COLUMNS + (BASELINE_COLUMNS if config["CENTRALIZED_BASELINE"] else ())
-            + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ())
-            + (KRUM_COLUMNS if config["AGGREGATION"] in robust_rules.KRUM_RULES else ()))
 
 
 def run(prepared, engine=None):
@@ -457,7 +169,8 @@ def run(prepared, engine=None):
     engine = engine or federation.host
     global_weights, rows = federation.global_model.get_weights(), []
     if prepared.checkpoint is not None:
-        global_weights, rows = Utils.restore_run_state(prepared.checkpoint, federation.components)
+        global_weights, rows = checkpoints.restore_run_state(prepared.checkpoint,
+                                                             federation.components)
         print(f"resuming after round {len(rows)}")
     history = Utils.HistoryWriter(output_dir / "history.csv", history_columns(config), rows)
     tensorboard = Utils.TensorBoardLog(output_dir / "tensorboard", rows)
@@ -476,7 +189,8 @@ def run(prepared, engine=None):
                 history.append(row)
                 tensorboard.append(row)
                 if round_num % config["CHECKPOINT_EVERY"] == 0 or round_num == config["ROUNDS"]:
-                    Utils.save_run_state(output_dir / CHECKPOINT_NAME, config, rows,
+                    checkpoints.save_run_state(output_dir / checkpoints.CHECKPOINT_NAME, config,
+                                               rows,
                                          global_weights, federation.components)
             print(Utils.format_progress(row, config["ROUNDS"]), flush=True)
     finally:
@@ -489,121 +203,6 @@ def run(prepared, engine=None):
     federation.global_model.save(output_dir / "global_model.keras")
     print_summary(config, rows, output_dir)
     return rows
-
-
-def add_totals(row, rows):
-    """Add the cumulative megabytes sent down and up, including this round, to its row."""
-    previous = rows[-1] if rows else {"mb_down_total": 0.0, "mb_up_total": 0.0}
-    row["mb_down_total"] = round(previous["mb_down_total"] + row["bytes_down"] / 1e6, 6)
-    row["mb_up_total"] = round(previous["mb_up_total"] + row["bytes_up"] / 1e6, 6)
-
-
-def print_summary(config, rows, output_dir):
-    """Print the final accuracy, traffic, privacy spent and the gap to the baseline."""
-    print(f"final test accuracy {rows[-1]['test_accuracy']:.4f} after {config['ROUNDS']} rounds; "
-          f"uploaded {rows[-1]['mb_up_total']:.1f} MB, downloaded "
-          f"{rows[-1]['mb_down_total']:.1f} MB; results in {output_dir}")
-    if config["DP_CLIP_NORM"] > 0:
-        print(f"privacy spent: epsilon {rows[-1]['epsilon']:.3f} at delta {config['DP_DELTA']}")
-    if config["CENTRALIZED_BASELINE"]:
-        gap = 100 * (rows[-1]["baseline_accuracy"] - rows[-1]["test_accuracy"])
-        print(f"centralized baseline {rows[-1]['baseline_accuracy']:.4f} on the same samples: "
-              f"federated is {gap:.2f} percentage points below it")
-
-
-class ClientsDiverged(Exception):
-    """Every upload of a round was NaN or infinite: local training diverged on every client."""
-
-
-def check_finite(round_num, global_weights, row, config, output_dir, rows):
-    """Stop the run with DivergenceError when the new global model is NaN or infinite."""
-    finite_weights = all(np.isfinite(layer).all() for layer in global_weights)
-    if finite_weights and (row["test_loss"] == "" or np.isfinite(row["test_loss"])):
-        return
-    raise divergence(round_num, f"the global model diverged (test loss {row['test_loss']}, "
-                     f"finite weights: {finite_weights})", config, output_dir, rows)
-
-
-def divergence(round_num, what, config, output_dir, rows):
-    """Build the DivergenceError of round `round_num`, naming the likely cause."""
-    kept = (f"{output_dir} keeps the history of rounds 1-{round_num - 1} and its last checkpoint"
-            if round_num > 1 else "no round had finished")
-    return DivergenceError(f"round {round_num}: {what}; likely cause: "
-                           f"{likely_divergence_cause(config)}; {kept}", rows)
-
-
-def likely_divergence_cause(config):
-    """Name what most likely made this configuration diverge, most specific first."""
-    if config["MALICIOUS_FRACTION"] > 0:
-        return (f"the {config['ATTACK']} attackers (MALICIOUS_FRACTION "
-                f"{config['MALICIOUS_FRACTION']}, AGGREGATION {config['AGGREGATION']})")
-    if config["SERVER_OPTIMIZER"] != "sgd" or config["SERVER_LR"] > 1:
-        return (f"the server step: SERVER_OPTIMIZER {config['SERVER_OPTIMIZER']} with SERVER_LR "
-                f"{config['SERVER_LR']} is too large")
-    if config["ALGORITHM"] == "scaffold":
-        return (f"SCAFFOLD's control variates grew: lower LEARNING_RATE "
-                f"{config['LEARNING_RATE']} or LOCAL_MOMENTUM {config['LOCAL_MOMENTUM']}")
-    if config["LOCAL_MOMENTUM"] > 0:
-        return (f"LEARNING_RATE {config['LEARNING_RATE']} is too high for LOCAL_MOMENTUM "
-                f"{config['LOCAL_MOMENTUM']} (the effective step is about lr / (1 - momentum))")
-    return f"LEARNING_RATE {config['LEARNING_RATE']} is too high"
-
-
-def print_setup(config, source, client_indices, output_dir):
-    """Print the quantities derived from the constants, before training starts."""
-    sizes = [len(indices) for indices in client_indices]
-    per_round = (f"{config['CLIENT_FRACTION'] * config['NUM_CLIENTS']:g} expected (poisson)"
-                 if config["CLIENT_SAMPLING"] == "poisson" else
-                 Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"]))
-    print(f"data: {source}  clients: {len(sizes)}  samples per client: min {min(sizes)}, "
-          f"max {max(sizes)}, total {sum(sizes):,}  clients per round: {per_round}")
-    print(f"algorithm: {config['ALGORITHM']}  server optimizer: {config['SERVER_OPTIMIZER']} "
-          f"(lr {config['SERVER_LR']})  output: {output_dir}")
-
-
-@dataclasses.dataclass
-class Federation:
-    """The server side of a run and, in process, its clients.
-
-    components: every object whose state a checkpoint must carry.
-    """
-
-    global_model: object
-    server: Server_side.Server
-    evaluate: Server_side.Evaluator
-    malicious: set
-    components: dict
-    host: Client_side.ClientHost = None
-    baseline: Client_side.CentralizedBaseline = None
-
-
-def build_federation(config, data, client_indices, in_process=True):
-    """Create the global model, the server, the evaluator and (in process) the clients."""
-    Utils.seed_everything(config["SEED"])
-    global_model = Server_side.create_model()
-    initial_weights = global_model.get_weights()
-    shapes = [layer.shape for layer in initial_weights]
-    server = Server_side.Server(config, shapes, [len(indices) for indices in client_indices])
-    components = {"server": server}
-    host = None
-    if in_process:
-        host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
-                                      data.y_train, client_indices)
-        components.update({f"client_{name}": memory for name, memory in host.memory.items()})
-    baseline = None
-    if config["CENTRALIZED_BASELINE"]:
-        baseline_trainer = Client_side.LocalTrainer(
-            Server_side.create_model(), data.x_train, data.y_train, config["LEARNING_RATE"],
-            config["LOCAL_MOMENTUM"], config["BATCH_SIZE"], 1)
-        baseline_trainer.seed_dropout(config["SEED"])
-        baseline = Client_side.CentralizedBaseline(baseline_trainer, initial_weights,
-                                                   len(data.y_train), config["SEED"])
-        components["baseline"] = baseline
-    return Federation(global_model, server,
-                      Server_side.Evaluator(global_model, data.x_test, data.y_test),
-                      Client_side.malicious_clients(config["NUM_CLIENTS"],
-                                                    config["MALICIOUS_FRACTION"], config["SEED"]),
-                      components, host, baseline)
 
 
 def run_round(round_num, config, federation, global_weights, engine):
@@ -683,6 +282,190 @@ def round_row(round_num, report, evaluation, num_selected, malicious, seconds):
 def _rounded(value):
     """Round a logged figure to 6 digits; None (not measured this round) becomes empty."""
     return "" if value is None else round(value, 6)
+
+
+def add_totals(row, rows):
+    """Add the cumulative megabytes sent down and up, including this round, to its row."""
+    previous = rows[-1] if rows else {"mb_down_total": 0.0, "mb_up_total": 0.0}
+    row["mb_down_total"] = round(previous["mb_down_total"] + row["bytes_down"] / 1e6, 6)
+    row["mb_up_total"] = round(previous["mb_up_total"] + row["bytes_up"] / 1e6, 6)
+
+
+# --- Setting up a run: the server side and, in process, the clients ---------------------------
+
+@dataclasses.dataclass
+class Federation:
+    """The server side of a run and, in process, its clients.
+
+    components: every object whose state a checkpoint must carry.
+    """
+
+    global_model: object
+    server: Server_side.Server
+    evaluate: Server_side.Evaluator
+    malicious: set
+    components: dict
+    host: Client_side.ClientHost = None
+    baseline: Client_side.CentralizedBaseline = None
+
+
+def build_federation(config, data, client_indices, in_process=True):
+    """Create the global model, the server, the evaluator and (in process) the clients."""
+    Utils.seed_everything(config["SEED"])
+    global_model = Server_side.create_model()
+    initial_weights = global_model.get_weights()
+    shapes = [layer.shape for layer in initial_weights]
+    server = Server_side.Server(config, shapes, [len(indices) for indices in client_indices])
+    components = {"server": server}
+    host = None
+    if in_process:
+        host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
+                                      data.y_train, client_indices)
+        components.update({f"client_{name}": memory for name, memory in host.memory.items()})
+    baseline = None
+    if config["CENTRALIZED_BASELINE"]:
+        baseline_trainer = Client_side.LocalTrainer.for_baseline(
+            Server_side.create_model(), data.x_train, data.y_train, config)
+        baseline = Client_side.CentralizedBaseline(baseline_trainer, initial_weights,
+                                                   len(data.y_train), config["SEED"])
+        components["baseline"] = baseline
+    return Federation(global_model, server,
+                      Server_side.Evaluator(global_model, data.x_test, data.y_test),
+                      Client_side.malicious_clients(config["NUM_CLIENTS"],
+                                                    config["MALICIOUS_FRACTION"], config["SEED"]),
+                      components, host, baseline)
+
+
+def history_columns(config):
+    return (HISTORY_COLUMNS + (BASELINE_COLUMNS if config["CENTRALIZED_BASELINE"] else ())
+            + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ())
+            + (KRUM_COLUMNS if config["AGGREGATION"] in robust_rules.KRUM_RULES else ()))
+
+
+def print_setup(config, source, client_indices, output_dir):
+    """Print the quantities derived from the constants, before training starts."""
+    sizes = [len(indices) for indices in client_indices]
+    per_round = (f"{config['CLIENT_FRACTION'] * config['NUM_CLIENTS']:g} expected (poisson)"
+                 if config["CLIENT_SAMPLING"] == "poisson" else
+                 Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"]))
+    print(f"data: {source}  clients: {len(sizes)}  samples per client: min {min(sizes)}, "
+          f"max {max(sizes)}, total {sum(sizes):,}  clients per round: {per_round}")
+    print(f"algorithm: {config['ALGORITHM']}  server optimizer: {config['SERVER_OPTIMIZER']} "
+          f"(lr {config['SERVER_LR']})  output: {output_dir}")
+
+
+def print_summary(config, rows, output_dir):
+    """Print the final accuracy, traffic, privacy spent and the gap to the baseline."""
+    print(f"final test accuracy {rows[-1]['test_accuracy']:.4f} after {config['ROUNDS']} rounds; "
+          f"uploaded {rows[-1]['mb_up_total']:.1f} MB, downloaded "
+          f"{rows[-1]['mb_down_total']:.1f} MB; results in {output_dir}")
+    if config["DP_CLIP_NORM"] > 0:
+        print(f"privacy spent: epsilon {rows[-1]['epsilon']:.3f} at delta {config['DP_DELTA']}")
+    if config["CENTRALIZED_BASELINE"]:
+        gap = 100 * (rows[-1]["baseline_accuracy"] - rows[-1]["test_accuracy"])
+        print(f"centralized baseline {rows[-1]['baseline_accuracy']:.4f} on the same samples: "
+              f"federated is {gap:.2f} percentage points below it")
+
+
+# --- When a run diverges ------------------------------------------------------------------------
+
+class ClientsDiverged(Exception):
+    """Every upload of a round was NaN or infinite: local training diverged on every client."""
+
+
+class DivergenceError(Exception):
+    """The global model's weights or test loss stopped being finite numbers.
+
+    `rows` holds the history of the rounds before, for comparisons.
+    """
+
+    def __init__(self, message, rows=()):
+        super().__init__(message)
+        self.rows = list(rows)
+
+
+def check_finite(round_num, global_weights, row, config, output_dir, rows):
+    """Stop the run with DivergenceError when the new global model is NaN or infinite."""
+    finite_weights = all(np.isfinite(layer).all() for layer in global_weights)
+    if finite_weights and (row["test_loss"] == "" or np.isfinite(row["test_loss"])):
+        return
+    raise divergence(round_num, f"the global model diverged (test loss {row['test_loss']}, "
+                     f"finite weights: {finite_weights})", config, output_dir, rows)
+
+
+def divergence(round_num, what, config, output_dir, rows):
+    """Build the DivergenceError of round `round_num`, naming the likely cause."""
+    kept = (f"{output_dir} keeps the history of rounds 1-{round_num - 1} and its last checkpoint"
+            if round_num > 1 else "no round had finished")
+    return DivergenceError(f"round {round_num}: {what}; likely cause: "
+                           f"{likely_divergence_cause(config)}; {kept}", rows)
+
+
+def likely_divergence_cause(config):
+    """Name what most likely made this configuration diverge, most specific first."""
+    if config["MALICIOUS_FRACTION"] > 0:
+        return (f"the {config['ATTACK']} attackers (MALICIOUS_FRACTION "
+                f"{config['MALICIOUS_FRACTION']}, AGGREGATION {config['AGGREGATION']})")
+    if config["SERVER_OPTIMIZER"] != "sgd" or config["SERVER_LR"] > 1:
+        return (f"the server step: SERVER_OPTIMIZER {config['SERVER_OPTIMIZER']} with SERVER_LR "
+                f"{config['SERVER_LR']} is too large")
+    if config["ALGORITHM"] == "scaffold":
+        return (f"SCAFFOLD's control variates grew: lower LEARNING_RATE "
+                f"{config['LEARNING_RATE']} or LOCAL_MOMENTUM {config['LOCAL_MOMENTUM']}")
+    if config["LOCAL_MOMENTUM"] > 0:
+        return (f"LEARNING_RATE {config['LEARNING_RATE']} is too high for LOCAL_MOMENTUM "
+                f"{config['LOCAL_MOMENTUM']} (the effective step is about lr / (1 - momentum))")
+    return f"LEARNING_RATE {config['LEARNING_RATE']} is too high"
+
+
+# --- The constants and the command line (their checks: configuration.py) ------------------------
+
+def default_config():
+    """Return the constants above by name."""
+    return {name: globals()[name] for name in CONSTANT_NAMES}
+
+
+def parse_arguments(argv):
+    """Read the seed's command line: -c turns on CSV overrides, -f names the CSV(s)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action="store_true",
+                        help="override constants from the CSV(s) named by -f")
+    parser.add_argument("-f", "--file", nargs="+", default=["config.csv"],
+                        help="CSV with header 'param,val' and one constant per row; several "
+                             "files run one after another and are compared in one table")
+    parser.add_argument("--distributions", metavar="FOLDER", type=pathlib.Path,
+                        help="only draw distribution_<name>.png for every DISTRIBUTION with "
+                             "the constants (and -c -f overrides) into FOLDER, then stop")
+    return parser.parse_args(argv)
+
+
+# --- Pictures and comparisons -------------------------------------------------------------------
+
+def draw_distributions(arguments):
+    """Draw every DISTRIBUTION's split of the first configuration (the README's pictures)."""
+    try:
+        (_, config), *_ = configuration.load_configs(arguments, default_config())
+        data = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
+        arguments.distributions.mkdir(parents=True, exist_ok=True)
+        for distribution in Data_Preprocessing.DISTRIBUTIONS:
+            config = {**config, "DISTRIBUTION": distribution}
+            counts = Data_Preprocessing.class_counts(
+                data.y_train, configuration.partition_data(config, data.y_train))
+            path = arguments.distributions / f"distribution_{distribution}.png"
+            Utils.plot_distribution(path, counts, Utils.run_name(config))
+            print(f"wrote {path}")
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def write_comparison(labels, runs, histories):
+    """Write comparison.md, comparison_seeds.csv and comparison.png into the first OUTPUT_DIR."""
+    output_dir = pathlib.Path(runs[0].config["OUTPUT_DIR"]).expanduser()
+    Utils.write_comparison(output_dir, labels, [prepared.config for prepared in runs], histories)
+    print(f"comparison: {output_dir / 'comparison.md'}, comparison_seeds.csv and "
+          "comparison.png")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import numbers
-import os
 import pathlib
 import secrets
 import signal
@@ -229,74 +228,6 @@ class TensorBoardLog:
 
     def close(self):
         self._writer.close()
-
-
-def save_checkpoint(path, arrays, metadata):
-    """Write named arrays and JSON metadata to one .npz file, atomically.
-
-    The file is written beside its final name, synced to disk, then renamed over it: a crash at
-    any moment leaves either the old checkpoint or the new one, never half of one.
-    """
-    path = pathlib.Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        np.savez(file, metadata=np.array(json.dumps(metadata)), **arrays)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path):
-    """Return (arrays by name, metadata) from a file written by save_checkpoint."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            metadata = json.loads(str(archive["metadata"]))
-            arrays = {name: archive[name] for name in archive.files if name != "metadata"}
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"checkpoint {path} is unreadable ({error}); delete its folder to "
-                         "start the run over") from None
-    return arrays, metadata
-
-
-def save_run_state(path, config, rows, global_weights, components):
-    """Checkpoint a run: weights, every component's state and the history.
-
-    Args:
-        components: objects with get_state() -> list of arrays (server state, client memory,
-            baseline), saved as '<name>_<index>'. Random draws are keyed by round and client
-            (see `rng`), so no generator state needs saving.
-    """
-    arrays = {f"global_{index}": layer for index, layer in enumerate(global_weights)}
-    sizes = {}
-    for name, component in components.items():
-        state = component.get_state()
-        sizes[name] = len(state)
-        arrays.update({f"{name}_{index}": array for index, array in enumerate(state)})
-    metadata = {"round": rows[-1]["round"], "config": config, "history": rows,
-                "state_sizes": sizes, "num_layers": len(global_weights)}
-    save_checkpoint(path, arrays, json.loads(json.dumps(metadata, default=str)))
-
-
-def restore_run_state(checkpoint, components):
-    """Load what save_run_state wrote into the components.
-
-    Returns:
-        (global weights, history rows).
-    """
-    arrays, metadata = checkpoint
-    for name, component in components.items():
-        component.set_state([arrays[f"{name}_{index}"]
-                             for index in range(metadata["state_sizes"][name])])
-    global_weights = [arrays[f"global_{index}"] for index in range(metadata["num_layers"])]
-    return global_weights, metadata["history"]
-
-
-def config_differences(saved, current, ignored):
-    """Return the names of constants whose JSON form differs between two configs."""
-    saved_json = json.loads(json.dumps(saved, default=str))
-    current_json = json.loads(json.dumps(current, default=str))
-    names = (set(saved_json) | set(current_json)) - set(ignored)
-    return sorted(name for name in names if saved_json.get(name) != current_json.get(name))
 
 
 @contextlib.contextmanager

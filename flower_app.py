@@ -21,22 +21,28 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import sys
 import time
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+# As in Main.py: quiet TensorFlow's C++ start-up lines unless the user chose a level.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import Client_side
-import Data_Preprocessing
-import Main
-import Server_side
-import screening
-import Utils
-import upload_format
+import numpy as np  # noqa: E402 (after the log level above)
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Message,  # noqa: E402
+                      MetricRecord, RecordDict)
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+
+import Client_side  # noqa: E402
+import configuration  # noqa: E402
+import Data_Preprocessing  # noqa: E402
+import Main  # noqa: E402
+import Server_side  # noqa: E402
+import screening  # noqa: E402
+import Utils  # noqa: E402
+import upload_format  # noqa: E402
 
 MESSAGE_TYPE = "train.round"
 QUERY_TYPE = "query.partition"
@@ -366,7 +372,7 @@ def client_train(message, context):
     Utils.make_deterministic()
     Utils.seed_everything(config["SEED"])
     host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
-                                  data.y_train, Main.partition_data(config, data.y_train))
+                                  data.y_train, configuration.partition_data(config, data.y_train))
     restore_client_state(host, context.state)
     # Keep the state of last time's clients only where the server accepted their uploads.
     outcomes = json.loads(settings["accepted"])

@@ -29,6 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import configuration  # noqa: E402
 import Main  # noqa: E402
 import Server_side  # noqa: E402
 import Utils  # noqa: E402
@@ -111,7 +112,7 @@ def simulate(config, data, rounds):
         (samples per second, seconds of each round, RSS after each round, the federation,
         the clients' sizes, the last global weights).
     """
-    client_indices = Main.partition_data(config, data.y_train)
+    client_indices = configuration.partition_data(config, data.y_train)
     federation = Main.build_federation(config, data, client_indices)
     global_weights, _ = Main.run_round(0, config, federation,
                                        federation.global_model.get_weights(),
@@ -152,7 +153,7 @@ def scenario_config(arguments):
     if arguments.file:
         config.update(Utils.read_overrides(arguments.file, config))
     config["ROUNDS"] = arguments.rounds or default_rounds  # so the last round is evaluated
-    return Main.validate_config(config)
+    return configuration.validate_config(config)
 
 
 def main():

@@ -106,8 +106,11 @@ class Cluster:
         self.extra_node_config = extra_node_config or {}
         self.port = free_port()
         self.processes, self.nodes, self.node_ids = [], {}, {}
+        # Every Flower command comes from this interpreter's folder, and so do the processes
+        # they start themselves (flower-superexec, flwr-clientapp): a venv need not be active.
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+                    "PATH": f"{FLOWER_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         security = (["--root-certificates", str(tls["ca"])] if tls else ["--insecure"])
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
@@ -116,7 +119,7 @@ class Cluster:
         self._security = security
 
     def start(self):
-        link = ["flower-superlink", "--disable-runtime-dependency-installation",
+        link = [str(FLOWER_BIN / "flower-superlink"), "--disable-runtime-dependency-installation",
                 "--port", str(self.port)]
         link += (["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile",
                   str(self.tls["cert"]), "--ssl-keyfile", str(self.tls["key"])]
@@ -203,7 +206,6 @@ class Cluster:
             process.wait(timeout=30)
 
     def _spawn(self, command, name):
-        command[0] = str(FLOWER_BIN / pathlib.Path(command[0]).name)
         with open(self.home / f"{name}.log", "ab") as log:
             process = subprocess.Popen(command, cwd=self.home, env=self.env, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True)

@@ -117,7 +117,7 @@ def test_clients_of_any_size_share_one_trace(tiny_client):
     rng = np.random.default_rng(0)
     for size in (5, 8, 33, 70):
         assert trainer.train(weights, np.arange(size), rng).num_examples == size
-    assert trainer._train.experimental_get_tracing_count() == 1
+    assert trainer._train_clients.experimental_get_tracing_count() == 1
 
 
 def test_local_training_lowers_the_training_loss(fashion_mnist):
@@ -380,3 +380,15 @@ def test_malicious_clients_are_the_share_rounded_half_up_like_the_selection(num_
     attackers = Client_side.malicious_clients(num_clients, fraction, seed=0)
     assert len(attackers) == expected and attackers <= set(range(num_clients))
     assert attackers == Client_side.malicious_clients(num_clients, fraction, seed=0)
+
+
+def test_a_baseline_round_without_samples_keeps_its_weights(tiny_client):
+    """A round where no client returned trains the baseline on 0 samples: nothing changes
+    (before, an empty sample stream raised in np.concatenate)."""
+    x_train, y_train = tiny_client
+    trainer = tiny_trainer(x_train, y_train, batch_size=10)
+    baseline = Client_side.CentralizedBaseline(trainer, random_weights(trainer, 0), 70, seed=0)
+    before = [layer.copy() for layer in baseline.weights]
+    for after_layer, before_layer in zip(baseline.train(0), before, strict=True):
+        np.testing.assert_array_equal(after_layer, before_layer)
+    assert (baseline._pass, baseline._position) == (0, 0)

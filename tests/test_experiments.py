@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+import configuration
 import Main
 
 ROOT = pathlib.Path(Main.__file__).resolve().parent
@@ -22,7 +23,8 @@ def results_sections():
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*/*.csv")),
                          ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_every_experiment_csv_loads_and_validates(path):
-    runs = Main.load_configs(Main.parse_arguments(["-c", "-f", str(path)]))
+    runs = configuration.load_configs(Main.parse_arguments(["-c", "-f", str(path)]),
+                                      Main.default_config())
     assert runs and all(config["OUTPUT_DIR"] == pathlib.Path("results") / path.parent.name
                         for _, config in runs)
 
@@ -30,7 +32,8 @@ def test_every_experiment_csv_loads_and_validates(path):
 def test_every_folder_of_an_experiment_compares_without_clashing_folders():
     for folder in sorted(path for path in EXPERIMENTS.iterdir() if path.is_dir()):
         files = [str(path) for path in sorted(folder.glob("*.csv"))]
-        assert len(Main.load_configs(Main.parse_arguments(["-c", "-f", *files]))) >= len(files)
+        arguments = Main.parse_arguments(["-c", "-f", *files])
+        assert len(configuration.load_configs(arguments, Main.default_config())) >= len(files)
 
 
 def test_every_results_table_names_its_command_and_the_folder_exists():

@@ -12,12 +12,13 @@ import time
 import numpy as np
 import pytest
 
+import checkpoints
 import Client_side
+import configuration
 import flower_app
 import Main
 import Server_side
 import upload_format
-import Utils
 from flower_cluster import Cluster, make_node_key, make_tls_files
 
 # 20 iid clients of 3,000 samples, 4 a round: a few seconds of training a round.
@@ -36,7 +37,7 @@ def history_and_weights(output_dir):
     with open(run_dir / "history.csv") as file:
         rows = [{key: value for key, value in row.items() if key != "seconds"}
                 for row in csv.DictReader(file)]
-    arrays, _ = Utils.load_checkpoint(run_dir / Main.CHECKPOINT_NAME)
+    arrays, _ = checkpoints.load_checkpoint(run_dir / checkpoints.CHECKPOINT_NAME)
     return rows, [arrays[name] for name in sorted(arrays) if name.startswith("global")]
 
 
@@ -76,9 +77,10 @@ def test_flower_draws_dp_noise_from_os_entropy_unless_the_config_asks_for_seeded
     seeded = write_config(tmp_path / "seeded.csv", DP_CLIP_NORM=0.1, DP_NOISE="seeded",
                           OUTPUT_DIR=tmp_path / "b")
     arguments = Main.parse_arguments(["-c", "-f", str(plain), str(seeded)])
-    on_flower = Main.load_configs(arguments, flower_app.ENGINE_DEFAULTS)
+    on_flower = configuration.load_configs(arguments, Main.default_config(),
+                                           flower_app.ENGINE_DEFAULTS)
     assert [config["DP_NOISE"] for _, config in on_flower] == ["secure", "seeded"]
-    in_process = Main.load_configs(arguments)
+    in_process = configuration.load_configs(arguments, Main.default_config())
     assert [config["DP_NOISE"] for _, config in in_process] == ["seeded", "seeded"]
 
 
@@ -355,7 +357,8 @@ class LosingEngine:
 
     def __init__(self, config, data):
         self.host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
-                                           data.y_train, Main.partition_data(config, data.y_train))
+                                           data.y_train,
+                                           configuration.partition_data(config, data.y_train))
 
     def train(self, round_num, clients, global_weights, server_variate=None):
         uploads = self.host.train(round_num, clients, global_weights, server_variate)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import configuration
 import Main
 import Utils
 
@@ -21,7 +22,7 @@ def config_with(**overrides):
 
 
 def test_the_defaults_are_the_seeds_and_valid():
-    config = Main.validate_config(Main.default_config())
+    config = configuration.validate_config(Main.default_config())
     assert (config["NUM_CLIENTS"], config["ROUNDS"], config["CLIENT_FRACTION"]) == (100, 100, 0.3)
     assert (config["LOCAL_EPOCHS"], config["BATCH_SIZE"], config["LEARNING_RATE"]) == (1, 32, 0.01)
     assert config["DISTRIBUTION"] == "noniid_ib" and config["SEED"] == 0
@@ -36,7 +37,7 @@ def test_the_defaults_are_the_seeds_and_valid():
     ("SEED", "0"), ("OUTPUT_DIR", "")])
 def test_validate_config_names_the_bad_constant(name, value):
     with pytest.raises(ValueError, match=f"^{name} must be"):
-        Main.validate_config(config_with(**{name: value}))
+        configuration.validate_config(config_with(**{name: value}))
 
 
 def write_config(path, **constants):
@@ -351,7 +352,7 @@ def test_scaffold_with_momentum_learns_at_least_as_well_as_fedavg(tmp_path,
 ])
 def test_invalid_combinations_are_rejected_up_front(constants, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        Main.validate_config(config_with(**constants))
+        configuration.validate_config(config_with(**constants))
 
 
 @pytest.mark.slow

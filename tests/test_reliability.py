@@ -14,9 +14,10 @@ import time
 import numpy as np
 import pytest
 
+import checkpoints
+import configuration
 import Data_Preprocessing
 import Main
-import Utils
 
 MAIN_PY = pathlib.Path(Main.__file__).resolve()
 # 50 iid clients of 1,200 samples, 5 a round: about a second a round on 2 cores.
@@ -48,8 +49,9 @@ def run_main(config_path):
 
 def run_dir_of(config_path):
     """The folder Main.py writes for the run a CSV describes."""
-    ((_, config),) = Main.load_configs(Main.parse_arguments(["-c", "-f", str(config_path)]))
-    return Main.run_dir(config)
+    ((_, config),) = configuration.load_configs(
+        Main.parse_arguments(["-c", "-f", str(config_path)]), Main.default_config())
+    return configuration.run_dir(config)
 
 
 def read_history(run_dir):
@@ -73,7 +75,7 @@ def wait_for_rounds(run_dir, num_rounds, process, timeout=300):
 
 
 def global_weights_of(run_dir):
-    arrays, metadata = Utils.load_checkpoint(run_dir / Main.CHECKPOINT_NAME)
+    arrays, metadata = checkpoints.load_checkpoint(run_dir / checkpoints.CHECKPOINT_NAME)
     return metadata["round"], [arrays[name] for name in sorted(arrays) if name.startswith("global")]
 
 
@@ -174,11 +176,11 @@ def make_checkpoint(output, config_overrides, round_num, rounds, saved_overrides
     `saved_overrides` makes the checkpoint claim other constants than its folder stands for.
     """
     config = {**Main.default_config(), "OUTPUT_DIR": output, **config_overrides}
-    run_dir = Main.run_dir(config)
+    run_dir = configuration.run_dir(config)
     run_dir.mkdir(parents=True)
     metadata = {"round": round_num, "history": [],
                 "config": {**config, "ROUNDS": rounds, **(saved_overrides or {})}}
-    Utils.save_checkpoint(run_dir / Main.CHECKPOINT_NAME, {"global_0": np.zeros(2)},
+    checkpoints.save_checkpoint(run_dir / checkpoints.CHECKPOINT_NAME, {"global_0": np.zeros(2)},
                           json.loads(json.dumps(metadata, default=str)))
     (run_dir / "history.csv").write_text("round\n1\n")
 
@@ -274,7 +276,7 @@ def test_a_round_where_no_client_returns_keeps_the_global_model(fashion_mnist):
     config = {**Main.default_config(), **SMALL_RUN, "CLIENT_DROPOUT": 0.999999}
     data = fashion_mnist._replace(x_test=fashion_mnist.x_test[:500],
                                   y_test=fashion_mnist.y_test[:500])
-    client_indices = Main.partition_data(config, data.y_train)
+    client_indices = configuration.partition_data(config, data.y_train)
     federation = Main.build_federation(config, data, client_indices)
     weights = federation.global_model.get_weights()
     new_weights, row = Main.run_round(1, config, federation, weights, federation.host)
@@ -332,7 +334,7 @@ def test_60000_one_sample_clients_keep_state_only_for_those_that_trained(fashion
               "CLIENT_FRACTION": 0.0001, "ALGORITHM": "scaffold", "COMPRESSION": "topk"}
     data = fashion_mnist._replace(x_test=fashion_mnist.x_test[:500],
                                   y_test=fashion_mnist.y_test[:500])
-    client_indices = Main.partition_data(config, data.y_train)
+    client_indices = configuration.partition_data(config, data.y_train)
     assert {len(indices) for indices in client_indices} == {1}
     federation = Main.build_federation(config, data, client_indices)
     weights, trained = federation.global_model.get_weights(), set()
@@ -393,7 +395,8 @@ def test_client_state_follows_what_the_server_accepted(fashion_mnist):
     spoiled = {1: {again}, 3: {returning[3][0]}}
     data = fashion_mnist._replace(x_test=fashion_mnist.x_test[:500],
                                   y_test=fashion_mnist.y_test[:500])
-    federation = Main.build_federation(config, data, Main.partition_data(config, data.y_train))
+    federation = Main.build_federation(config, data,
+                                       configuration.partition_data(config, data.y_train))
     engine = SpoilingEngine(federation.host, spoiled)
     weights = federation.global_model.get_weights()
     variates, residuals = federation.host.memory["variate"], federation.host.memory["residual"]
@@ -415,7 +418,8 @@ def test_a_krum_round_with_too_few_updates_is_logged_and_counted(fashion_mnist, 
               "CLIENT_DROPOUT": 0.5}
     data = fashion_mnist._replace(x_test=fashion_mnist.x_test[:500],
                                   y_test=fashion_mnist.y_test[:500])
-    federation = Main.build_federation(config, data, Main.partition_data(config, data.y_train))
+    federation = Main.build_federation(config, data,
+                                       configuration.partition_data(config, data.y_train))
     returned = len(Main.Server_side.round_clients(config, 1)[1])
     assert returned < 5, "the test needs dropout to leave fewer than 2 f + 3 = 5 clients"
     weights = federation.global_model.get_weights()

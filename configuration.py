@@ -1,0 +1,198 @@
+"""The constants as runs see them: CSV overrides, one-line checks, repeats, folders, data.
+
+`python Main.py -c -f a.csv b.csv` makes one configuration per file (Main.py's constants with the
+file's overrides), checks every value against RULES and the combinations `validate_config`
+refuses, expands REPEATS into seeds, names each run's folder by a hash of its constants and
+prepares its data, partition and checkpoint, all before anything is written.
+"""
+
+import dataclasses
+import numbers
+import pathlib
+
+import checkpoints
+import Client_side
+import Data_Preprocessing
+import robust_rules
+import Server_side
+import upload_format
+import Utils
+
+
+def load_configs(arguments, constants, engine_defaults=None):
+    """Return (label, validated config) for every run to make, in order.
+
+    One configuration per CSV, labelled by the file's name (or the constants alone, labelled
+    'default', without -c), each made REPEATS times with SEED, SEED + 1, ...
+
+    Args:
+        arguments: Main.py's command line (-c, -f).
+        constants: Main.py's constants by name (what a CSV may override).
+        engine_defaults: constants whose default an engine changes (what a CSV does not set).
+    """
+    defaults = {**constants, **(engine_defaults or {})}
+    if arguments.config:
+        sources = [(pathlib.Path(path).stem,
+                    {**defaults, **Utils.read_overrides(path, constants)})
+                   for path in arguments.file]
+    else:
+        sources = [("default", defaults)]
+    labels = [label for label, _ in sources]
+    for position, label in enumerate(labels):
+        if label in labels[:position]:
+            raise ValueError(f"two config files are named {label}: comparisons label runs by "
+                             "file name, so rename one")
+    runs = [(label, {**config, "SEED": config["SEED"] + repeat})
+            for label, config in sources
+            for repeat in range(validate_config(config)["REPEATS"])]
+    folders = [run_dir(config) for _, config in runs]
+    for position, folder in enumerate(folders):
+        if folder in folders[:position]:
+            raise ValueError(f"{runs[folders.index(folder)][0]} and {runs[position][0]} would "
+                             f"both write {folder}; give them different OUTPUT_DIR values")
+    return runs
+
+
+def validate_config(config):
+    """Raise ValueError naming the first constant whose value is not allowed."""
+    for name, (is_allowed, allowed) in RULES.items():
+        if not is_allowed(config[name]):
+            raise ValueError(f"{name} must be {allowed}, got {config[name]!r}")
+    averaging = config["ALGORITHM"] in ("fedavg", "fedprox")
+    if config["AGGREGATION"] != "fedavg" and not averaging:
+        raise ValueError(f"AGGREGATION {config['AGGREGATION']} needs ALGORITHM fedavg or "
+                         f"fedprox, got {config['ALGORITHM']}")
+    if config["DP_CLIP_NORM"] > 0 and not (averaging and config["AGGREGATION"] == "fedavg"):
+        raise ValueError("DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM fedavg or fedprox and "
+                         "AGGREGATION fedavg")
+    if config["SEED"] + config["REPEATS"] > 2**32:
+        raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
+                         f"{config['REPEATS']} - 1")
+    per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
+    if config["AGGREGATION"] in robust_rules.KRUM_RULES and per_round < 2 * config["KRUM_F"] + 3:
+        raise ValueError(f"KRUM_F must leave at least 2 * KRUM_F + 3 clients a round for Krum; "
+                         f"with {per_round} clients a round KRUM_F can be at most "
+                         f"{max(0, (per_round - 3) // 2)}, got {config['KRUM_F']}")
+    return config
+
+
+def _integer(low, high=None, high_text=None, note=""):
+    """A rule for an integer in [low, high] (no upper bound when high is None)."""
+    allowed = (f"an integer >= {low}" if high is None
+               else f"an integer from {low} to {high_text or high}")
+    return (lambda value: Utils.is_integer(value) and low <= value
+            and (high is None or value <= high)), allowed + note
+
+
+def _number(interval):
+    """A rule for a finite number in an interval: '(0, 1]', '[0, 0.5)', '> 0' or '>= 0'."""
+    if interval.startswith(">"):
+        bound = interval.split()[1]
+        interval_text = f"[{bound}, inf)" if interval.startswith(">=") else f"({bound}, inf)"
+        allowed = f"a number {interval}"
+    else:
+        interval_text, allowed = interval, f"a number in {interval}"
+    low, high = (float(bound) for bound in interval_text[1:-1].split(","))
+
+    def is_allowed(value):
+        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and (low <= value if interval_text[0] == "[" else low < value)
+                and (value <= high if interval_text[-1] == "]" else value < high))
+    return is_allowed, allowed
+
+
+def _one_of(choices):
+    return (lambda value: value in choices), "one of " + ", ".join(choices)
+
+
+_BOOLEAN = (lambda value: isinstance(value, bool)), "True or False"
+
+
+def _folder(optional):
+    def is_folder(value):
+        return ((optional and value is None)
+                or (isinstance(value, (str, pathlib.Path)) and str(value) != ""))
+    return is_folder, "None or a folder path" if optional else "a folder path"
+
+
+# Each constant's rule: (test, what is allowed), checked in this order.
+RULES = {
+    "NUM_CLIENTS": _integer(1, 60000), "ROUNDS": _integer(1),
+    "CLIENT_FRACTION": _number("(0, 1]"), "CLIENT_SAMPLING": _one_of(Server_side.CLIENT_SAMPLINGS),
+    "LOCAL_EPOCHS": _integer(1), "BATCH_SIZE": _integer(0, note=" (0 = all local data)"),
+    "LEARNING_RATE": _number("> 0"), "LOCAL_MOMENTUM": _number("[0, 1)"),
+    "ALGORITHM": _one_of(Server_side.ALGORITHMS), "PROX_MU": _number(">= 0"),
+    "SERVER_OPTIMIZER": _one_of(Server_side.SERVER_OPTIMIZERS), "SERVER_LR": _number("> 0"),
+    "SERVER_MOMENTUM": _number("[0, 1)"), "SERVER_BETA1": _number("[0, 1)"),
+    "SERVER_BETA2": _number("[0, 1)"), "SERVER_TAU": _number("> 0"),
+    "CENTRALIZED_BASELINE": _BOOLEAN, "DISTRIBUTION": _one_of(Data_Preprocessing.DISTRIBUTIONS),
+    "MAX_SAMPLE_SHARE": _number("(0, 1]"), "CLASSES_PER_CLIENT": _integer(1, 10),
+    "DIRICHLET_ALPHA": _number("> 0"), "SHARDS_PER_CLIENT": _integer(1),
+    "SEED": _integer(0, 2**32 - 1, "2**32 - 1"), "REPEATS": _integer(1, 1000),
+    "EVAL_EVERY": _integer(1), "CLIENT_DROPOUT": _number("[0, 1)"),
+    "CHECKPOINT_EVERY": _integer(1), "RESUME": _BOOLEAN, "DATA_DIR": _folder(optional=True),
+    "OUTPUT_DIR": _folder(optional=False), "TARGET_ACCURACY": _number("(0, 1]"),
+    "COMPRESSION": _one_of(upload_format.COMPRESSIONS), "TOPK_FRACTION": _number("(0, 1]"),
+    "STOCHASTIC_ROUNDING": _BOOLEAN, "DP_CLIP_NORM": _number(">= 0"),
+    "DP_NOISE_MULTIPLIER": _number(">= 0"), "DP_DELTA": _number("(0, 1)"),
+    "DP_NOISE": _one_of(Server_side.DP_NOISE_SOURCES),
+    "AGGREGATION": _one_of(Server_side.AGGREGATIONS), "TRIM_RATIO": _number("[0, 0.5)"),
+    "KRUM_F": _integer(0), "MALICIOUS_FRACTION": _number("[0, 1)"),
+    "ATTACK": _one_of(Client_side.ATTACKS), "ATTACK_SCALE": _number("> 0"),
+}
+
+
+def run_dir(config):
+    """Return the run's output folder: OUTPUT_DIR/<readable name>_<hash of every constant>.
+
+    The hash covers every constant that can change results, so two different configurations
+    never share a folder, while a resumed run (more ROUNDS) finds its own.
+    """
+    digest = Utils.config_hash(config, checkpoints.RESUMABLE_CHANGES)
+    return pathlib.Path(config["OUTPUT_DIR"]).expanduser() / f"{Utils.run_name(config)}_{digest}"
+
+
+@dataclasses.dataclass
+class PreparedRun:
+    """A checked configuration with its data, its partition, its folder and its checkpoint."""
+
+    config: dict
+    data: Data_Preprocessing.FashionMNIST
+    client_indices: list
+    output_dir: pathlib.Path
+    checkpoint: tuple = None
+
+
+def prepare_run(config, loaded_data):
+    """Load data, partition and find the checkpoint: every input check, nothing written yet.
+
+    `loaded_data` caches data sets by DATA_DIR, so a comparison loads them once.
+    """
+    if config["DATA_DIR"] not in loaded_data:
+        loaded_data[config["DATA_DIR"]] = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
+    data = loaded_data[config["DATA_DIR"]]
+    client_indices = partition_data(config, data.y_train)
+    output_dir = run_dir(config)
+    return PreparedRun(config, data, client_indices, output_dir,
+                       checkpoints.find_checkpoint(config, output_dir))
+
+
+def prepare_output_dir(config, output_dir):
+    """Create the run's output folder and save the config there."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        Utils.save_config(output_dir / "config.json", config)
+    except OSError as error:
+        raise ValueError(f"OUTPUT_DIR {config['OUTPUT_DIR']} is not writable ({error.strerror})") \
+            from None
+
+
+def partition_data(config, train_labels):
+    """Split the training set over the clients as DISTRIBUTION says, from SEED alone."""
+    return Data_Preprocessing.partition(
+        train_labels, config["NUM_CLIENTS"], config["DISTRIBUTION"],
+        Utils.rng(config["SEED"], "partition"),
+        max_sample_share=config["MAX_SAMPLE_SHARE"],
+        classes_per_client=config["CLASSES_PER_CLIENT"],
+        dirichlet_alpha=config["DIRICHLET_ALPHA"],
+        shards_per_client=config["SHARDS_PER_CLIENT"])
