@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+import attacks
 import Utils
 import upload_format
 
@@ -35,14 +36,15 @@ tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
 
 
 @dataclasses.dataclass
-class ClientUpdate:
-    """What local training returns.
+class LocalResult:
+    """What a client's local training returns.
 
-    weights: the client's new layer arrays; num_examples: n, the samples it holds; num_steps:
-    the local SGD steps it took; train_loss: mean cross-entropy of its last epoch.
+    new_weights: its model after training (layer arrays; the update is new_weights - global);
+    num_examples: n, the samples it holds; num_steps: the local SGD steps it took; train_loss:
+    mean cross-entropy of its last epoch.
     """
 
-    weights: list
+    new_weights: list
     num_examples: int
     num_steps: int
     train_loss: float
@@ -123,13 +125,13 @@ class LocalTrainer:
                          for _ in range(self.local_epochs)]).astype(np.int32)
 
     def train(self, global_weights, client_indices, rng, correction=None):
-        """Run ClientUpdate for one client: `train_many` of one."""
+        """Train one client (ClientUpdate of FedAvg): `train_many` of one."""
         (update,) = self.train_many(global_weights, [client_indices], [rng],
                                     None if correction is None else [correction])
         return update
 
     def train_many(self, global_weights, clients_indices, rngs, corrections=None):
-        """Run ClientUpdate for several clients in one compiled call.
+        """Train several clients (ClientUpdate of FedAvg) in one compiled call.
 
         Each client starts from the global weights with its own dropout seed, shuffles and
         correction, exactly as if trained alone (bit for bit: the same ops on the same values,
@@ -144,13 +146,13 @@ class LocalTrainer:
             corrections: one SCAFFOLD correction c - c_i (layer arrays) per client, added to
                 every gradient, or None.
         Returns:
-            list of ClientUpdate (float32 layer arrays, n, the number of steps, and the
+            list of LocalResult (float32 layer arrays, n, the number of steps, and the
             sample-weighted mean training loss of the last local epoch, what `fit` reports), in
             the clients' order.
         """
         seeds = [int(rng.integers(2**31)) for rng in rngs]
         orders = [self.epoch_orders(indices, rng) for indices, rng in zip(clients_indices, rngs)]
-        return [ClientUpdate(weights, len(indices),
+        return [LocalResult(weights, len(indices),
                              upload_format.num_local_steps(len(indices), self.batch_size,
                                                            self.local_epochs), loss)
                 for (weights, loss), indices in zip(
@@ -332,15 +334,8 @@ class ClientMemory:
                         for position, client in enumerate(clients)}
 
 
-ATTACKS = ("label_flip", "sign_flip", "gaussian")
 # Clients trained in one compiled call: bounds the stacked results (K x 35k floats each).
 CLIENTS_PER_CALL = 256
-
-
-def malicious_clients(num_clients, malicious_fraction, seed):
-    """Return the set of attacking clients: C_mal K of them (rounded half up), fixed by SEED."""
-    count = Utils.round_half_up(malicious_fraction * num_clients)
-    return set(Utils.rng(seed, "attack").choice(num_clients, count, replace=False).tolist())
 
 
 def kept_state_names(config):
@@ -359,7 +354,7 @@ def scaffold_correction(memory, client, server_variate):
 
 def client_upload(config, client, round_num, global_weights, update, memory,
                   server_variate=None, malicious=False):
-    """A client's round after its local training: from its ClientUpdate to its upload.
+    """A client's round after its local training: from its LocalResult to its upload.
 
     It renews its SCAFFOLD variate when it keeps one, forms its update y_i - x, forges it if it
     is a malicious client, then clips and encodes it (with top-k's error feedback). Every
@@ -367,7 +362,7 @@ def client_upload(config, client, round_num, global_weights, update, memory,
 
     Args:
         config: the run's constants by name.
-        update: the ClientUpdate of its local training from `global_weights` (with SCAFFOLD's
+        update: the LocalResult of its local training from `global_weights` (with SCAFFOLD's
             `scaffold_correction` when it keeps a variate).
         memory: dict of ClientMemory by `kept_state_names`, read only: the new state is
             returned, to be kept only if the server accepts the upload (ClientHost.settle).
@@ -380,13 +375,13 @@ def client_upload(config, client, round_num, global_weights, update, memory,
     if variates:
         own_variate = variates.get(client)
         kept["variate"] = scaffold_client_variate(
-            own_variate, server_variate, global_weights, update.weights,
+            own_variate, server_variate, global_weights, update.new_weights,
             upload_format.effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]),
             config["LEARNING_RATE"])
         variate_delta = [new - old for new, old in zip(kept["variate"], own_variate)]
-    (delta,) = client_deltas([update.weights], global_weights)
+    (delta,) = client_deltas([update.new_weights], global_weights)
     if malicious and config["ATTACK"] != "label_flip":
-        delta = attack_update(delta, config["ATTACK"], config["ATTACK_SCALE"],
+        delta = attacks.attack_update(delta, config["ATTACK"], config["ATTACK_SCALE"],
                               Utils.rng(seed, "attack", round_num, client))
     residuals = memory.get("residual")
     encoded, residual = prepare_upload(
@@ -417,8 +412,8 @@ class ClientHost:
         self.config, self.client_indices = config, client_indices
         x_train = tf.convert_to_tensor(x_train)  # One copy, shared by both trainers.
         self.trainer = LocalTrainer.for_clients(model, x_train, y_train, config)
-        self.malicious = malicious_clients(config["NUM_CLIENTS"], config["MALICIOUS_FRACTION"],
-                                           config["SEED"])
+        self.malicious = attacks.malicious_clients(config["NUM_CLIENTS"],
+                                                   config["MALICIOUS_FRACTION"], config["SEED"])
         # Label-flipping attackers train the same model on labels 9 - y.
         self.flipped_trainer = (
             LocalTrainer.for_clients(model, x_train, 9 - np.asarray(y_train), config)
@@ -481,53 +476,6 @@ class ClientHost:
                 if group]
 
 
-class CentralizedBaseline:
-    """Train the same CNN on the pooled training set, as many samples as the federation trained.
-
-    It walks through reshuffled passes over all training samples, continuing where the previous
-    round stopped, with the clients' batch size and SGD settings; pass p is ordered by
-    (SEED, p) alone. Its momentum buffer (if any) restarts every round, as a client's does;
-    its dropout is seeded by SEED when the stream starts and continues from round to round.
-    """
-
-    def __init__(self, trainer, initial_weights, num_samples, seed):
-        self.trainer = trainer
-        self.weights = [np.array(layer) for layer in initial_weights]
-        self._num_samples, self._seed = num_samples, seed
-        self._pass, self._position = 0, 0
-
-    def train(self, num_samples):
-        """Train on the next `num_samples` samples of the stream; return the new weights."""
-        if num_samples == 0:  # A round where no client returned.
-            return self.weights
-        seed = self._seed if (self._pass, self._position) == (0, 0) else None
-        ((self.weights, _),) = self.trainer.train_orders(
-            self.weights, [self._next(num_samples)[np.newaxis]], [seed])
-        return self.weights
-
-    def _next(self, count):
-        taken = []
-        while count > 0:
-            if self._position == self._num_samples:
-                self._pass, self._position = self._pass + 1, 0
-            order = Utils.rng(self._seed, "baseline", self._pass).permutation(self._num_samples)
-            chunk = order[self._position:self._position + count]
-            taken.append(chunk)
-            self._position += len(chunk)
-            count -= len(chunk)
-        return np.concatenate(taken)
-
-    def get_state(self):
-        return (self.weights + [np.array([self._pass, self._position])]
-                + self.trainer.get_state())
-
-    def set_state(self, arrays):
-        num_layers = len(self.weights)
-        self.weights = [np.array(layer) for layer in arrays[:num_layers]]
-        self._pass, self._position = (int(value) for value in arrays[num_layers])
-        self.trainer.set_state(arrays[num_layers + 1:])
-
-
 def prepare_upload(delta, residual, compression, rng, clip_norm=0.0, topk_fraction=0.01,
                    stochastic_rounding=False):
     """Clip, add the error-feedback residual, and encode an update; return what is sent.
@@ -573,20 +521,5 @@ def _shrink_factor(delta, clip_norm):
     """
     norm = upload_format.update_norm(delta)
     return 1.0 if norm <= clip_norm else clip_norm / norm * (1 - 2.0 ** -20)
-
-
-def attack_update(delta, attack, scale, rng):
-    """Replace an honest update by a malicious one.
-
-    sign_flip: -scale * delta; gaussian: Gaussian noise rescaled to the update's L2 norm.
-    (label_flip attacks the training data instead, so it leaves the update as trained.)
-    """
-    if attack == "sign_flip":
-        return [-scale * np.float64(layer) for layer in delta]
-    if attack == "gaussian":
-        noise = [rng.standard_normal(np.shape(layer)) for layer in delta]
-        factor = upload_format.update_norm(delta) / max(upload_format.update_norm(noise), 1e-12)
-        return [factor * layer for layer in noise]
-    return delta
 
 

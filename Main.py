@@ -22,6 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402 (after the log level above)
 
+import attacks  # noqa: E402
+import centralized_baseline  # noqa: E402
 import checkpoints  # noqa: E402
 import Client_side  # noqa: E402
 import configuration  # noqa: E402
@@ -306,7 +308,7 @@ class Federation:
     malicious: set
     components: dict
     host: Client_side.ClientHost = None
-    baseline: Client_side.CentralizedBaseline = None
+    baseline: centralized_baseline.CentralizedBaseline = None
 
 
 def build_federation(config, data, client_indices, in_process=True):
@@ -326,12 +328,12 @@ def build_federation(config, data, client_indices, in_process=True):
     if config["CENTRALIZED_BASELINE"]:
         baseline_trainer = Client_side.LocalTrainer.for_baseline(
             Server_side.create_model(), data.x_train, data.y_train, config)
-        baseline = Client_side.CentralizedBaseline(baseline_trainer, initial_weights,
-                                                   len(data.y_train), config["SEED"])
+        baseline = centralized_baseline.CentralizedBaseline(
+            baseline_trainer, initial_weights, len(data.y_train), config["SEED"])
         components["baseline"] = baseline
     return Federation(global_model, server,
                       Server_side.Evaluator(global_model, data.x_test, data.y_test),
-                      Client_side.malicious_clients(config["NUM_CLIENTS"],
+                      attacks.malicious_clients(config["NUM_CLIENTS"],
                                                     config["MALICIOUS_FRACTION"], config["SEED"]),
                       components, host, baseline)
 

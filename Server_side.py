@@ -124,10 +124,10 @@ def fednova_delta(deltas, num_examples, normalizers):
     averaging has when clients take different numbers of local steps.
     """
     weights = np.asarray(num_examples, np.float64) / np.sum(num_examples)
-    effective_steps = float(np.dot(weights, normalizers))
+    tau_eff = float(np.dot(weights, normalizers))
     normalized = [[layer / normalizer for layer in delta]
                   for delta, normalizer in zip(deltas, normalizers)]
-    return [effective_steps * layer for layer in fedavg(normalized, num_examples)]
+    return [tau_eff * layer for layer in fedavg(normalized, num_examples)]
 
 
 class ScaffoldServerVariate:

@@ -10,8 +10,8 @@ import dataclasses
 import numbers
 import pathlib
 
+import attacks
 import checkpoints
-import Client_side
 import Data_Preprocessing
 import robust_rules
 import Server_side
@@ -138,7 +138,7 @@ RULES = {
     "DP_NOISE": _one_of(Server_side.DP_NOISE_SOURCES),
     "AGGREGATION": _one_of(Server_side.AGGREGATIONS), "TRIM_RATIO": _number("[0, 0.5)"),
     "KRUM_F": _integer(0), "MALICIOUS_FRACTION": _number("[0, 1)"),
-    "ATTACK": _one_of(Client_side.ATTACKS), "ATTACK_SCALE": _number("> 0"),
+    "ATTACK": _one_of(attacks.ATTACKS), "ATTACK_SCALE": _number("> 0"),
 }
 
 

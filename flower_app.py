@@ -36,9 +36,8 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
 import Client_side  # noqa: E402
-import configuration  # noqa: E402
-import Data_Preprocessing  # noqa: E402
 import Main  # noqa: E402
+import node_cache  # noqa: E402
 import Server_side  # noqa: E402
 import screening  # noqa: E402
 import Utils  # noqa: E402
@@ -367,12 +366,14 @@ def client_train(message, context):
     if num_partitions != settings["num-nodes"]:
         raise ValueError(f"this SuperNode's num-partitions is {num_partitions} but the run's "
                          f"num-nodes is {settings['num-nodes']}")
-    data = Data_Preprocessing.load_fashion_mnist(
-        context.node_config.get("data-dir") or config["DATA_DIR"])
+    # Loaded and partitioned once per node, then read from the node's disk (node_cache).
+    data, client_indices = node_cache.load_data_and_partition(
+        config, context.node_config.get("data-dir") or config["DATA_DIR"],
+        context.node_config.get("cache-dir") or node_cache.default_cache_dir())
     Utils.make_deterministic()
     Utils.seed_everything(config["SEED"])
     host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
-                                  data.y_train, configuration.partition_data(config, data.y_train))
+                                  data.y_train, client_indices)
     restore_client_state(host, context.state)
     # Keep the state of last time's clients only where the server accepted their uploads.
     outcomes = json.loads(settings["accepted"])

@@ -110,6 +110,7 @@ class Cluster:
         # they start themselves (flower-superexec, flwr-clientapp): a venv need not be active.
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+                    "XDG_CACHE_HOME": str(home / "cache"),  # the nodes' data cache
                     "PATH": f"{FLOWER_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         security = (["--root-certificates", str(tls["ca"])] if tls else ["--insecure"])
         (home / "config.toml").write_text(

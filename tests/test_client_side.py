@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import keras
 
+import attacks
+import centralized_baseline
 import Client_side
 import Server_side
 import upload_format
@@ -53,11 +55,11 @@ def test_fast_path_equals_model_fit(tiny_client, momentum):
     _, in_call = trainer.train_many(initial_weights, [np.arange(33), np.arange(70)],
                                     [np.random.default_rng(9), np.random.default_rng(5)])
     assert update.num_examples == in_call.num_examples == 70
-    for fast, grouped, reference in zip(update.weights, in_call.weights, expected_weights):
+    for fast, grouped, reference in zip(update.new_weights, in_call.new_weights, expected_weights):
         np.testing.assert_allclose(fast, reference, rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(grouped, fast)
     assert update.train_loss == pytest.approx(expected_loss, rel=1e-4)
-    moved = sum(np.abs(new - old).sum() for new, old in zip(update.weights, initial_weights))
+    moved = sum(np.abs(new - old).sum() for new, old in zip(update.new_weights, initial_weights))
     assert moved > 0.1, "training changed nothing"
 
 
@@ -90,9 +92,9 @@ def test_many_clients_in_one_call_equal_each_trained_alone(tiny_client, setting)
         assert (grouped.num_examples, grouped.num_steps) == (alone.num_examples,
                                                              alone.num_steps)
         assert grouped.train_loss == alone.train_loss
-        for layer_grouped, layer_alone in zip(grouped.weights, alone.weights):
+        for layer_grouped, layer_alone in zip(grouped.new_weights, alone.new_weights):
             np.testing.assert_array_equal(layer_grouped, layer_alone)
-    assert not np.array_equal(together[2].weights[0], together[3].weights[0])
+    assert not np.array_equal(together[2].new_weights[0], together[3].new_weights[0])
 
 
 def test_each_client_starts_with_fresh_momentum(tiny_client):
@@ -105,7 +107,7 @@ def test_each_client_starts_with_fresh_momentum(tiny_client):
     first = trainer.train(initial_weights, np.arange(40), np.random.default_rng(0))
     dropout_state(trainer.model).assign(seed_state)
     second = trainer.train(initial_weights, np.arange(40), np.random.default_rng(0))
-    for layer_first, layer_second in zip(first.weights, second.weights):
+    for layer_first, layer_second in zip(first.new_weights, second.new_weights):
         np.testing.assert_array_equal(layer_first, layer_second)
 
 
@@ -175,7 +177,7 @@ def test_scaffold_step_applies_minus_lr_times_corrected_gradient(tiny_client):
     gradient = gradients_at(trainer, start, start, x_train[:20], y_train[:20])
     update = trainer.train(start, np.arange(20), np.random.default_rng(0), correction)
     assert update.num_steps == 1
-    for new, old, grad, shift in zip(update.weights, start, gradient, correction):
+    for new, old, grad, shift in zip(update.new_weights, start, gradient, correction):
         np.testing.assert_allclose(new, old - 0.1 * (grad + shift), rtol=1e-5, atol=1e-6)
 
 
@@ -298,7 +300,8 @@ def test_fedsgd_batch_size_zero_takes_one_step_per_epoch(tiny_client):
 def test_centralized_baseline_walks_reshuffled_passes_over_all_samples(tiny_client):
     x_train, y_train = tiny_client
     trainer = tiny_trainer(x_train, y_train, batch_size=10)
-    baseline = Client_side.CentralizedBaseline(trainer, random_weights(trainer, 0), 70, seed=0)
+    baseline = centralized_baseline.CentralizedBaseline(trainer, random_weights(trainer, 0), 70,
+                                                        seed=0)
     seen = np.concatenate([baseline._next(50), baseline._next(50), baseline._next(40)])
     # Two whole passes: every sample exactly twice.
     np.testing.assert_array_equal(np.bincount(seen, minlength=70), np.full(70, 2))
@@ -358,9 +361,9 @@ def test_clipping_bounds_the_update_norm_and_keeps_short_updates():
 
 def test_attacks_flip_the_sign_or_replace_by_noise_of_the_same_norm():
     delta = [np.array([1.0, -2.0]), np.array([[0.5]])]
-    flipped = Client_side.attack_update(delta, "sign_flip", 3.0, None)
+    flipped = attacks.attack_update(delta, "sign_flip", 3.0, None)
     np.testing.assert_array_equal(flipped[0], [-3.0, 6.0])
-    noise = Client_side.attack_update(delta, "gaussian", 1.0, np.random.default_rng(0))
+    noise = attacks.attack_update(delta, "gaussian", 1.0, np.random.default_rng(0))
     assert upload_format.update_norm(noise) == pytest.approx(upload_format.update_norm(delta))
     assert not np.allclose(noise[0], delta[0])
 
@@ -377,9 +380,9 @@ def test_malicious_clients_are_the_share_rounded_half_up_like_the_selection(num_
                                                                             fraction, expected):
     """0.35 * 10 is 3.4999999999999996 in binary: it counted 3 attackers while the selection,
     rounding the same way in words, took 4 clients."""
-    attackers = Client_side.malicious_clients(num_clients, fraction, seed=0)
+    attackers = attacks.malicious_clients(num_clients, fraction, seed=0)
     assert len(attackers) == expected and attackers <= set(range(num_clients))
-    assert attackers == Client_side.malicious_clients(num_clients, fraction, seed=0)
+    assert attackers == attacks.malicious_clients(num_clients, fraction, seed=0)
 
 
 def test_a_baseline_round_without_samples_keeps_its_weights(tiny_client):
@@ -387,7 +390,8 @@ def test_a_baseline_round_without_samples_keeps_its_weights(tiny_client):
     (before, an empty sample stream raised in np.concatenate)."""
     x_train, y_train = tiny_client
     trainer = tiny_trainer(x_train, y_train, batch_size=10)
-    baseline = Client_side.CentralizedBaseline(trainer, random_weights(trainer, 0), 70, seed=0)
+    baseline = centralized_baseline.CentralizedBaseline(trainer, random_weights(trainer, 0), 70,
+                                                        seed=0)
     before = [layer.copy() for layer in baseline.weights]
     for after_layer, before_layer in zip(baseline.train(0), before, strict=True):
         np.testing.assert_array_equal(after_layer, before_layer)

@@ -226,3 +226,30 @@ def test_shards_give_each_client_at_most_s_classes(train_labels):
 def test_bad_scheme_parameters_name_the_constant(train_labels, distribution, overrides, message):
     with pytest.raises(ValueError, match=message):
         split(train_labels, distribution, **overrides)
+
+
+def test_a_nodes_cache_gives_the_same_data_and_partition_and_rebuilds_what_is_broken(
+        tmp_path, fashion_mnist):
+    """A SuperNode reads the data and its partition from its disk after the first round:
+    the same arrays bit for bit; a truncated file is rebuilt, another constant another entry."""
+    import configuration
+    import Main
+    import node_cache
+
+    config = {**Main.default_config(), "NUM_CLIENTS": 50, "DISTRIBUTION": "dirichlet"}
+    expected = configuration.partition_data(config, fashion_mnist.y_train)
+    for attempt in ("fill", "hit", "after damage"):
+        data, client_indices = node_cache.load_data_and_partition(config, None, tmp_path)
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            np.testing.assert_array_equal(getattr(data, name), getattr(fashion_mnist, name))
+            assert getattr(data, name).dtype == getattr(fashion_mnist, name).dtype
+        assert len(client_indices) == 50
+        for cached, direct in zip(client_indices, expected, strict=True):
+            np.testing.assert_array_equal(cached, direct)
+        (folder,) = tmp_path.iterdir()
+        if attempt == "hit":
+            for path in (folder / "x_train.npy", *folder.glob("partition_*.npz")):
+                path.write_bytes(path.read_bytes()[:1000])
+    other = {**config, "SEED": 1}
+    node_cache.load_data_and_partition(other, None, tmp_path)
+    assert len(list(folder.glob("partition_*.npz"))) == 2

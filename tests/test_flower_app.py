@@ -385,8 +385,10 @@ def test_a_node_whose_reply_is_lost_keeps_no_client_state_from_that_round(tmp_pa
     returning = [set(Server_side.round_clients(config, round_num)[1].tolist())
                  for round_num in range(1, 5)]
     assert {client for client in returning[1] if client % 2} & (returning[2] | returning[3])
-    grid = FakeGrid({11: {"partition-id": 0, "num-partitions": 2},
-                     22: {"partition-id": 1, "num-partitions": 2}}, lose={(22, 2)})
+    cache = str(tmp_path / "cache")
+    grid = FakeGrid({11: {"partition-id": 0, "num-partitions": 2, "cache-dir": cache},
+                     22: {"partition-id": 1, "num-partitions": 2, "cache-dir": cache}},
+                    lose={(22, 2)})
     flower_csv = write_config(tmp_path / "flower.csv", OUTPUT_DIR=tmp_path / "flower", **setting)
     assert Main.main(["-c", "-f", str(flower_csv)], lambda constants: flower_app.FlowerEngine(
         grid, flower_app.NodeRoster(2), 0.5, constants), flower_app.ENGINE_DEFAULTS) == 0
