@@ -26,6 +26,7 @@ import tensorflow as tf
 import keras
 
 import attacks
+import client_state
 import Utils
 import upload_format
 
@@ -48,6 +49,27 @@ class LocalResult:
     num_examples: int
     num_steps: int
     train_loss: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSettings(Utils.Settings):
+    """The constants the clients read, by name; built from the constants at the edge."""
+
+    seed: int
+    algorithm: str
+    learning_rate: float
+    local_momentum: float
+    batch_size: int
+    local_epochs: int
+    prox_mu: float
+    compression: str
+    topk_fraction: float
+    stochastic_rounding: bool
+    dp_clip_norm: float
+    num_clients: int
+    malicious_fraction: float
+    attack: str
+    attack_scale: float
 
 
 # A dropout seed that tells the compiled call to continue the model's dropout state.
@@ -97,18 +119,18 @@ class LocalTrainer:
             tf.TensorSpec([], tf.int32), stacked_specs, tf.TensorSpec([None], tf.int64)])
 
     @classmethod
-    def for_clients(cls, model, x_train, y_train, config):
-        """The clients' trainer from the constants (FedProx's term only with ALGORITHM fedprox)."""
-        return cls(model, x_train, y_train, config["LEARNING_RATE"], config["LOCAL_MOMENTUM"],
-                   config["BATCH_SIZE"], config["LOCAL_EPOCHS"],
-                   config["PROX_MU"] if config["ALGORITHM"] == "fedprox" else 0.0)
+    def for_clients(cls, model, x_train, y_train, settings):
+        """The clients' trainer from ClientSettings (FedProx's term only with fedprox)."""
+        return cls(model, x_train, y_train, settings.learning_rate, settings.local_momentum,
+                   settings.batch_size, settings.local_epochs,
+                   settings.prox_mu if settings.algorithm == "fedprox" else 0.0)
 
     @classmethod
-    def for_baseline(cls, model, x_train, y_train, config):
-        """The centralized baseline's trainer: the clients' optimizer and batch, one pass of its
-        stream per call, no proximal term."""
-        return cls(model, x_train, y_train, config["LEARNING_RATE"], config["LOCAL_MOMENTUM"],
-                   config["BATCH_SIZE"], 1)
+    def for_baseline(cls, model, x_train, y_train, settings):
+        """The centralized baseline's trainer: the clients' optimizer and batch (ClientSettings),
+        one pass of its stream per call, no proximal term."""
+        return cls(model, x_train, y_train, settings.learning_rate, settings.local_momentum,
+                   settings.batch_size, 1)
 
     def get_state(self):
         """Return the model's random state (dropout seeds) as arrays, for checkpoints."""
@@ -277,82 +299,11 @@ def client_deltas(client_weights, global_weights):
             for weights in client_weights]
 
 
-def scaffold_client_variate(client_variate, server_variate, global_weights, new_weights,
-                            num_steps, learning_rate):
-    """SCAFFOLD's option II: c_i+ = c_i - c + (x - y_i) / (a_i * eta_l).
-
-    The paper divides by K * eta_l, K local steps of plain SGD. With momentum the same K steps
-    move the weights a_i * eta_l times the mean corrected gradient (see `effective_steps`), so
-    dividing by K would inflate the variates every time a client takes part; a_i = K without
-    momentum, so plain SGD is the paper's formula.
-
-    Args:
-        client_variate, server_variate: c_i and c, lists of layer arrays.
-        global_weights, new_weights: x (the round's start) and y_i (after the local steps).
-        num_steps: a_i, the client's effective steps; learning_rate: eta_l.
-    Returns:
-        c_i+ as float32 layer arrays.
-    """
-    return [(np.float64(own) - shared + (np.float64(start) - end) / (num_steps * learning_rate))
-            .astype(np.float32)
-            for own, shared, start, end in zip(client_variate, server_variate, global_weights,
-                                               new_weights, strict=True)]
-
-
-class ClientMemory:
-    """Arrays each client keeps across rounds (SCAFFOLD's c_i), zero until it first trains.
-
-    Only clients that have trained take memory, so a run with many clients stays small.
-    """
-
-    def __init__(self, shapes):
-        self.shapes = [tuple(shape) for shape in shapes]
-        self._arrays = {}
-
-    def get(self, client):
-        """Return the client's arrays (zeros if it never stored any)."""
-        return self._arrays.get(int(client)) or [np.zeros(shape, np.float32)
-                                                 for shape in self.shapes]
-
-    def put(self, client, arrays):
-        self._arrays[int(client)] = [np.asarray(array, np.float32) for array in arrays]
-
-    def __contains__(self, client):
-        return int(client) in self._arrays
-
-    def get_state(self):
-        """Client ids, then one stacked array per layer, for checkpoints."""
-        clients = sorted(self._arrays)
-        return [np.array(clients, np.int64)] + [
-            np.stack([self._arrays[client][layer] for client in clients])
-            if clients else np.zeros((0, *shape), np.float32)
-            for layer, shape in enumerate(self.shapes)]
-
-    def set_state(self, arrays):
-        clients, layers = arrays[0], arrays[1:]
-        self._arrays = {int(client): [np.array(layer[position]) for layer in layers]
-                        for position, client in enumerate(clients)}
-
-
 # Clients trained in one compiled call: bounds the stacked results (K x 35k floats each).
 CLIENTS_PER_CALL = 256
 
 
-def kept_state_names(config):
-    """Name what each client keeps between rounds: SCAFFOLD's variate, top-k's residual."""
-    return ((("variate",) if config["ALGORITHM"] == "scaffold" else ())
-            + (("residual",) if config["COMPRESSION"] == "topk" else ()))
-
-
-def scaffold_correction(memory, client, server_variate):
-    """Return SCAFFOLD's correction c - c_i for a client that keeps a variate, else None."""
-    variates = memory.get("variate")
-    if not variates:
-        return None
-    return [shared - own for shared, own in zip(server_variate, variates.get(client))]
-
-
-def client_upload(config, client, round_num, global_weights, update, memory,
+def client_upload(settings, client, round_num, global_weights, update, memory,
                   server_variate=None, malicious=False):
     """A client's round after its local training: from its LocalResult to its upload.
 
@@ -361,7 +312,7 @@ def client_upload(config, client, round_num, global_weights, update, memory,
     random draw is keyed by (SEED, round, client).
 
     Args:
-        config: the run's constants by name.
+        settings: ClientSettings.
         update: the LocalResult of its local training from `global_weights` (with SCAFFOLD's
             `scaffold_correction` when it keeps a variate).
         memory: dict of ClientMemory by `kept_state_names`, read only: the new state is
@@ -370,24 +321,24 @@ def client_upload(config, client, round_num, global_weights, update, memory,
     Returns:
         (Upload, {state name: the client's new arrays}).
     """
-    seed, variates, kept = config["SEED"], memory.get("variate"), {}
+    seed, variates, kept = settings.seed, memory.get("variate"), {}
     variate_delta = None
     if variates:
         own_variate = variates.get(client)
-        kept["variate"] = scaffold_client_variate(
+        kept["variate"] = client_state.scaffold_client_variate(
             own_variate, server_variate, global_weights, update.new_weights,
-            upload_format.effective_steps(update.num_steps, config["LOCAL_MOMENTUM"]),
-            config["LEARNING_RATE"])
+            upload_format.effective_steps(update.num_steps, settings.local_momentum),
+            settings.learning_rate)
         variate_delta = [new - old for new, old in zip(kept["variate"], own_variate)]
     (delta,) = client_deltas([update.new_weights], global_weights)
-    if malicious and config["ATTACK"] != "label_flip":
-        delta = attacks.attack_update(delta, config["ATTACK"], config["ATTACK_SCALE"],
+    if malicious and settings.attack != "label_flip":
+        delta = attacks.attack_update(delta, settings.attack, settings.attack_scale,
                               Utils.rng(seed, "attack", round_num, client))
     residuals = memory.get("residual")
     encoded, residual = prepare_upload(
-        delta, residuals.get(client) if residuals else None, config["COMPRESSION"],
-        Utils.rng(seed, "compression", round_num, client), config["DP_CLIP_NORM"],
-        config["TOPK_FRACTION"], config["STOCHASTIC_ROUNDING"])
+        delta, residuals.get(client) if residuals else None, settings.compression,
+        Utils.rng(seed, "compression", round_num, client), settings.dp_clip_norm,
+        settings.topk_fraction, settings.stochastic_rounding)
     if residuals:
         kept["residual"] = residual
     return upload_format.Upload(int(client), int(round_num), encoded, update.num_examples,
@@ -403,23 +354,25 @@ class ClientHost:
     so a rejected or lost upload leaves the client's state as it was, as if it had not trained.
 
     Args:
-        config: the run's constants by name.
+        settings: ClientSettings.
         model: a Keras model of the global architecture (its weights are overwritten).
         x_train, y_train: the whole training set; client_indices: every client's rows.
     """
 
-    def __init__(self, config, model, x_train, y_train, client_indices):
-        self.config, self.client_indices = config, client_indices
+    def __init__(self, settings, model, x_train, y_train, client_indices):
+        self.settings, self.client_indices = settings, client_indices
         x_train = tf.convert_to_tensor(x_train)  # One copy, shared by both trainers.
-        self.trainer = LocalTrainer.for_clients(model, x_train, y_train, config)
-        self.malicious = attacks.malicious_clients(config["NUM_CLIENTS"],
-                                                   config["MALICIOUS_FRACTION"], config["SEED"])
+        self.trainer = LocalTrainer.for_clients(model, x_train, y_train, settings)
+        self.malicious = attacks.malicious_clients(settings.num_clients,
+                                                   settings.malicious_fraction, settings.seed)
         # Label-flipping attackers train the same model on labels 9 - y.
         self.flipped_trainer = (
-            LocalTrainer.for_clients(model, x_train, 9 - np.asarray(y_train), config)
-            if self.malicious and config["ATTACK"] == "label_flip" else None)
+            LocalTrainer.for_clients(model, x_train, 9 - np.asarray(y_train), settings)
+            if self.malicious and settings.attack == "label_flip" else None)
         self.shapes = [variable.shape for variable in model.trainable_variables]
-        self.memory = {name: ClientMemory(self.shapes) for name in kept_state_names(config)}
+        self.memory = {name: client_state.ClientMemory(self.shapes)
+                       for name in client_state.kept_state_names(settings.algorithm,
+                                                                 settings.compression)}
         self.pending, self.pending_round = self._no_pending(), None
 
     def train(self, round_num, clients, global_weights, server_variate=None):
@@ -433,18 +386,18 @@ class ClientHost:
         for trainer, group in self._groups_by_trainer(clients):
             for first in range(0, len(group), CLIENTS_PER_CALL):
                 chunk = group[first:first + CLIENTS_PER_CALL]
-                corrections = [scaffold_correction(self.memory, client, server_variate)
+                corrections = [client_state.scaffold_correction(self.memory, client, server_variate)
                                for client in chunk]
                 chunk_updates = trainer.train_many(
                     global_weights, [self.client_indices[client] for client in chunk],
-                    [Utils.rng(self.config["SEED"], "training", round_num, client)
+                    [Utils.rng(self.settings.seed, "training", round_num, client)
                      for client in chunk],
                     None if corrections[0] is None else corrections)
                 updates.update(zip(chunk, chunk_updates))
         self.settle(None, ())  # State the server never settled is dropped.
         uploads = []
         for client in clients:
-            upload, kept = client_upload(self.config, client, round_num, global_weights,
+            upload, kept = client_upload(self.settings, client, round_num, global_weights,
                                          updates[client], self.memory, server_variate,
                                          client in self.malicious)
             for name, arrays in kept.items():
@@ -464,7 +417,7 @@ class ClientHost:
         self.pending, self.pending_round = self._no_pending(), None
 
     def _no_pending(self):
-        return {name: ClientMemory(self.shapes) for name in self.memory}
+        return {name: client_state.ClientMemory(self.shapes) for name in self.memory}
 
     def _groups_by_trainer(self, clients):
         """Split clients into (trainer, clients): label-flipping attackers use their own."""

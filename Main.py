@@ -26,6 +26,7 @@ import attacks  # noqa: E402
 import centralized_baseline  # noqa: E402
 import checkpoints  # noqa: E402
 import Client_side  # noqa: E402
+import comparison  # noqa: E402
 import configuration  # noqa: E402
 import Data_Preprocessing  # noqa: E402
 import Server_side  # noqa: E402
@@ -214,7 +215,7 @@ def run_round(round_num, config, federation, global_weights, engine):
         (new global weights, the round's history row).
     """
     start = time.perf_counter()
-    selected, returning = Server_side.round_clients(config, round_num)
+    selected, returning = Server_side.round_clients(federation.server.settings, round_num)
     # Clients that drop out never send an update, so they are not trained at all.
     delivered = engine.train(round_num, returning, global_weights,
                              federation.server.server_variate())
@@ -313,21 +314,23 @@ class Federation:
 
 def build_federation(config, data, client_indices, in_process=True):
     """Create the global model, the server, the evaluator and (in process) the clients."""
+    client_settings = Client_side.ClientSettings.from_config(config)
     Utils.seed_everything(config["SEED"])
     global_model = Server_side.create_model()
     initial_weights = global_model.get_weights()
     shapes = [layer.shape for layer in initial_weights]
-    server = Server_side.Server(config, shapes, [len(indices) for indices in client_indices])
+    server = Server_side.Server(Server_side.ServerSettings.from_config(config), shapes,
+                                [len(indices) for indices in client_indices])
     components = {"server": server}
     host = None
     if in_process:
-        host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
+        host = Client_side.ClientHost(client_settings, Server_side.create_model(), data.x_train,
                                       data.y_train, client_indices)
         components.update({f"client_{name}": memory for name, memory in host.memory.items()})
     baseline = None
     if config["CENTRALIZED_BASELINE"]:
         baseline_trainer = Client_side.LocalTrainer.for_baseline(
-            Server_side.create_model(), data.x_train, data.y_train, config)
+            Server_side.create_model(), data.x_train, data.y_train, client_settings)
         baseline = centralized_baseline.CentralizedBaseline(
             baseline_trainer, initial_weights, len(data.y_train), config["SEED"])
         components["baseline"] = baseline
@@ -349,7 +352,7 @@ def print_setup(config, source, client_indices, output_dir):
     sizes = [len(indices) for indices in client_indices]
     per_round = (f"{config['CLIENT_FRACTION'] * config['NUM_CLIENTS']:g} expected (poisson)"
                  if config["CLIENT_SAMPLING"] == "poisson" else
-                 Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"]))
+                 Utils.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"]))
     print(f"data: {source}  clients: {len(sizes)}  samples per client: min {min(sizes)}, "
           f"max {max(sizes)}, total {sum(sizes):,}  clients per round: {per_round}")
     print(f"algorithm: {config['ALGORITHM']}  server optimizer: {config['SERVER_OPTIMIZER']} "
@@ -465,7 +468,8 @@ def draw_distributions(arguments):
 def write_comparison(labels, runs, histories):
     """Write comparison.md, comparison_seeds.csv and comparison.png into the first OUTPUT_DIR."""
     output_dir = pathlib.Path(runs[0].config["OUTPUT_DIR"]).expanduser()
-    Utils.write_comparison(output_dir, labels, [prepared.config for prepared in runs], histories)
+    comparison.write_comparison(output_dir, labels, [prepared.config for prepared in runs],
+                                histories)
     print(f"comparison: {output_dir / 'comparison.md'}, comparison_seeds.csv and "
           "comparison.png")
 

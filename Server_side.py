@@ -10,23 +10,23 @@ how Delta is formed.
 
 `Server.round` is the server's whole round, from what the engine delivered to the next global
 weights (screen, aggregate, count traffic and privacy): both engines (`python Main.py` in one
-process, the Flower ServerApp) call it. Uploads
-are combined in client-id order and every server-side draw (selection, dropout, DP noise) is
-keyed by (SEED, round), so the result does not depend on the order replies arrive in.
+process, the Flower ServerApp) call it. Uploads are combined in client-id order and every
+server-side draw (selection, dropout, seeded DP noise) is keyed by (SEED, round), so the result
+does not depend on the order replies arrive in. What it delegates has homes of its own:
+screening.py (checks of what arrived), robust_rules.py, privacy.py (DP noise and accounting).
 """
 
 import dataclasses
-import functools
-import logging
 
 import numpy as np
 import tensorflow as tf
 import keras
 
-import Utils
+import privacy
 import robust_rules
 import screening
 import upload_format
+import Utils
 
 # Test images are pushed through the model in chunks this large: big enough that per-call
 # overhead vanishes, small enough to keep activations in cache-friendly sizes (measured fastest).
@@ -52,19 +52,10 @@ def create_model():
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 
 
-def num_selected_clients(num_clients, client_fraction):
-    """Return m = max(1, C * K rounded half up), the clients trained each round (fixed sampling).
-
-    Half up (see Utils.round_half_up), not Python's half to even, which gave 2 for K = 5,
-    C = 0.5.
-    """
-    return max(1, Utils.round_half_up(client_fraction * num_clients))
-
-
 def select_clients(num_clients, client_fraction, rng, sampling="fixed"):
     """Draw the round's distinct clients at random.
 
-    fixed: m = num_selected_clients(K, C) clients without replacement (McMahan et al. 2017).
+    fixed: m = Utils.num_selected_clients(K, C) clients without replacement (McMahan et al. 2017).
     poisson: each client independently with probability C (DP-FedAvg, McMahan et al. 2018);
     the count varies and can be zero.
     Returns:
@@ -75,7 +66,7 @@ def select_clients(num_clients, client_fraction, rng, sampling="fixed"):
     if sampling != "fixed":
         raise ValueError(f"CLIENT_SAMPLING must be one of {', '.join(CLIENT_SAMPLINGS)}, "
                          f"got {sampling!r}")
-    count = num_selected_clients(num_clients, client_fraction)
+    count = Utils.num_selected_clients(num_clients, client_fraction)
     return np.sort(rng.choice(num_clients, size=count, replace=False))
 
 
@@ -211,14 +202,44 @@ ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
 
 
-def round_clients(config, round_num):
+@dataclasses.dataclass(frozen=True)
+class ServerSettings(Utils.Settings):
+    """The constants the server reads, by name; built from the constants at the edge."""
+
+    num_clients: int
+    client_fraction: float
+    client_sampling: str
+    client_dropout: float
+    seed: int
+    algorithm: str
+    aggregation: str
+    trim_ratio: float
+    krum_f: int
+    server_optimizer: str
+    server_lr: float
+    server_momentum: float
+    server_beta1: float
+    server_beta2: float
+    server_tau: float
+    dp_clip_norm: float
+    dp_noise_multiplier: float
+    dp_delta: float
+    dp_noise: str
+    batch_size: int
+    local_epochs: int
+    local_momentum: float
+    compression: str
+    topk_fraction: float
+
+
+def round_clients(settings, round_num):
     """Return (selected, returning): the round's sampled clients and those whose update comes
     back (each selected client drops out independently with CLIENT_DROPOUT)."""
-    selected = select_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"],
-                              Utils.rng(config["SEED"], "selection", round_num),
-                              config["CLIENT_SAMPLING"])
-    returning = surviving_clients(selected, config["CLIENT_DROPOUT"],
-                                  Utils.rng(config["SEED"], "dropout", round_num))
+    selected = select_clients(settings.num_clients, settings.client_fraction,
+                              Utils.rng(settings.seed, "selection", round_num),
+                              settings.client_sampling)
+    returning = surviving_clients(selected, settings.client_dropout,
+                                  Utils.rng(settings.seed, "dropout", round_num))
     return selected, returning
 
 
@@ -246,23 +267,23 @@ class Server:
     """The server's state across rounds and its round: screen, decode, aggregate, step.
 
     Args:
-        config: the run's constants by name.
+        settings: ServerSettings.
         shapes: the global model's layer shapes.
         client_sizes: how many samples every client holds (the server knows the partition);
             needed by `round` to check sample counts.
     """
 
-    def __init__(self, config, shapes, client_sizes=None):
-        if config["ALGORITHM"] not in ALGORITHMS or config["AGGREGATION"] not in AGGREGATIONS:
+    def __init__(self, settings, shapes, client_sizes=None):
+        if settings.algorithm not in ALGORITHMS or settings.aggregation not in AGGREGATIONS:
             raise ValueError(f"ALGORITHM must be one of {', '.join(ALGORITHMS)} and AGGREGATION "
                              f"one of {', '.join(AGGREGATIONS)}")
-        self.config, self.shapes = config, [tuple(shape) for shape in shapes]
+        self.settings, self.shapes = settings, [tuple(shape) for shape in shapes]
         self.client_sizes = client_sizes
         self.model_bytes = sum(4 * int(np.prod(shape)) for shape in self.shapes)  # float32
         self.optimizer = ServerOptimizer(
-            config["SERVER_OPTIMIZER"], shapes, config["SERVER_LR"], config["SERVER_MOMENTUM"],
-            config["SERVER_BETA1"], config["SERVER_BETA2"], config["SERVER_TAU"])
-        self.variate = (ScaffoldServerVariate(shapes) if config["ALGORITHM"] == "scaffold"
+            settings.server_optimizer, shapes, settings.server_lr, settings.server_momentum,
+            settings.server_beta1, settings.server_beta2, settings.server_tau)
+        self.variate = (ScaffoldServerVariate(shapes) if settings.algorithm == "scaffold"
                         else None)
 
     def round(self, round_num, global_weights, delivered, expected_clients, num_selected):
@@ -273,22 +294,22 @@ class Server:
         Returns:
             (new float32 layer arrays, RoundReport).
         """
-        config = self.config
+        settings = self.settings
         accepted, rejections = screening.screen_uploads(
-            config, round_num, delivered, expected_clients, self.client_sizes, self.shapes)
+            settings, round_num, delivered, expected_clients, self.client_sizes, self.shapes)
         diverged = bool(rejections) and not accepted and all(
             rejection.kind == upload_format.NON_FINITE for rejection in rejections)
         new_weights = (global_weights if diverged
                        else self.aggregate(round_num, global_weights, accepted))
-        epsilon = (privacy_spent(config["DP_NOISE_MULTIPLIER"], config["CLIENT_SAMPLING"],
-                                 config["NUM_CLIENTS"], config["CLIENT_FRACTION"], round_num,
-                                 config["DP_DELTA"]) if config["DP_CLIP_NORM"] > 0 else None)
+        epsilon = (privacy.privacy_spent(settings.dp_noise_multiplier, settings.client_sampling,
+                                 settings.num_clients, settings.client_fraction, round_num,
+                                 settings.dp_delta) if settings.dp_clip_norm > 0 else None)
         return new_weights, RoundReport(
             accepted, rejections, diverged,
-            (robust_rules.too_few_for_krum(config["AGGREGATION"], config["KRUM_F"],
+            (robust_rules.too_few_for_krum(settings.aggregation, settings.krum_f,
                                            len(accepted))
-             if config["AGGREGATION"] in robust_rules.KRUM_RULES else None),
-            **round_traffic(config["ALGORITHM"] == "scaffold", self.model_bytes, num_selected,
+             if settings.aggregation in robust_rules.KRUM_RULES else None),
+            **round_traffic(settings.algorithm == "scaffold", self.model_bytes, num_selected,
                             accepted), epsilon=epsilon)
 
     def server_variate(self):
@@ -302,22 +323,22 @@ class Server:
         accounted mechanism adds its noise whatever the sample.
         """
         uploads = sorted(uploads, key=lambda upload: upload.client)
-        config = self.config
-        private = config["DP_CLIP_NORM"] > 0
-        if not uploads and not (private and config["CLIENT_SAMPLING"] == "poisson"):
+        settings = self.settings
+        private = settings.dp_clip_norm > 0
+        if not uploads and not (private and settings.client_sampling == "poisson"):
             return global_weights
-        if robust_rules.too_few_for_krum(config["AGGREGATION"], config["KRUM_F"], len(uploads)):
+        if robust_rules.too_few_for_krum(settings.aggregation, settings.krum_f, len(uploads)):
             return global_weights
         deltas = [upload_format.decode_update(upload.update, self.shapes) for upload in uploads]
-        if config["AGGREGATION"] != "fedavg":
-            delta = robust_aggregate(deltas, config)
+        if settings.aggregation != "fedavg":
+            delta = robust_aggregate(deltas, settings)
         elif private:
-            denominator = dp_denominator(config["CLIENT_SAMPLING"], len(deltas),
-                                         config["NUM_CLIENTS"], config["CLIENT_FRACTION"],
-                                         config["CLIENT_DROPOUT"])
-            delta = dp_noisy_mean(deltas, self.shapes, config["DP_CLIP_NORM"],
-                                  config["DP_NOISE_MULTIPLIER"], denominator,
-                                  noise_generator(config["DP_NOISE"], config["SEED"], round_num))
+            denominator = privacy.dp_denominator(settings.client_sampling, len(deltas),
+                                         settings.num_clients, settings.client_fraction,
+                                         settings.client_dropout)
+            noise = privacy.noise_generator(settings.dp_noise, settings.seed, round_num)
+            delta = privacy.dp_noisy_mean(deltas, self.shapes, settings.dp_clip_norm,
+                                          settings.dp_noise_multiplier, denominator, noise)
         else:
             delta = self._average(deltas, uploads)
         return self.optimizer.step(global_weights, delta)
@@ -325,14 +346,14 @@ class Server:
     def _average(self, deltas, uploads):
         """FedAvg/FedProx by sample count; FedNova by steps; SCAFFOLD uniform, updating c."""
         num_examples = [upload.num_examples for upload in uploads]
-        if self.config["ALGORITHM"] == "fednova":
+        if self.settings.algorithm == "fednova":
             normalizers = [upload_format.effective_steps(upload.num_steps,
-                                                       self.config["LOCAL_MOMENTUM"])
+                                                       self.settings.local_momentum)
                            for upload in uploads]
             return fednova_delta(deltas, num_examples, normalizers)
-        if self.config["ALGORITHM"] == "scaffold":
+        if self.settings.algorithm == "scaffold":
             self.variate.update([upload.variate_delta for upload in uploads],
-                                self.config["NUM_CLIENTS"])
+                                self.settings.num_clients)
             return uniform_mean(deltas)
         return fedavg(deltas, num_examples)
 
@@ -346,16 +367,16 @@ class Server:
             self.variate.set_state(arrays[num_optimizer:])
 
 
-def robust_aggregate(deltas, config):
+def robust_aggregate(deltas, settings):
     """Apply AGGREGATION's robust rule (median, trimmed_mean, krum, multi_krum) to the updates."""
-    rule = config["AGGREGATION"]
+    rule = settings.aggregation
     if rule == "median":
         return robust_rules.coordinate_median(deltas)
     if rule == "trimmed_mean":
-        return robust_rules.trimmed_mean(deltas, config["TRIM_RATIO"])
-    keep = 1 if rule == "krum" else max(1, len(deltas) - config["KRUM_F"])
+        return robust_rules.trimmed_mean(deltas, settings.trim_ratio)
+    keep = 1 if rule == "krum" else max(1, len(deltas) - settings.krum_f)
     return uniform_mean([deltas[position] for position in
-                         robust_rules.multi_krum_choice(deltas, config["KRUM_F"], keep)])
+                         robust_rules.multi_krum_choice(deltas, settings.krum_f, keep)])
 
 
 def round_traffic(scaffold, model_bytes, num_selected, uploads):
@@ -401,105 +422,3 @@ class Evaluator:
             for start in range(0, len(self.y_test), EVAL_BATCH_SIZE)])
         accuracy = float(np.mean(np.argmax(probabilities, axis=1) == self.y_test))
         return cross_entropy(probabilities, self.y_test), accuracy
-
-
-def dp_noisy_mean(deltas, shapes, clip_norm, noise_multiplier, denominator, rng):
-    """DP-FedAvg's server step: (sum of clipped updates + N(0, (z S)^2)) / denominator.
-
-    The server clips every decoded update to S itself: it cannot trust that a client did, and
-    the noise is calibrated to S. `denominator` must not depend on the data: the number of
-    updates averaged for fixed-size sampling, the expected number for Poisson sampling
-    (McMahan et al. 2018's fixed-denominator estimator). With no update at all (Poisson) the
-    noise is still added, as the accounted mechanism does.
-
-    Args:
-        deltas: decoded client updates (lists of float64 layer arrays); may be empty.
-        shapes: the layer shapes, for the empty case.
-    Returns:
-        list of float64 layer arrays.
-    """
-    clipped = [upload_format.clip_update(delta, clip_norm) for delta in deltas]
-    total = [np.zeros(shape) for shape in shapes]
-    for delta in clipped:
-        total = [accumulated + layer for accumulated, layer in zip(total, delta)]
-    deviation = noise_multiplier * clip_norm
-    return [(layer + rng.normal(0.0, deviation, np.shape(layer))) / denominator
-            for layer in total]
-
-
-DP_NOISE_SOURCES = ("seeded", "secure")
-
-
-def noise_generator(source, seed, round_num):
-    """Return the generator of a round's DP noise.
-
-    seeded: keyed by (SEED, round), so a simulation is reproducible, but anyone who knows the
-    config can regenerate the noise and subtract it from the published model. secure: seeded
-    from the operating system's entropy, which no one can regenerate (the Flower default).
-    """
-    if source == "seeded":
-        return Utils.rng(seed, "privacy", round_num)
-    if source == "secure":
-        return Utils.secret_rng()
-    raise ValueError(f"DP_NOISE must be one of {', '.join(DP_NOISE_SOURCES)}, got {source!r}")
-
-
-def dp_denominator(sampling, num_returned, num_clients, client_fraction, dropout):
-    """Return the count DP-FedAvg divides the noisy sum by (see `dp_noisy_mean`)."""
-    if sampling == "poisson":
-        return client_fraction * num_clients * (1 - dropout)
-    return num_returned
-
-
-def privacy_spent(noise_multiplier, sampling, num_clients, client_fraction, rounds, delta):
-    """Epsilon of DP-FedAvg after `rounds` rounds, from Google's dp-accounting (RDP).
-
-    Each round is a sampled Gaussian mechanism on the sum of clipped updates, noise std z S:
-    - poisson: Poisson sampling at rate C, add-or-remove-one client (sensitivity S, so the
-      noise multiplier is z), as in McMahan et al. 2018;
-    - fixed: m of K clients without replacement, replace-one client (Wang et al. 2019; K is
-      public). Replacing one client's update by another moves the sum by up to 2 S, so the
-      noise multiplier is z / 2 (dp-accounting 0.6's RDP accountant does not double the
-      sensitivity itself: tests/test_server_side.py checks that this still holds).
-    Dropout only removes updates, so it is not counted (the bound stays valid).
-    The orders are the library's defaults, fractional ones from 1.1 up included: the bound is
-    often tightest below order 2.
-    """
-    from dp_accounting.rdp import rdp_privacy_accountant  # Only runs with DP pay for SciPy.
-
-    if noise_multiplier == 0:
-        return float("inf")
-    orders, one_round = _round_rdp(noise_multiplier, sampling, num_clients, client_fraction)
-    epsilon, _ = rdp_privacy_accountant.compute_epsilon(orders, rounds * one_round, delta)
-    return float(epsilon)
-
-
-@functools.lru_cache(maxsize=8)
-def _round_rdp(noise_multiplier, sampling, num_clients, client_fraction):
-    """Return (orders, one round's RDP at them); rounds compose by multiplying the RDP.
-
-    Cached because the library recomputes the sampled mechanism on every compose (0.2 s for
-    sampling without replacement), and the run asks for epsilon every round.
-    """
-    import dp_accounting
-
-    if sampling == "poisson":
-        accountant = dp_accounting.rdp.RdpAccountant()
-        event = dp_accounting.PoissonSampledDpEvent(
-            client_fraction, dp_accounting.GaussianDpEvent(noise_multiplier))
-    else:
-        accountant = dp_accounting.rdp.RdpAccountant(
-            neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        event = dp_accounting.SampledWithoutReplacementDpEvent(
-            num_clients, num_selected_clients(num_clients, client_fraction),
-            dp_accounting.GaussianDpEvent(noise_multiplier / 2))
-    # At low orders and high rates the library's series for fractional orders may not
-    # converge; it then counts that order as infinite (still a valid bound) and warns per order.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        accountant.compose(event)
-    finally:
-        absl_logger.setLevel(level)
-    return tuple(accountant.orders), accountant.rdp

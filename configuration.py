@@ -13,6 +13,7 @@ import pathlib
 import attacks
 import checkpoints
 import Data_Preprocessing
+import privacy
 import robust_rules
 import Server_side
 import upload_format
@@ -68,7 +69,7 @@ def validate_config(config):
     if config["SEED"] + config["REPEATS"] > 2**32:
         raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
                          f"{config['REPEATS']} - 1")
-    per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
+    per_round = Utils.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
     if config["AGGREGATION"] in robust_rules.KRUM_RULES and per_round < 2 * config["KRUM_F"] + 3:
         raise ValueError(f"KRUM_F must leave at least 2 * KRUM_F + 3 clients a round for Krum; "
                          f"with {per_round} clients a round KRUM_F can be at most "
@@ -135,7 +136,7 @@ RULES = {
     "COMPRESSION": _one_of(upload_format.COMPRESSIONS), "TOPK_FRACTION": _number("(0, 1]"),
     "STOCHASTIC_ROUNDING": _BOOLEAN, "DP_CLIP_NORM": _number(">= 0"),
     "DP_NOISE_MULTIPLIER": _number(">= 0"), "DP_DELTA": _number("(0, 1)"),
-    "DP_NOISE": _one_of(Server_side.DP_NOISE_SOURCES),
+    "DP_NOISE": _one_of(privacy.DP_NOISE_SOURCES),
     "AGGREGATION": _one_of(Server_side.AGGREGATIONS), "TRIM_RATIO": _number("[0, 0.5)"),
     "KRUM_F": _integer(0), "MALICIOUS_FRACTION": _number("[0, 1)"),
     "ATTACK": _one_of(attacks.ATTACKS), "ATTACK_SCALE": _number("> 0"),

@@ -36,6 +36,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
 import Client_side  # noqa: E402
+import client_state  # noqa: E402
 import Main  # noqa: E402
 import node_cache  # noqa: E402
 import Server_side  # noqa: E402
@@ -300,7 +301,7 @@ def refuse_unsupported(config):
         if config[name] is not None and not pathlib.Path(config[name]).expanduser().is_absolute():
             raise ValueError(f"{name} must be an absolute path on Flower (the ServerApp runs in "
                              f"Flower's own folder), got {config[name]}")
-    kept = Client_side.kept_state_names(config)
+    kept = client_state.kept_state_names(config["ALGORITHM"], config["COMPRESSION"])
     if config["RESUME"] and kept:
         raise ValueError(f"RESUME cannot continue a run on Flower that keeps client state "
                          f"({', '.join(kept)}): it lives on the SuperNodes and ends with their "
@@ -372,7 +373,8 @@ def client_train(message, context):
         context.node_config.get("cache-dir") or node_cache.default_cache_dir())
     Utils.make_deterministic()
     Utils.seed_everything(config["SEED"])
-    host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
+    host = Client_side.ClientHost(Client_side.ClientSettings.from_config(config),
+                                  Server_side.create_model(), data.x_train,
                                   data.y_train, client_indices)
     restore_client_state(host, context.state)
     # Keep the state of last time's clients only where the server accepted their uploads.

@@ -33,10 +33,11 @@ class Rejection:
                 f"node {'-' if self.node is None else self.node}: {self.reason}")
 
 
-def screen_uploads(config, round_num, uploads, expected_clients, client_sizes, shapes):
+def screen_uploads(settings, round_num, uploads, expected_clients, client_sizes, shapes):
     """Check every upload before anything is decoded; nothing a client sends is trusted.
 
     Args:
+        settings: the server's Server_side.ServerSettings.
         uploads: what the engine delivered: upload_format.Upload objects, and Rejection objects
             for replies the engine could not even read.
         expected_clients: the clients selected (and not dropped) this round.
@@ -50,7 +51,7 @@ def screen_uploads(config, round_num, uploads, expected_clients, client_sizes, s
         if isinstance(upload, Rejection):
             rejections.append(upload)
             continue
-        problem = upload_problem(config, round_num, upload, expected, answered, client_sizes,
+        problem = upload_problem(settings, round_num, upload, expected, answered, client_sizes,
                                  shapes)
         if problem is None:
             accepted.append(upload)
@@ -59,7 +60,7 @@ def screen_uploads(config, round_num, uploads, expected_clients, client_sizes, s
             rejections.append(Rejection(round_num, getattr(upload, "client", None),
                                         getattr(upload, "node", None), problem.text,
                                         problem.kind))
-    if config["ALGORITHM"] == "scaffold":
+    if settings.algorithm == "scaffold":
         accepted, outliers = _without_variate_outliers(round_num, accepted)
         rejections += outliers
     return accepted, rejections
@@ -91,7 +92,7 @@ def _without_variate_outliers(round_num, uploads):
     return kept, rejected
 
 
-def upload_problem(config, round_num, upload, expected, answered, client_sizes, shapes):
+def upload_problem(settings, round_num, upload, expected, answered, client_sizes, shapes):
     """Return the upload_format.Problem that refuses `upload` this round, or None."""
     if not isinstance(upload, upload_format.Upload):
         return Problem(upload_format.MALFORMED, "not an upload")
@@ -101,20 +102,20 @@ def upload_problem(config, round_num, upload, expected, answered, client_sizes, 
         return Problem(UNEXPECTED, f"client {upload.client!r} was not selected this round")
     if upload.client in answered:
         return Problem(UNEXPECTED, "this client already answered this round")
-    return (_metrics_problem(config, upload, client_sizes[upload.client])
-            or upload_format.update_problem(upload.update, config["COMPRESSION"],
-                                            config["TOPK_FRACTION"], shapes)
+    return (_metrics_problem(settings, upload, client_sizes[upload.client])
+            or upload_format.update_problem(upload.update, settings.compression,
+                                            settings.topk_fraction, shapes)
             or upload_format.variate_problem(upload.variate_delta,
-                                             config["ALGORITHM"] == "scaffold", shapes))
+                                             settings.algorithm == "scaffold", shapes))
 
 
-def _metrics_problem(config, upload, size):
+def _metrics_problem(settings, upload, size):
     """The sample count must be one the client can hold, the steps those it must take."""
     if not Utils.is_integer(upload.num_examples) or not 1 <= upload.num_examples <= size:
         return Problem(IMPLAUSIBLE,
                        f"sample count {upload.num_examples!r} is outside 1..{size}, what it holds")
-    steps = upload_format.num_local_steps(upload.num_examples, config["BATCH_SIZE"],
-                                          config["LOCAL_EPOCHS"])
+    steps = upload_format.num_local_steps(upload.num_examples, settings.batch_size,
+                                          settings.local_epochs)
     if not Utils.is_integer(upload.num_steps) or upload.num_steps != steps:
         return Problem(IMPLAUSIBLE,
                        f"step count {upload.num_steps!r}, expected {steps} for its samples")

@@ -163,7 +163,7 @@ def main():
         Utils.make_deterministic()
     data = Main.Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
     Utils.seed_everything(config["SEED"])
-    per_round = Server_side.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
+    per_round = Utils.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
     mean_client = len(data.y_train) / config["NUM_CLIENTS"]
     batch_size = config["BATCH_SIZE"] or max(1, round(mean_client))
     timed_samples = min(len(data.y_train),
@@ -201,7 +201,7 @@ def report(arguments, config, limits, single_rates, sim_rate, seconds, rss, size
                                   / statistics.median(seconds), 3),
         "rounds": config["ROUNDS"],
         "eval_every": config["EVAL_EVERY"],
-        "clients_per_round": Server_side.num_selected_clients(config["NUM_CLIENTS"],
+        "clients_per_round": Utils.num_selected_clients(config["NUM_CLIENTS"],
                                                               config["CLIENT_FRACTION"]),
         "median_client_samples": float(np.median(sizes)),
         "fit_batch_size": batch_size,

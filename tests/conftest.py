@@ -23,3 +23,10 @@ def real_data_once(monkeypatch, fashion_mnist):
     import Data_Preprocessing
 
     monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: fashion_mnist)
+
+
+def round_clients(config, round_num):
+    """The server's (selected, returning) clients of a round, for a dict of constants."""
+    import Server_side
+
+    return Server_side.round_clients(Server_side.ServerSettings.from_config(config), round_num)

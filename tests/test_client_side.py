@@ -7,6 +7,7 @@ import keras
 import attacks
 import centralized_baseline
 import Client_side
+import client_state
 import Server_side
 import upload_format
 
@@ -183,7 +184,7 @@ def test_scaffold_step_applies_minus_lr_times_corrected_gradient(tiny_client):
 
 def test_scaffold_client_variate_option_two_by_hand():
     """c_i+ = c_i - c + (x - y_i) / (a_i * lr) = [1, 2] - [0.5, 0.5] + [0.2, -0.2] / (2 * 0.1)."""
-    new_variate = Client_side.scaffold_client_variate(
+    new_variate = client_state.scaffold_client_variate(
         [np.array([1.0, 2.0])], [np.array([0.5, 0.5])], [np.array([1.0, 1.0])],
         [np.array([0.8, 1.2])], num_steps=2, learning_rate=0.1)
     np.testing.assert_allclose(new_variate[0], [1.5, 0.5], rtol=1e-6)
@@ -207,7 +208,7 @@ def run_scaffold_on_quadratics(momentum, rounds=60, steps=20, learning_rate=0.01
     rng = np.random.default_rng(0)
     centers, curvatures = rng.normal(0, 3, (10, 5)), rng.uniform(0.5, 4, (10, 5))
     global_weights, server_variate = np.zeros(5), Server_side.ScaffoldServerVariate([(5,)])
-    memory = Client_side.ClientMemory([(5,)])
+    memory = client_state.ClientMemory([(5,)])
     for _ in range(rounds):
         deltas, variate_deltas = [], []
         for client in range(10):
@@ -217,7 +218,7 @@ def run_scaffold_on_quadratics(momentum, rounds=60, steps=20, learning_rate=0.01
                 global_weights,
                 lambda w: curvatures[client] * (w - centers[client]) + correction,
                 steps, learning_rate, momentum)
-            variate = Client_side.scaffold_client_variate(
+            variate = client_state.scaffold_client_variate(
                 [own], server_variate.arrays, [global_weights], [new],
                 upload_format.effective_steps(steps, momentum), learning_rate)
             memory.put(client, variate)
@@ -241,7 +242,7 @@ def test_scaffold_variate_with_momentum_recovers_a_constant_gradient():
     """Under a constant gradient g (no correction), c_i+ = c_i - c + g exactly, with momentum."""
     gradient = np.array([0.5, -2.0])
     new = local_momentum_sgd(np.zeros(2), lambda w: gradient, 7, 0.1, 0.9)
-    variate = Client_side.scaffold_client_variate(
+    variate = client_state.scaffold_client_variate(
         [np.zeros(2)], [np.zeros(2)], [np.zeros(2)], [new], upload_format.effective_steps(7, 0.9),
         0.1)
     np.testing.assert_allclose(variate[0], gradient, rtol=1e-6)
@@ -281,10 +282,10 @@ def test_dp_upload_of_a_short_update_is_the_update():
 
 
 def test_client_memory_keeps_each_clients_arrays_and_round_trips_its_state():
-    memory = Client_side.ClientMemory([(2,), (1, 3)])
+    memory = client_state.ClientMemory([(2,), (1, 3)])
     assert [array.tolist() for array in memory.get(7)] == [[0, 0], [[0, 0, 0]]]
     memory.put(7, [np.array([1.0, 2.0]), np.ones((1, 3))])
-    restored = Client_side.ClientMemory([(2,), (1, 3)])
+    restored = client_state.ClientMemory([(2,), (1, 3)])
     restored.set_state(memory.get_state())
     np.testing.assert_array_equal(restored.get(7)[0], [1.0, 2.0])
     np.testing.assert_array_equal(restored.get(3)[0], [0.0, 0.0])

@@ -19,6 +19,7 @@ import flower_app
 import Main
 import Server_side
 import upload_format
+from conftest import round_clients
 from flower_cluster import Cluster, make_node_key, make_tls_files
 
 # 20 iid clients of 3,000 samples, 4 a round: a few seconds of training a round.
@@ -169,7 +170,7 @@ def test_a_run_on_flower_equals_the_in_process_run(cluster, tmp_path, real_data_
     its variate and residual on its node from round 1 to round 2."""
     setting = {**TINY, **constants}
     config = {**Main.default_config(), **setting}
-    first, second = (set(Server_side.round_clients(config, round_num)[1].tolist())
+    first, second = (set(round_clients(config, round_num)[1].tolist())
                      for round_num in (1, 2))
     assert first & second, "the test needs a client that trains in both rounds"
     flower_csv = write_config(tmp_path / "flower.csv", OUTPUT_DIR=tmp_path / "flower",
@@ -231,7 +232,7 @@ def test_a_killed_node_drops_its_clients_and_a_restarted_node_rejoins(tmp_path_f
     rows = list(csv.DictReader(history.open()))
     config = {**Main.default_config(), **TINY}
     on_node_one = [sum(int(client) % 2 == 1 for client in
-                       Server_side.round_clients(config, round_num)[1])
+                       round_clients(config, round_num)[1])
                    for round_num in range(1, 6)]
     returned = [int(row["returned"]) for row in rows]
     selected = [int(row["clients"]) for row in rows]
@@ -285,7 +286,7 @@ def test_a_node_sending_garbage_is_rejected_and_the_run_finishes(tmp_path_factor
     rows = list(csv.DictReader(history.open()))
     config = {**Main.default_config(), **TINY}
     for row in rows:
-        returning = Server_side.round_clients(config, int(row["round"]))[1]
+        returning = round_clients(config, int(row["round"]))[1]
         on_node_one = sum(int(client) % 2 == 1 for client in returning)
         assert int(row["rejected"]) == on_node_one > 0
         assert int(row["returned"]) == len(returning) - on_node_one
@@ -356,7 +357,8 @@ class LosingEngine:
     """In process, but the uploads of node 1's clients (odd ids) in round 2 never arrive."""
 
     def __init__(self, config, data):
-        self.host = Client_side.ClientHost(config, Server_side.create_model(), data.x_train,
+        self.host = Client_side.ClientHost(Client_side.ClientSettings.from_config(config),
+                                           Server_side.create_model(), data.x_train,
                                            data.y_train,
                                            configuration.partition_data(config, data.y_train))
 
@@ -382,7 +384,7 @@ def test_a_node_whose_reply_is_lost_keeps_no_client_state_from_that_round(tmp_pa
                "SEED": 2, "ALGORITHM": "scaffold", "COMPRESSION": "topk",
                "TOPK_FRACTION": 0.1}
     config = {**Main.default_config(), **setting}
-    returning = [set(Server_side.round_clients(config, round_num)[1].tolist())
+    returning = [set(round_clients(config, round_num)[1].tolist())
                  for round_num in range(1, 5)]
     assert {client for client in returning[1] if client % 2} & (returning[2] | returning[3])
     cache = str(tmp_path / "cache")

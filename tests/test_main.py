@@ -12,6 +12,7 @@ import pytest
 
 import configuration
 import Main
+import comparison
 import Utils
 
 ROOT = pathlib.Path(Main.__file__).resolve().parent
@@ -254,7 +255,7 @@ def test_eval_every_tests_every_nth_round_and_the_last(tmp_path, real_data_once,
         [row["test_accuracy"] for row in rows][1:], "evaluation changed the training"
     (run_dir,) = (tmp_path / "sparse").iterdir()
     assert (run_dir / "accuracy.png").stat().st_size > 0
-    summary = Utils.seed_summary({**Main.default_config(), "ROUNDS": 3},
+    summary = comparison.seed_summary({**Main.default_config(), "ROUNDS": 3},
                                  [{**row, "test_accuracy": "" if row["test_accuracy"] is None
                                    else row["test_accuracy"]} for row in rows], 0.2)
     assert summary["rounds_to_target"] == 2

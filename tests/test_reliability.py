@@ -18,6 +18,7 @@ import checkpoints
 import configuration
 import Data_Preprocessing
 import Main
+from conftest import round_clients
 
 MAIN_PY = pathlib.Path(Main.__file__).resolve()
 # 50 iid clients of 1,200 samples, 5 a round: about a second a round on 2 cores.
@@ -339,7 +340,7 @@ def test_60000_one_sample_clients_keep_state_only_for_those_that_trained(fashion
     federation = Main.build_federation(config, data, client_indices)
     weights, trained = federation.global_model.get_weights(), set()
     for round_num in (1, 2):
-        trained |= {int(client) for client in Main.Server_side.round_clients(config, round_num)[0]}
+        trained |= {int(client) for client in round_clients(config, round_num)[0]}
         weights, row = Main.run_round(round_num, config, federation, weights,
                                       federation.host)
         assert row["returned"] == 6 and row["samples"] == 6
@@ -388,7 +389,7 @@ def test_client_state_follows_what_the_server_accepted(fashion_mnist):
               "DISTRIBUTION": "iid", "ALGORITHM": "scaffold", "COMPRESSION": "topk",
               "TOPK_FRACTION": 0.1, "CLIENT_DROPOUT": 0.2, "SEED": 1}
     returning = {round_num: [int(client) for client in
-                             Main.Server_side.round_clients(config, round_num)[1]]
+                             round_clients(config, round_num)[1]]
                  for round_num in range(1, 6)}
     later = {client for round_num in range(2, 6) for client in returning[round_num]}
     again = min(set(returning[1]) & later)  # rejected in round 1, selected again later
@@ -420,7 +421,7 @@ def test_a_krum_round_with_too_few_updates_is_logged_and_counted(fashion_mnist, 
                                   y_test=fashion_mnist.y_test[:500])
     federation = Main.build_federation(config, data,
                                        configuration.partition_data(config, data.y_train))
-    returned = len(Main.Server_side.round_clients(config, 1)[1])
+    returned = len(round_clients(config, 1)[1])
     assert returned < 5, "the test needs dropout to leave fewer than 2 f + 3 = 5 clients"
     weights = federation.global_model.get_weights()
     new_weights, row = Main.run_round(1, config, federation, weights, federation.host)

@@ -9,6 +9,7 @@ import pytest
 import keras
 
 import Client_side
+import privacy
 import Server_side
 import robust_rules
 import screening
@@ -223,9 +224,11 @@ def test_krum_scores_and_choice_by_hand():
     assert robust_rules.multi_krum_choice(HONEST_AND_OUTLIER, 1, 1).tolist() == [1]
     # Multi-Krum with m - f = 4 averages the four honest clients: 4.15 / 4.
     config = {**screening_config(), "AGGREGATION": "multi_krum", "KRUM_F": 1}
-    assert Server_side.robust_aggregate(HONEST_AND_OUTLIER, config)[0][0] == pytest.approx(4.15 / 4)
+    multi_krum = Server_side.robust_aggregate(HONEST_AND_OUTLIER, server_settings(config))
+    assert multi_krum[0][0] == pytest.approx(4.15 / 4)
     config["AGGREGATION"] = "krum"
-    assert Server_side.robust_aggregate(HONEST_AND_OUTLIER, config)[0][0] == pytest.approx(1.0)
+    krum = Server_side.robust_aggregate(HONEST_AND_OUTLIER, server_settings(config))
+    assert krum[0][0] == pytest.approx(1.0)
 
 
 def test_krum_scores_of_200_clients_need_little_memory():
@@ -246,7 +249,7 @@ def test_krum_scores_of_200_clients_need_little_memory():
 
 def test_dp_noise_has_the_documented_standard_deviation():
     rng = np.random.default_rng(0)
-    noisy = Server_side.dp_noisy_mean([], [(200_000,)], clip_norm=2.0, noise_multiplier=1.5,
+    noisy = privacy.dp_noisy_mean([], [(200_000,)], clip_norm=2.0, noise_multiplier=1.5,
                                       denominator=10, rng=rng)
     assert np.std(noisy[0]) == pytest.approx(1.5 * 2.0 / 10, rel=0.01)
     assert abs(np.mean(noisy[0])) < 0.002
@@ -255,24 +258,24 @@ def test_dp_noise_has_the_documented_standard_deviation():
 def test_dp_mean_clips_every_update_at_the_server():
     """Without noise: updates of norm 10 and 0.5 with S = 1 average to (1 + 0.5) / 2."""
     deltas = [[np.array([6.0, 8.0])], [np.array([0.3, 0.4])]]
-    mean = Server_side.dp_noisy_mean(deltas, [(2,)], clip_norm=1.0, noise_multiplier=0.0,
+    mean = privacy.dp_noisy_mean(deltas, [(2,)], clip_norm=1.0, noise_multiplier=0.0,
                                      denominator=2, rng=np.random.default_rng(0))
     np.testing.assert_allclose(mean[0], [(0.6 + 0.3) / 2, (0.8 + 0.4) / 2])
 
 
 def test_dp_denominator_is_the_count_or_the_expected_count():
-    assert Server_side.dp_denominator("fixed", 7, 100, 0.1, 0.3) == 7
-    assert Server_side.dp_denominator("poisson", 7, 100, 0.1, 0.3) == pytest.approx(7.0)
-    assert Server_side.dp_denominator("poisson", 12, 100, 0.1, 0.0) == pytest.approx(10.0)
+    assert privacy.dp_denominator("fixed", 7, 100, 0.1, 0.3) == 7
+    assert privacy.dp_denominator("poisson", 7, 100, 0.1, 0.3) == pytest.approx(7.0)
+    assert privacy.dp_denominator("poisson", 12, 100, 0.1, 0.0) == pytest.approx(10.0)
 
 
 def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
     for sampling in Server_side.CLIENT_SAMPLINGS:
-        few = Server_side.privacy_spent(1.0, sampling, 100, 0.1, 10, 1e-5)
-        many = Server_side.privacy_spent(1.0, sampling, 100, 0.1, 100, 1e-5)
-        noisier = Server_side.privacy_spent(2.0, sampling, 100, 0.1, 100, 1e-5)
+        few = privacy.privacy_spent(1.0, sampling, 100, 0.1, 10, 1e-5)
+        many = privacy.privacy_spent(1.0, sampling, 100, 0.1, 100, 1e-5)
+        noisier = privacy.privacy_spent(2.0, sampling, 100, 0.1, 100, 1e-5)
         assert few < many and noisier < many
-        assert Server_side.privacy_spent(0.0, sampling, 100, 0.1, 10, 1e-5) == float("inf")
+        assert privacy.privacy_spent(0.0, sampling, 100, 0.1, 10, 1e-5) == float("inf")
 
 
 def library_epsilon(event, rounds, relation=None):
@@ -290,11 +293,11 @@ def test_poisson_epsilon_matches_the_library_and_a_published_case():
     with the moments accountant; RDP lands close to that."""
     import dp_accounting
 
-    epsilon = Server_side.privacy_spent(4.0, "poisson", 10_000, 0.01, 10_000, 1e-5)
+    epsilon = privacy.privacy_spent(4.0, "poisson", 10_000, 0.01, 10_000, 1e-5)
     assert 1.0 < epsilon < 1.4
     expected = library_epsilon(dp_accounting.PoissonSampledDpEvent(
         0.3, dp_accounting.GaussianDpEvent(1.1)), 50)
-    assert Server_side.privacy_spent(1.1, "poisson", 100, 0.3, 50, 1e-5) == pytest.approx(expected)
+    assert privacy.privacy_spent(1.1, "poisson", 100, 0.3, 50, 1e-5) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("noise, fraction, rounds", [(0.5, 0.1, 50), (1.0, 0.1, 50),
@@ -306,7 +309,7 @@ def test_poisson_epsilon_uses_fractional_orders_below_two(noise, fraction, round
 
     expected = library_epsilon(dp_accounting.PoissonSampledDpEvent(
         fraction, dp_accounting.GaussianDpEvent(noise)), rounds)
-    epsilon = Server_side.privacy_spent(noise, "poisson", 100, fraction, rounds, 1e-5)
+    epsilon = privacy.privacy_spent(noise, "poisson", 100, fraction, rounds, 1e-5)
     assert epsilon == pytest.approx(expected, rel=1e-9)
     if (noise, fraction, rounds) == (0.5, 0.1, 50):
         assert epsilon <= 26.0
@@ -347,13 +350,13 @@ def test_fixed_size_epsilon_is_sampling_without_replacement_with_replace_one():
     expected = library_epsilon(dp_accounting.SampledWithoutReplacementDpEvent(
         5, 1, dp_accounting.GaussianDpEvent(0.5)), 50,
         dp_accounting.NeighboringRelation.REPLACE_ONE)
-    epsilon = Server_side.privacy_spent(1.0, "fixed", 5, 0.1, 50, 1e-5)
+    epsilon = privacy.privacy_spent(1.0, "fixed", 5, 0.1, 50, 1e-5)
     assert epsilon == pytest.approx(expected)
-    assert epsilon > 2 * Server_side.privacy_spent(1.0, "poisson", 5, 0.1, 50, 1e-5)
+    assert epsilon > 2 * privacy.privacy_spent(1.0, "poisson", 5, 0.1, 50, 1e-5)
     expected = library_epsilon(dp_accounting.SampledWithoutReplacementDpEvent(
         100, 10, dp_accounting.GaussianDpEvent(1.0)), 20,
         dp_accounting.NeighboringRelation.REPLACE_ONE)
-    assert Server_side.privacy_spent(2.0, "fixed", 100, 0.1, 20, 1e-5) == pytest.approx(expected)
+    assert privacy.privacy_spent(2.0, "fixed", 100, 0.1, 20, 1e-5) == pytest.approx(expected)
 
 
 # --- The server trusts nothing a node sends ------------------------------------------------
@@ -367,6 +370,16 @@ def screening_config(**overrides):
 
     return {**Main.default_config(), "NUM_CLIENTS": 10, "BATCH_SIZE": 32, "LOCAL_EPOCHS": 1,
             **overrides}
+
+
+def server_settings(config):
+    return Server_side.ServerSettings.from_config(config)
+
+
+def screened(config, uploads, expected_clients):
+    """Screen round 4's uploads against the test's clients (SIZES) and model (SHAPES)."""
+    return screening.screen_uploads(server_settings(config), 4, uploads, expected_clients, SIZES,
+                                    SHAPES)
 
 
 def good_upload(client, config, round_num=4, seed=0):
@@ -456,7 +469,7 @@ BAD_UPLOADS = {
 
 
 def aggregated(config, uploads):
-    server = Server_side.Server(config, SHAPES)
+    server = Server_side.Server(server_settings(config), SHAPES)
     return server.aggregate(4, [np.zeros(shape, np.float32) for shape in SHAPES], uploads)
 
 
@@ -466,8 +479,7 @@ def test_a_malformed_upload_is_rejected_with_its_reason_and_changes_nothing(name
     config = screening_config(**constants)
     honest = good_upload(2, config)
     delivered = [honest, spoil(good_upload(5, config))]
-    accepted, rejections = screening.screen_uploads(config, 4, delivered, [2, 5], SIZES,
-                                                      SHAPES)
+    accepted, rejections = screened(config, delivered, [2, 5])
     assert accepted == [honest]
     (rejection,) = rejections
     assert reason in rejection.reason and "round 4" in str(rejection)
@@ -478,8 +490,7 @@ def test_a_malformed_upload_is_rejected_with_its_reason_and_changes_nothing(name
 def test_the_same_client_twice_keeps_only_its_first_upload():
     config = screening_config()
     first, again = good_upload(2, config), good_upload(2, config, seed=9)
-    accepted, rejections = screening.screen_uploads(config, 4, [first, again], [2], SIZES,
-                                                      SHAPES)
+    accepted, rejections = screened(config, [first, again], [2])
     assert accepted == [first] and "already answered" in rejections[0].reason
 
 
@@ -489,15 +500,14 @@ def test_honest_uploads_of_every_encoding_pass_the_checks(compression):
         config = screening_config(COMPRESSION=compression, ALGORITHM=algorithm,
                                   TOPK_FRACTION=0.25)
         uploads = [good_upload(client, config) for client in (2, 5)]
-        accepted, rejections = screening.screen_uploads(config, 4, uploads, [2, 5], SIZES,
-                                                          SHAPES)
+        accepted, rejections = screened(config, uploads, [2, 5])
         assert accepted == uploads and rejections == []
 
 
 def test_a_round_where_every_upload_is_rejected_keeps_the_model():
     config = screening_config()
     bad = dataclasses.replace(good_upload(5, config), round_num=1)
-    accepted, rejections = screening.screen_uploads(config, 4, [bad], [5], SIZES, SHAPES)
+    accepted, rejections = screened(config, [bad], [5])
     assert accepted == [] and len(rejections) == 1
     for layer in aggregated(config, accepted):
         assert not layer.any()
@@ -507,7 +517,7 @@ def test_secure_dp_noise_cannot_be_regenerated_from_the_config():
     """Seeded noise is keyed by (SEED, round): the same twice, so an observer who knows the
     config can subtract it. Secure noise comes from OS entropy: two draws of a round differ."""
     results = {}
-    for source in Server_side.DP_NOISE_SOURCES:
+    for source in privacy.DP_NOISE_SOURCES:
         config = screening_config(DP_CLIP_NORM=1.0, DP_NOISE=source)
         uploads = [good_upload(client, config) for client in (2, 5)]
         results[source] = [aggregated(config, uploads) for _ in range(2)]
@@ -525,7 +535,7 @@ def test_krum_with_fewer_than_2f_plus_3_updates_keeps_the_model(rule):
     start = [np.zeros(shape, np.float32) for shape in SHAPES]
     for count, moves in ((4, False), (5, True)):
         uploads = [good_upload(client, config) for client in range(count)]
-        new = Server_side.Server(config, SHAPES).aggregate(4, start, uploads)
+        new = Server_side.Server(server_settings(config), SHAPES).aggregate(4, start, uploads)
         assert robust_rules.too_few_for_krum(rule, 1, count) is not moves
         assert any(not np.array_equal(layer, zero) for layer, zero in zip(new, start)) is moves
 
@@ -538,21 +548,20 @@ def test_a_scaffold_variate_change_far_beyond_the_rounds_others_is_rejected():
     forged = good_upload(5, config)
     forged = dataclasses.replace(forged, variate_delta=[1000 * layer
                                                         for layer in forged.variate_delta])
-    accepted, rejections = screening.screen_uploads(config, 4, honest + [forged],
-                                                      [1, 2, 3, 4, 5], SIZES, SHAPES)
+    accepted, rejections = screened(config, honest + [forged], [1, 2, 3, 4, 5])
     assert accepted == honest
     (rejection,) = rejections
     assert rejection.client == 5 and "more than 10 times the round's median" in rejection.reason
-    with_forged, without = (Server_side.Server(config, SHAPES) for _ in range(2))
+    with_forged, without = (Server_side.Server(server_settings(config), SHAPES) for _ in range(2))
     start = [np.zeros(shape, np.float32) for shape in SHAPES]
     with_forged.aggregate(4, start, accepted)
     without.aggregate(4, start, honest)
-    for screened, clean in zip(with_forged.server_variate(), without.server_variate()):
-        np.testing.assert_array_equal(screened, clean)
+    for kept, clean in zip(with_forged.server_variate(), without.server_variate()):
+        np.testing.assert_array_equal(kept, clean)
     # Variates of the same scale all pass, whatever their spread within 10x.
     mixed = honest + [dataclasses.replace(good_upload(5, config), variate_delta=[
         3 * layer for layer in good_upload(5, config).variate_delta])]
-    assert screening.screen_uploads(config, 4, mixed, [1, 2, 3, 4, 5], SIZES, SHAPES)[1] == []
+    assert screened(config, mixed, [1, 2, 3, 4, 5])[1] == []
 
 
 def test_the_servers_round_reports_what_it_refused_by_kind():
@@ -562,7 +571,7 @@ def test_the_servers_round_reports_what_it_refused_by_kind():
     start = [np.zeros(shape, np.float32) for shape in SHAPES]
     nan = dataclasses.replace(good_upload(2, config), train_loss=float("nan"))
     stale = dataclasses.replace(good_upload(5, config), round_num=3)
-    server = Server_side.Server(config, SHAPES, SIZES)
+    server = Server_side.Server(server_settings(config), SHAPES, SIZES)
     new, report = server.round(4, start, [nan], [2], num_selected=1)
     assert report.diverged and [rejection.kind for rejection in report.rejections] == [
         upload_format.NON_FINITE]

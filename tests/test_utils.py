@@ -1,11 +1,13 @@
 """Tests of the CSV overrides, run naming, history file and plots."""
 
 import csv
+import dataclasses
 import pathlib
 
 import numpy as np
 import pytest
 
+import comparison
 import Utils
 
 DEFAULTS = {"ROUNDS": 100, "CLIENT_FRACTION": 0.3, "DISTRIBUTION": "noniid_ib",
@@ -122,7 +124,7 @@ def test_comparison_gives_mean_and_sample_std_over_seeds_by_hand(tmp_path):
               "SERVER_OPTIMIZER": "sgd", "SERVER_LR": 1.0, "DISTRIBUTION": "iid"}
     configs = [{**config, "SEED": seed} for seed in range(4)]
     histories = [seed_rows(0.7), seed_rows(0.8), seed_rows(0.9), seed_rows(0.9)[:1]]
-    Utils.write_comparison(tmp_path, ["a", "a", "a", "b"], configs, histories)
+    comparison.write_comparison(tmp_path, ["a", "a", "a", "b"], configs, histories)
     table = (tmp_path / "comparison.md").read_text().splitlines()
     assert table[2].startswith("| a | fedavg | sgd (lr 1.0) | iid | 3 | 0.8000 ± 0.1000 | "
                                "0.8000 ± 0.1000 | 2.3 ± 0.6 (3/3) | 3.0 ± 0.0 |")
@@ -143,17 +145,18 @@ def test_comparison_over_distributions_draws_a_panel_each_with_one_colour_per_me
                                                "ALGORITHM": algorithm, "SEED": seed},
                                               seed_rows(0.6 + 0.1 * seed)) for seed in (0, 1)]
             for distribution in ("iid", "shards") for algorithm in ("fedavg", "scaffold")}
-    assert Utils.panels_by_distribution(runs) == {"iid": ["iid_fedavg", "iid_scaffold"],
+    assert comparison.panels_by_distribution(runs) == {"iid": ["iid_fedavg", "iid_scaffold"],
                                                   "shards": ["shards_fedavg", "shards_scaffold"]}
-    styles = Utils._curve_styles(runs)
+    styles = comparison._curve_styles(runs)
     assert styles["iid_fedavg"] == styles["shards_fedavg"] != styles["iid_scaffold"]
     assert styles["iid_scaffold"] == styles["shards_scaffold"]
     runs["iid_fedavg_again"] = runs["iid_fedavg"]  # two FedAvg runs in one panel: own colours
-    assert Utils._curve_styles(runs)["iid_fedavg_again"] != Utils._curve_styles(runs)["iid_fedavg"]
+    styles = comparison._curve_styles(runs)
+    assert styles["iid_fedavg_again"] != styles["iid_fedavg"]
     single = {label: group for label, group in runs.items() if label.startswith("iid")}
-    assert Utils.panels_by_distribution(single) == {
+    assert comparison.panels_by_distribution(single) == {
         "iid": ["iid_fedavg", "iid_scaffold", "iid_fedavg_again"]}
-    Utils.plot_comparison(tmp_path / "comparison.png", runs, 0.5)
+    comparison.plot_comparison(tmp_path / "comparison.png", runs, 0.5)
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -180,16 +183,31 @@ def test_comparisons_skip_rounds_without_evaluation(tmp_path):
               "SERVER_OPTIMIZER": "sgd", "SERVER_LR": 1.0, "DISTRIBUTION": "iid", "SEED": 0}
     rows = [{"round": r, "test_accuracy": accuracy, "mb_up_total": float(r), "seconds": 1.0}
             for r, accuracy in ((1, ""), (2, 0.6), (3, ""), (4, 0.7))]
-    assert Utils.rounds_to_reach(rows, 0.5) == 2
-    assert Utils.seed_summary(config, rows, 0.5)["best_accuracy"] == 0.7
-    rounds, mean, *_ = Utils._mean_curves([(config, rows)])
+    assert comparison.rounds_to_reach(rows, 0.5) == 2
+    assert comparison.seed_summary(config, rows, 0.5)["best_accuracy"] == 0.7
+    rounds, mean, *_ = comparison._mean_curves([(config, rows)])
     assert rounds.tolist() == [2, 4] and mean.tolist() == [0.6, 0.7]
-    Utils.write_comparison(tmp_path, ["a"], [config], [rows])
+    comparison.write_comparison(tmp_path, ["a"], [config], [rows])
     assert "| a | fedavg | sgd (lr 1.0) | iid | 1 | 0.7000 | 0.7000 | 2.0 (1/1) |" in \
         (tmp_path / "comparison.md").read_text()
 
 
 def test_spread_of_infinite_epsilons_is_not_nan():
     """z = 0 gives epsilon = inf in every seed; the table says inf, not 'inf ± nan'."""
-    assert Utils.mean_and_spread([float("inf")] * 3, 2) == "inf"
-    assert Utils.mean_and_spread([6.02, 6.02, 6.02], 2) == "6.02 ± 0.00"
+    assert comparison.mean_and_spread([float("inf")] * 3, 2) == "inf"
+    assert comparison.mean_and_spread([6.02, 6.02, 6.02], 2) == "6.02 ± 0.00"
+
+
+def test_settings_name_the_constants_they_come_from():
+    """Inside, code reads named fields; each field is the constant of the same name."""
+    import Client_side
+    import Main
+    import Server_side
+
+    config = {**Main.default_config(), "LEARNING_RATE": 0.123, "KRUM_F": 4}
+    client = Client_side.ClientSettings.from_config(config)
+    server = Server_side.ServerSettings.from_config(config)
+    assert client.learning_rate == 0.123 and server.krum_f == 4
+    for settings in (client, server):
+        for field in dataclasses.fields(settings):
+            assert getattr(settings, field.name) == config[field.name.upper()]
