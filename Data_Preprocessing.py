@@ -249,19 +249,27 @@ def _split_label_skew(labels, num_clients, rng, classes_per_client):
     most one), so all samples of held classes are used; a class no client holds (possible only
     when K < 10) stays unused. Client sizes differ when classes have different numbers of holders.
     """
-    holders = _class_holders(num_clients, classes_per_client, rng)
     parts = [[] for _ in range(num_clients)]
+    for clients, class_indices in _held_classes(labels, num_clients, rng, classes_per_client,
+                                                "noniid_bi"):
+        for client, chunk in zip(clients, np.array_split(class_indices, len(clients))):
+            parts[client].append(chunk)
+    return [np.concatenate(part) for part in parts]
+
+
+def _held_classes(labels, num_clients, rng, classes_per_client, distribution):
+    """Deal the classes to their holders; yield (holders, the class's shuffled sample indices)
+    for every class somebody holds, refusing a class with more holders than samples."""
+    holders = _class_holders(num_clients, classes_per_client, rng)
     for label, clients in holders.items():
         if not clients:
             continue
         class_indices = rng.permutation(np.flatnonzero(labels == label))
         if len(class_indices) < len(clients):
-            raise ValueError(f"NUM_CLIENTS x CLASSES_PER_CLIENT is too large for noniid_bi: class "
-                             f"{label} would have {len(clients)} holders but has "
+            raise ValueError(f"NUM_CLIENTS x CLASSES_PER_CLIENT is too large for {distribution}: "
+                             f"class {label} would have {len(clients)} holders but has "
                              f"{len(class_indices)} samples")
-        for client, chunk in zip(clients, np.array_split(class_indices, len(clients))):
-            parts[client].append(chunk)
-    return [np.concatenate(part) for part in parts]
+        yield clients, class_indices
 
 
 def _split_label_and_quantity_skew(labels, num_clients, rng, classes_per_client):
@@ -271,15 +279,9 @@ def _split_label_and_quantity_skew(labels, num_clients, rng, classes_per_client)
     slot is empty; client sizes and their class mixes are therefore both imbalanced. All samples of
     held classes are used.
     """
-    holders = _class_holders(num_clients, classes_per_client, rng)
     parts = [[] for _ in range(num_clients)]
-    for label, clients in holders.items():
-        if not clients:
-            continue
-        class_indices = rng.permutation(np.flatnonzero(labels == label))
-        if len(class_indices) < len(clients):
-            raise ValueError("NUM_CLIENTS x CLASSES_PER_CLIENT is too large for noniid_ii: a "
-                             "class would have more holders than samples")
+    for clients, class_indices in _held_classes(labels, num_clients, rng, classes_per_client,
+                                                "noniid_ii"):
         shares = rng.dirichlet(np.ones(len(clients)))
         sizes = 1 + rng.multinomial(len(class_indices) - len(clients), shares)
         for client, chunk in zip(clients, np.split(class_indices, np.cumsum(sizes)[:-1])):
