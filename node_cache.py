@@ -8,8 +8,10 @@ by every constant the partition depends on. A file that cannot be read or has th
 is rebuilt; a changed data file or constant gives another key, so a stale entry is never read.
 """
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import zipfile
@@ -19,10 +21,15 @@ import numpy as np
 import configuration
 import Data_Preprocessing
 
+LOGGER = logging.getLogger("flower_app")
 PARTITION_CONSTANTS = ("NUM_CLIENTS", "DISTRIBUTION", "MAX_SAMPLE_SHARE", "CLASSES_PER_CLIENT",
                        "DIRICHLET_ALPHA", "SHARDS_PER_CLIENT", "SEED")
-ARRAYS = {"x_train": (np.float32, (60000, 28, 28, 1)), "y_train": (np.int32, (60000,)),
-          "x_test": (np.float32, (10000, 28, 28, 1)), "y_test": (np.int32, (10000,))}
+# What load_fashion_mnist returns: images with a channel axis, labels as they are.
+_SHAPES = Data_Preprocessing.EXPECTED_SHAPES
+ARRAYS = {"x_train": (np.float32, (*_SHAPES["train_images"], 1)),
+          "y_train": (np.int32, _SHAPES["train_labels"]),
+          "x_test": (np.float32, (*_SHAPES["test_images"], 1)),
+          "y_test": (np.int32, _SHAPES["test_labels"])}
 
 
 def default_cache_dir():
@@ -47,9 +54,11 @@ def load_data_and_partition(config, data_dir, cache_dir):
 
 
 def _files_key(directory):
-    facts = [[str((directory / name).resolve()), (directory / name).stat().st_size,
-              (directory / name).stat().st_mtime_ns]
-             for name in Data_Preprocessing.FILE_NAMES.values()]
+    facts = []
+    for name in Data_Preprocessing.FILE_NAMES.values():
+        path = (directory / name).resolve()
+        status = path.stat()
+        facts.append([str(path), status.st_size, status.st_mtime_ns])
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
 
@@ -60,9 +69,9 @@ def _cached_data(folder, directory):
         return Data_Preprocessing.FashionMNIST(**arrays, source=str(directory))
     except (OSError, ValueError):
         data = Data_Preprocessing.load_fashion_mnist(directory)
-        folder.mkdir(parents=True, exist_ok=True)
         for name in ARRAYS:
-            _save_atomically(folder / f"{name}.npy", getattr(data, name))
+            _write_atomically(folder / f"{name}.npy",
+                              lambda file, array=getattr(data, name): np.save(file, array))
         return data
 
 
@@ -85,18 +94,24 @@ def _cached_partition(folder, data_key, config, y_train):
         return np.split(flat, np.cumsum(sizes)[:-1])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         client_indices = configuration.partition_data(config, y_train)
-        _save_atomically(path, None, indices=np.concatenate(client_indices),
-                         sizes=np.array([len(indices) for indices in client_indices]))
+        _write_atomically(path, lambda file: np.savez(
+            file, indices=np.concatenate(client_indices),
+            sizes=np.array([len(indices) for indices in client_indices])))
         return client_indices
 
 
-def _save_atomically(path, array, **arrays):
-    """Write one .npy array (or an .npz of `arrays`) beside `path`, then rename it into place,
-    so a node killed mid-write leaves no half file under the real name."""
+def _write_atomically(path, write):
+    """Call write(file) on a file beside `path`, then rename it into place, so a node killed
+    mid-write leaves no half file under the real name. A cache that cannot be written (a
+    read-only folder, a full disk) is skipped with a warning: the node trains from what it
+    loaded, and loads again next round."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
-        if arrays:
-            np.savez(file, **arrays)
-        else:
-            np.save(file, array)
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except OSError as error:
+        LOGGER.warning("node cache: could not write %s (%s)", path, error)
+        with contextlib.suppress(OSError):
+            temporary.unlink()

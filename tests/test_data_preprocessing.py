@@ -253,3 +253,23 @@ def test_a_nodes_cache_gives_the_same_data_and_partition_and_rebuilds_what_is_br
     other = {**config, "SEED": 1}
     node_cache.load_data_and_partition(other, None, tmp_path)
     assert len(list(folder.glob("partition_*.npz"))) == 2
+
+
+def test_a_node_cache_that_cannot_be_written_still_gives_the_data(tmp_path, fashion_mnist,
+                                                                  caplog):
+    """A cache folder that cannot be created (here a file stands in its way) is skipped with a
+    warning; the node trains from the data it loaded, not from nothing."""
+    import configuration
+    import Main
+    import node_cache
+
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file where the cache would go")
+    config = {**Main.default_config(), "NUM_CLIENTS": 20, "DISTRIBUTION": "iid"}
+    data, client_indices = node_cache.load_data_and_partition(config, None, blocked)
+    np.testing.assert_array_equal(data.x_train, fashion_mnist.x_train)
+    for cached, direct in zip(client_indices,
+                              configuration.partition_data(config, fashion_mnist.y_train),
+                              strict=True):
+        np.testing.assert_array_equal(cached, direct)
+    assert "node cache: could not write" in caplog.text
