@@ -333,7 +333,7 @@ def client_upload(settings, client, round_num, global_weights, update, memory,
     (delta,) = client_deltas([update.new_weights], global_weights)
     if malicious and settings.attack != "label_flip":
         delta = attacks.attack_update(delta, settings.attack, settings.attack_scale,
-                              Utils.rng(seed, "attack", round_num, client))
+                                      Utils.rng(seed, "attack", round_num, client))
     residuals = memory.get("residual")
     encoded, residual = prepare_upload(
         delta, residuals.get(client) if residuals else None, settings.compression,
@@ -386,8 +386,9 @@ class ClientHost:
         for trainer, group in self._groups_by_trainer(clients):
             for first in range(0, len(group), CLIENTS_PER_CALL):
                 chunk = group[first:first + CLIENTS_PER_CALL]
-                corrections = [client_state.scaffold_correction(self.memory, client, server_variate)
-                               for client in chunk]
+                corrections = [
+                    client_state.scaffold_correction(self.memory, client, server_variate)
+                    for client in chunk]
                 chunk_updates = trainer.train_many(
                     global_weights, [self.client_indices[client] for client in chunk],
                     [Utils.rng(self.settings.seed, "training", round_num, client)

@@ -193,8 +193,7 @@ def run(prepared, engine=None):
                 tensorboard.append(row)
                 if round_num % config["CHECKPOINT_EVERY"] == 0 or round_num == config["ROUNDS"]:
                     checkpoints.save_run_state(output_dir / checkpoints.CHECKPOINT_NAME, config,
-                                               rows,
-                                         global_weights, federation.components)
+                                               rows, global_weights, federation.components)
             print(Utils.format_progress(row, config["ROUNDS"]), flush=True)
     finally:
         history.close()

@@ -302,8 +302,9 @@ class Server:
         new_weights = (global_weights if diverged
                        else self.aggregate(round_num, global_weights, accepted))
         epsilon = (privacy.privacy_spent(settings.dp_noise_multiplier, settings.client_sampling,
-                                 settings.num_clients, settings.client_fraction, round_num,
-                                 settings.dp_delta) if settings.dp_clip_norm > 0 else None)
+                                         settings.num_clients, settings.client_fraction,
+                                         round_num, settings.dp_delta)
+                   if settings.dp_clip_norm > 0 else None)
         return new_weights, RoundReport(
             accepted, rejections, diverged,
             (robust_rules.too_few_for_krum(settings.aggregation, settings.krum_f,
@@ -334,8 +335,8 @@ class Server:
             delta = robust_aggregate(deltas, settings)
         elif private:
             denominator = privacy.dp_denominator(settings.client_sampling, len(deltas),
-                                         settings.num_clients, settings.client_fraction,
-                                         settings.client_dropout)
+                                                 settings.num_clients, settings.client_fraction,
+                                                 settings.client_dropout)
             noise = privacy.noise_generator(settings.dp_noise, settings.seed, round_num)
             delta = privacy.dp_noisy_mean(deltas, self.shapes, settings.dp_clip_norm,
                                           settings.dp_noise_multiplier, denominator, noise)
@@ -348,7 +349,7 @@ class Server:
         num_examples = [upload.num_examples for upload in uploads]
         if self.settings.algorithm == "fednova":
             normalizers = [upload_format.effective_steps(upload.num_steps,
-                                                       self.settings.local_momentum)
+                                                         self.settings.local_momentum)
                            for upload in uploads]
             return fednova_delta(deltas, num_examples, normalizers)
         if self.settings.algorithm == "scaffold":

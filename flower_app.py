@@ -206,6 +206,9 @@ class FlowerEngine:
     def settle(self, round_num, accepted_clients):
         """Note which uploads of `round_num` the server accepted; each node learns it with its
         next message and keeps the new state of those clients only (Client_side.ClientHost)."""
+        needed = {past for rounds in self.unsettled.values() for past in rounds}
+        self.accepted = {past: clients for past, clients in self.accepted.items()
+                         if past in needed}
         self.accepted[round_num] = {int(client) for client in accepted_clients}
 
     def train(self, round_num, clients, global_weights, server_variate=None):
@@ -269,7 +272,7 @@ class FlowerEngine:
         """Refuse an upload for a client that was not sent to the node it came from."""
         if isinstance(item, upload_format.Upload) and item.client not in node_clients:
             return screening.Rejection(item.round_num, item.client, item.node,
-                                         f"client {item.client} was not sent to that node")
+                                       f"client {item.client} was not sent to that node")
         return item
 
     def _send_and_receive(self, messages):
@@ -325,7 +328,7 @@ def uploads_from_content(content, round_num=None, node=None):
                 content.metric_records[f"metrics.{client}"])
         except Exception as error:  # noqa: BLE001 (any malformed content is a rejection)
             items.append(screening.Rejection(round_num, client, node,
-                                               f"unreadable upload ({type(error).__name__})"))
+                                             f"unreadable upload ({type(error).__name__})"))
             continue
         upload.node = node
         items.append(upload)
