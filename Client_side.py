@@ -7,10 +7,7 @@ Two local variants change the step: FedProx (Li et al. 2020) adds (mu/2)||w - w_
 loss; SCAFFOLD (Karimireddy et al. 2020) adds the correction c - c_i to every gradient and keeps
 its control variate c_i across rounds (option II update).
 
-`ClientHost.train` is a round for the clients a process hosts, from the global weights to the
-encoded uploads: both engines (`python Main.py` in one process, the Flower ClientApp on a
-SuperNode) call it, and every random draw in it is keyed by (SEED, round, client), so a client's
-upload does not depend on which process trains it, in what order or beside which clients.
+The clients' round around this training (uploads, kept state, evaluation) is client_host.py.
 
 Speed: the local training of many clients is one call of a compiled TensorFlow function (a
 loop over clients, each a loop over its batches) whose input shapes are left open, so clients of
@@ -25,8 +22,6 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-import attacks
-import client_state
 import Utils
 import upload_format
 
@@ -70,6 +65,11 @@ class ClientSettings(Utils.Settings):
     malicious_fraction: float
     attack: str
     attack_scale: float
+    personalization: str
+    finetune_epochs: int
+    head_epochs: int
+    personal_epochs: int
+    ditto_lambda: float
 
 
 # A dropout seed that tells the compiled call to continue the model's dropout state.
@@ -92,11 +92,13 @@ class LocalTrainer:
             buffer starts at zero for every client.
         batch_size: B; 0 means the client's whole data in one batch (B = infinity, FedSGD).
         local_epochs: E.
-        prox_mu: FedProx's mu; 0 is plain local SGD.
+        prox_mu: mu of the proximal term (mu/2)||w - anchor||^2 (FedProx, Ditto); 0 is plain
+            local SGD.
+        frozen: indices of the layer arrays that keep their start values (FedRep's phases).
     """
 
     def __init__(self, model, x_train, y_train, learning_rate, momentum, batch_size, local_epochs,
-                 prox_mu=0.0):
+                 prox_mu=0.0, frozen=()):
         if len(model.weights) != len(model.trainable_variables):
             raise ValueError("LocalTrainer needs a model whose weights are all trainable")
         self.model = model
@@ -105,6 +107,7 @@ class LocalTrainer:
         self.batch_size = int(batch_size)
         self.local_epochs = int(local_epochs)
         self.prox_mu = float(prox_mu)
+        self.frozen = frozenset(frozen)
         self.x_train = tf.convert_to_tensor(x_train, tf.float32)
         self.y_train = tf.convert_to_tensor(y_train, tf.int32)
         self._velocities = [tf.Variable(tf.zeros_like(variable), trainable=False)
@@ -115,15 +118,20 @@ class LocalTrainer:
                                for variable in model.trainable_variables]
         stacked_specs = [tf.TensorSpec([None, *spec.shape], spec.dtype) for spec in weight_specs]
         self._train_clients = tf.function(self._train_clients_steps, input_signature=[
-            weight_specs, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([], tf.int32), stacked_specs, tf.TensorSpec([None], tf.int64)])
+            stacked_specs, stacked_specs, tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), stacked_specs,
+            tf.TensorSpec([None], tf.int64)])
 
     @classmethod
-    def for_clients(cls, model, x_train, y_train, settings):
-        """The clients' trainer from ClientSettings (FedProx's term only with fedprox)."""
+    def for_clients(cls, model, x_train, y_train, settings, epochs=None, prox_mu=None,
+                    frozen=()):
+        """A clients' trainer from ClientSettings: by default their local training (E epochs,
+        FedProx's term only with fedprox); personalization's trainers change epochs, mu and
+        the frozen layers."""
+        if prox_mu is None:
+            prox_mu = settings.prox_mu if settings.algorithm == "fedprox" else 0.0
         return cls(model, x_train, y_train, settings.learning_rate, settings.local_momentum,
-                   settings.batch_size, settings.local_epochs,
-                   settings.prox_mu if settings.algorithm == "fedprox" else 0.0)
+                   settings.batch_size, epochs or settings.local_epochs, prox_mu, frozen)
 
     @classmethod
     def for_baseline(cls, model, x_train, y_train, settings):
@@ -152,7 +160,8 @@ class LocalTrainer:
                                     None if correction is None else [correction])
         return update
 
-    def train_many(self, global_weights, clients_indices, rngs, corrections=None):
+    def train_many(self, global_weights, clients_indices, rngs, corrections=None, starts=None,
+                   anchors=None):
         """Train several clients (ClientUpdate of FedAvg) in one compiled call.
 
         Each client starts from the global weights with its own dropout seed, shuffles and
@@ -167,6 +176,7 @@ class LocalTrainer:
                 its per-epoch shuffles.
             corrections: one SCAFFOLD correction c - c_i (layer arrays) per client, added to
                 every gradient, or None.
+            starts, anchors: see `train_orders`.
         Returns:
             list of LocalResult (float32 layer arrays, n, the number of steps, and the
             sample-weighted mean training loss of the last local epoch, what `fit` reports), in
@@ -178,10 +188,12 @@ class LocalTrainer:
                              upload_format.num_local_steps(len(indices), self.batch_size,
                                                            self.local_epochs), loss)
                 for (weights, loss), indices in zip(
-                    self.train_orders(global_weights, orders, seeds, corrections),
+                    self.train_orders(global_weights, orders, seeds, corrections, starts,
+                                      anchors),
                     clients_indices)]
 
-    def train_orders(self, start_weights, orders, seeds, corrections=None):
+    def train_orders(self, start_weights, orders, seeds, corrections=None, starts=None,
+                     anchors=None):
         """The one compiled training call: each client from `start_weights` over its order.
 
         Args:
@@ -190,14 +202,18 @@ class LocalTrainer:
             seeds: one dropout seed per client, or None for a client that continues the
                 model's dropout state (the centralized baseline's stream).
             corrections: one SCAFFOLD correction per client, or None.
+            starts: one list of layer arrays per client to start from instead (personal
+                models), or None.
+            anchors: one list of layer arrays per client for the proximal term (Ditto's
+                w_global), or None: each client's start.
         Returns:
             list of (new float32 layer arrays, last-epoch mean loss), in the clients' order.
         """
         sizes = [order.shape[1] for order in orders]
-        stacked = (self._no_correction if corrections is None
-                   else [np.stack(layers).astype(np.float32) for layers in zip(*corrections)])
+        stacked = (self._no_correction if corrections is None else _stacked(corrections))
+        start_rows = _stacked([start_weights] if starts is None else starts)
         new_weights, losses = self._train_clients(
-            [tf.convert_to_tensor(layer, tf.float32) for layer in start_weights],
+            start_rows, start_rows if anchors is None else _stacked(anchors),
             np.concatenate([np.ravel(order) for order in orders]).astype(np.int32),
             np.asarray(sizes, np.int32),
             tf.constant(self.batch_size, tf.int32), stacked,  # B = 0: each client's size
@@ -225,11 +241,11 @@ class LocalTrainer:
                     for variable, start in zip(variables, anchor)])
         return loss, tape.gradient(objective, variables)
 
-    def _train_steps(self, global_weights, orders, batch_size, correction):
+    def _train_steps(self, start, anchor, orders, batch_size, correction):
         """One client, inside the compiled call: load the start weights, then SGD over
         `orders` (E, n) batch by batch."""
         variables = self.model.trainable_variables
-        for variable, value in zip(variables, global_weights):
+        for variable, value in zip(variables, start):
             variable.assign(value)
         for velocity in self._velocities:
             velocity.assign(tf.zeros_like(velocity))
@@ -243,18 +259,19 @@ class LocalTrainer:
                 batch = orders[epoch, start:tf.minimum(start + batch_size, num_examples)]
                 batch_loss = self._sgd_step(tf.gather(self.x_train, batch),
                                             tf.gather(self.y_train, batch),
-                                            global_weights, correction)
+                                            anchor, correction)
                 epoch_loss += batch_loss * tf.cast(tf.shape(batch)[0], tf.float32)
         return ([tf.identity(variable) for variable in variables],
                 epoch_loss / tf.cast(num_examples, tf.float32))
 
-    def _train_clients_steps(self, global_weights, flat_orders, sizes, batch_size, corrections,
-                             seeds):
+    def _train_clients_steps(self, starts, anchors, flat_orders, sizes, batch_size,
+                             corrections, seeds):
         """Compiled body of `train_orders`: `_train_steps` for each client in turn.
 
-        flat_orders holds every client's (E, n) order, raveled and concatenated; corrections
-        has one row per client, or a single row shared by all (zeros: no correction); a seed
-        of KEEP_DROPOUT_STATE leaves the dropout state as it is.
+        flat_orders holds every client's (E, n) order, raveled and concatenated; starts,
+        anchors and corrections have one row per client, or a single row shared by all
+        (corrections of zeros: none); a seed of KEEP_DROPOUT_STATE leaves the dropout state as
+        it is.
         """
         num_clients = tf.shape(sizes)[0]
         weights = [tf.TensorArray(tf.float32, size=num_clients, element_shape=variable.shape)
@@ -272,9 +289,9 @@ class LocalTrainer:
                 # Keras keeps dropout's random state as [seed, counter] variables.
                 for variable in self.model.non_trainable_variables:
                     variable.assign(tf.cast(tf.stack([seeds[position], 0]), variable.dtype))
-            row = tf.minimum(position, tf.shape(corrections[0])[0] - 1)
             new_weights, loss = self._train_steps(
-                global_weights, orders, client_batch, [stack[row] for stack in corrections])
+                _row(starts, position), _row(anchors, position), orders, client_batch,
+                _row(corrections, position))
             weights = [array.write(position, layer) for array, layer in zip(weights, new_weights)]
             losses = losses.write(position, loss)
         return [array.stack() for array in weights], losses.stack()
@@ -282,8 +299,10 @@ class LocalTrainer:
     def _sgd_step(self, images, labels, anchor, correction):
         """One minibatch step of SGD on the local objective; returns the batch's cross-entropy."""
         loss, gradients = self.loss_and_gradients(images, labels, anchor)
-        for variable, gradient, shift, velocity in zip(self.model.trainable_variables, gradients,
-                                                       correction, self._velocities):
+        for index, (variable, gradient, shift, velocity) in enumerate(zip(
+                self.model.trainable_variables, gradients, correction, self._velocities)):
+            if index in self.frozen:
+                continue
             gradient = gradient + shift
             if self.momentum:
                 velocity.assign(self.momentum * velocity - self.learning_rate * gradient)
@@ -293,187 +312,12 @@ class LocalTrainer:
         return loss
 
 
-def client_deltas(client_weights, global_weights):
-    """Return each client's update y_i - x as float64 layer arrays."""
-    return [[np.float64(new) - np.float64(start) for new, start in zip(weights, global_weights)]
-            for weights in client_weights]
+def _stacked(per_client):
+    """One float32 array per layer, stacking the clients' arrays (a row per client)."""
+    return [np.stack(layers).astype(np.float32) for layers in zip(*per_client)]
 
 
-# Clients trained in one compiled call: bounds the stacked results (K x 35k floats each).
-CLIENTS_PER_CALL = 256
-
-
-def client_upload(settings, client, round_num, global_weights, update, memory,
-                  server_variate=None, malicious=False):
-    """A client's round after its local training: from its LocalResult to its upload.
-
-    It renews its SCAFFOLD variate when it keeps one, forms its update y_i - x, forges it if it
-    is a malicious client, then clips and encodes it (with top-k's error feedback). Every
-    random draw is keyed by (SEED, round, client).
-
-    Args:
-        settings: ClientSettings.
-        update: the LocalResult of its local training from `global_weights` (with SCAFFOLD's
-            `scaffold_correction` when it keeps a variate).
-        memory: dict of ClientMemory by `kept_state_names`, read only: the new state is
-            returned, to be kept only if the server accepts the upload (ClientHost.settle).
-        server_variate: SCAFFOLD's c (layer arrays), else None.
-    Returns:
-        (Upload, {state name: the client's new arrays}).
-    """
-    seed, variates, kept = settings.seed, memory.get("variate"), {}
-    variate_delta = None
-    if variates:
-        own_variate = variates.get(client)
-        kept["variate"] = client_state.scaffold_client_variate(
-            own_variate, server_variate, global_weights, update.new_weights,
-            upload_format.effective_steps(update.num_steps, settings.local_momentum),
-            settings.learning_rate)
-        variate_delta = [new - old for new, old in zip(kept["variate"], own_variate)]
-    (delta,) = client_deltas([update.new_weights], global_weights)
-    if malicious and settings.attack != "label_flip":
-        delta = attacks.attack_update(delta, settings.attack, settings.attack_scale,
-                                      Utils.rng(seed, "attack", round_num, client))
-    residuals = memory.get("residual")
-    encoded, residual = prepare_upload(
-        delta, residuals.get(client) if residuals else None, settings.compression,
-        Utils.rng(seed, "compression", round_num, client), settings.dp_clip_norm,
-        settings.topk_fraction, settings.stochastic_rounding)
-    if residuals:
-        kept["residual"] = residual
-    return upload_format.Upload(int(client), int(round_num), encoded, update.num_examples,
-                                update.num_steps, update.train_loss, variate_delta), kept
-
-
-class ClientHost:
-    """The clients one process hosts: the training set, reusable trainers and kept state.
-
-    `python Main.py` hosts all K clients in one; on Flower every SuperNode hosts its share.
-    A client's kept state (SCAFFOLD's c_i, top-k's residual) follows the server: what a round
-    produces waits in `pending` until the server says which uploads it accepted (`settle`),
-    so a rejected or lost upload leaves the client's state as it was, as if it had not trained.
-
-    Args:
-        settings: ClientSettings.
-        model: a Keras model of the global architecture (its weights are overwritten).
-        x_train, y_train: the whole training set; client_indices: every client's rows.
-    """
-
-    def __init__(self, settings, model, x_train, y_train, client_indices):
-        self.settings, self.client_indices = settings, client_indices
-        x_train = tf.convert_to_tensor(x_train)  # One copy, shared by both trainers.
-        self.trainer = LocalTrainer.for_clients(model, x_train, y_train, settings)
-        self.malicious = attacks.malicious_clients(settings.num_clients,
-                                                   settings.malicious_fraction, settings.seed)
-        # Label-flipping attackers train the same model on labels 9 - y.
-        self.flipped_trainer = (
-            LocalTrainer.for_clients(model, x_train, 9 - np.asarray(y_train), settings)
-            if self.malicious and settings.attack == "label_flip" else None)
-        self.shapes = [variable.shape for variable in model.trainable_variables]
-        self.memory = {name: client_state.ClientMemory(self.shapes)
-                       for name in client_state.kept_state_names(settings.algorithm,
-                                                                 settings.compression)}
-        self.pending, self.pending_round = self._no_pending(), None
-
-    def train(self, round_num, clients, global_weights, server_variate=None):
-        """Train `clients` for the round and return their Uploads in that order.
-
-        Clients that share a trainer are trained CLIENTS_PER_CALL at a time in one compiled
-        call (`LocalTrainer.train_many`), each exactly as if trained alone.
-        """
-        clients = [int(client) for client in clients]
-        updates = {}
-        for trainer, group in self._groups_by_trainer(clients):
-            for first in range(0, len(group), CLIENTS_PER_CALL):
-                chunk = group[first:first + CLIENTS_PER_CALL]
-                corrections = [
-                    client_state.scaffold_correction(self.memory, client, server_variate)
-                    for client in chunk]
-                chunk_updates = trainer.train_many(
-                    global_weights, [self.client_indices[client] for client in chunk],
-                    [Utils.rng(self.settings.seed, "training", round_num, client)
-                     for client in chunk],
-                    None if corrections[0] is None else corrections)
-                updates.update(zip(chunk, chunk_updates))
-        self.settle(None, ())  # State the server never settled is dropped.
-        uploads = []
-        for client in clients:
-            upload, kept = client_upload(self.settings, client, round_num, global_weights,
-                                         updates[client], self.memory, server_variate,
-                                         client in self.malicious)
-            for name, arrays in kept.items():
-                self.pending[name].put(client, arrays)
-            uploads.append(upload)
-        self.pending_round = round_num
-        return uploads
-
-    def settle(self, round_num, accepted_clients):
-        """Keep the new state of the clients whose upload of `round_num` the server accepted;
-        drop every other pending state."""
-        if round_num is not None and round_num == self.pending_round:
-            for name, pending in self.pending.items():
-                for client in accepted_clients:
-                    if client in pending:
-                        self.memory[name].put(client, pending.get(client))
-        self.pending, self.pending_round = self._no_pending(), None
-
-    def _no_pending(self):
-        return {name: client_state.ClientMemory(self.shapes) for name in self.memory}
-
-    def _groups_by_trainer(self, clients):
-        """Split clients into (trainer, clients): label-flipping attackers use their own."""
-        flipped = [client for client in clients
-                   if self.flipped_trainer and client in self.malicious]
-        honest = [client for client in clients if client not in flipped]
-        return [(trainer, group) for trainer, group in ((self.trainer, honest),
-                                                         (self.flipped_trainer, flipped))
-                if group]
-
-
-def prepare_upload(delta, residual, compression, rng, clip_norm=0.0, topk_fraction=0.01,
-                   stochastic_rounding=False):
-    """Clip, add the error-feedback residual, and encode an update; return what is sent.
-
-    With DP (clip_norm > 0) the update is clipped to S, and then what is actually sent is
-    clipped again: adding a top-k residual, or int8's rounding, could otherwise upload more
-    than S while the server's noise assumes S. Whatever that last clip removes stays in the
-    residual, as does everything top-k leaves out.
-
-    Args:
-        delta: the client's update y_i - x, a list of layer arrays.
-        residual: its kept top-k residual (list of arrays), or None without top-k.
-        compression, topk_fraction, stochastic_rounding: see `upload_format.encode_update`; rng
-            draws its
-            random rounding.
-    Returns:
-        (encoded update, the new residual or None).
-    """
-    if clip_norm > 0:
-        delta = upload_format.clip_update(delta, clip_norm)
-    if residual is not None:
-        delta = [np.float64(layer) + carried for layer, carried in zip(delta, residual)]
-    encoded = upload_format.encode_update(delta, compression, rng, topk_fraction,
-                                          stochastic_rounding)
-    if clip_norm == 0 and residual is None:
-        return encoded, None
-    shapes = [np.shape(layer) for layer in delta]
-    sent = upload_format.decode_update(encoded, shapes)
-    factor = _shrink_factor(sent, clip_norm) if clip_norm > 0 else 1.0
-    if factor < 1:
-        encoded = upload_format.scale_encoded(encoded, factor)
-        sent = upload_format.decode_update(encoded, shapes)
-    if residual is None:
-        return encoded, None
-    return encoded, [layer - layer_sent for layer, layer_sent in zip(delta, sent)]
-
-
-def _shrink_factor(delta, clip_norm):
-    """Return the factor <= 1 that brings `delta` within norm `clip_norm` after float32 storage.
-
-    It shrinks by a hair (2**-20) more than needed: float32 rounding of the scaled values
-    (relative error 2**-24) can then not push the norm back above the bound.
-    """
-    norm = upload_format.update_norm(delta)
-    return 1.0 if norm <= clip_norm else clip_norm / norm * (1 - 2.0 ** -20)
-
-
+def _row(stacks, position):
+    """The client's row of stacked layer arrays, or the single row they all share."""
+    row = tf.minimum(position, tf.shape(stacks[0])[0] - 1)
+    return [stack[row] for stack in stacks]

@@ -185,6 +185,35 @@ def partition(labels, num_clients, distribution, rng, max_sample_share=0.1,
     return [np.sort(indices).astype(np.int64) for indices in splitters[distribution]()]
 
 
+class ClientSplit(typing.NamedTuple):
+    """Every client's rows of the training set: those it trains on, those it tests on."""
+
+    train: list
+    test: list
+
+
+def split_local_test(client_indices, test_share, rng):
+    """Split every client's samples at random into a local train and a local test part.
+
+    A client of n samples tests on floor(test_share * n) of them but keeps at least one to
+    train on, so a client of a single sample tests on none (per-client figures leave it out).
+    test_share 0 returns the partition unchanged and empty test parts.
+    Returns:
+        ClientSplit of two lists of int64 index arrays; train keeps the partition's order.
+    """
+    if test_share == 0:
+        return ClientSplit(list(client_indices),
+                           [np.empty(0, np.int64) for _ in client_indices])
+    train, test = [], []
+    for indices in client_indices:
+        # The 1e-9 absorbs binary rounding (0.29 * 100 is 28.999999999999996).
+        count = min(int(test_share * len(indices) + 1e-9), len(indices) - 1)
+        chosen = np.sort(rng.permutation(len(indices))[:count])
+        test.append(np.asarray(indices)[chosen].astype(np.int64))
+        train.append(np.delete(np.asarray(indices), chosen).astype(np.int64))
+    return ClientSplit(train, test)
+
+
 def class_counts(labels, client_indices):
     """Return an int array (K, 10): how many samples of each class every client holds."""
     return np.stack([np.bincount(labels[indices], minlength=NUM_CLASSES)

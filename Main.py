@@ -25,6 +25,8 @@ import numpy as np  # noqa: E402 (after the log level above)
 import attacks  # noqa: E402
 import centralized_baseline  # noqa: E402
 import checkpoints  # noqa: E402
+import client_evaluation  # noqa: E402
+import client_host  # noqa: E402
 import Client_side  # noqa: E402
 import comparison  # noqa: E402
 import configuration  # noqa: E402
@@ -63,6 +65,14 @@ SHARDS_PER_CLIENT = 2  # shards: label-sorted shards dealt to each client, an in
 SEED = 0  # seeds partition, client sampling, shuffling, initialisation and dropout; int >= 0
 REPEATS = 1  # runs of each configuration, with SEED, SEED + 1, ...; compared by mean and std
 DATA_DIR = None  # folder with the four Fashion-MNIST .gz files; None = search the usual places
+# Per-client evaluation and personalization (client_evaluation.py, personalization.py)
+LOCAL_TEST_SHARE = 0.0  # share of each client's samples kept as its test data, [0, 1); 0 = off
+HELD_OUT_CLIENTS = 0.0  # share of clients never trained, only evaluated (unseen_*), [0, 1)
+PERSONALIZATION = "none"  # none | finetune | fedper | fedrep | ditto | local
+FINETUNE_EPOCHS = 1  # finetune, and a new client under any method: adaptation epochs, int >= 1
+HEAD_EPOCHS = 1  # fedrep: epochs on the head (body frozen) before the body's, int >= 1
+PERSONAL_EPOCHS = 1  # ditto: epochs of each selected client's own model a round, int >= 1
+DITTO_LAMBDA = 0.1  # ditto: lambda of (lambda/2)||v_i - w_global||^2, >= 0
 # Reliability
 CLIENT_DROPOUT = 0.0  # chance that a selected client never returns its update, in [0, 1)
 CHECKPOINT_EVERY = 1  # save a checkpoint every this many rounds (and at the end), int >= 1
@@ -154,16 +164,20 @@ def run(prepared, engine=None):
     Args:
         prepared: a PreparedRun.
         engine: what trains the clients, with engine.train(round_num, clients, global_weights,
-            server_variate) -> list of upload_format.Upload and engine.settle(round_num,
-            accepted clients), which lets the clients keep the state of accepted uploads only;
-            None trains every client here, in this process (Client_side.ClientHost); the
-            Flower ServerApp passes one that asks the SuperNodes.
+            server_variate) -> list of upload_format.Upload, engine.settle(round_num,
+            accepted clients), which lets the clients keep the state of accepted uploads only,
+            and engine.evaluate(round_num, clients, global_weights) -> list of
+            client_evaluation.ClientScore (with LOCAL_TEST_SHARE); None trains every client
+            here, in this process (client_host.ClientHost); the Flower ServerApp passes one
+            that asks the SuperNodes.
     Returns:
         the history rows, one dict per round.
     """
     config, output_dir = prepared.config, prepared.output_dir
     name = Utils.run_name(config)
-    print_setup(config, prepared.data.source, prepared.client_indices, output_dir)
+    Utils.print_setup(config, prepared.data.source, prepared.client_indices, output_dir,
+                      len(Server_side.training_clients(
+                          Server_side.ServerSettings.from_config(config))))
     Utils.plot_distribution(output_dir / "distribution.png",
                             Data_Preprocessing.class_counts(prepared.data.y_train,
                                                             prepared.client_indices), name)
@@ -177,11 +191,13 @@ def run(prepared, engine=None):
         print(f"resuming after round {len(rows)}")
     history = Utils.HistoryWriter(output_dir / "history.csv", history_columns(config), rows)
     tensorboard = Utils.TensorBoardLog(output_dir / "tensorboard", rows)
+    clients_log = client_evaluation.ClientsLog(output_dir / "clients.csv", len(rows),
+                                               config["LOCAL_TEST_SHARE"] > 0)
     try:
         for round_num in range(len(rows) + 1, config["ROUNDS"] + 1):
             try:
-                global_weights, row = run_round(round_num, config, federation, global_weights,
-                                                engine)
+                global_weights, row, client_rows = run_round(round_num, config, federation,
+                                                             global_weights, engine)
             except ClientsDiverged as error:
                 raise divergence(round_num, str(error), config, output_dir, rows) from None
             add_totals(row, rows)
@@ -191,6 +207,7 @@ def run(prepared, engine=None):
             with Utils.deferred_interrupts():
                 history.append(row)
                 tensorboard.append(row)
+                clients_log.append(client_rows)
                 if round_num % config["CHECKPOINT_EVERY"] == 0 or round_num == config["ROUNDS"]:
                     checkpoints.save_run_state(output_dir / checkpoints.CHECKPOINT_NAME, config,
                                                rows, global_weights, federation.components)
@@ -198,12 +215,14 @@ def run(prepared, engine=None):
     finally:
         history.close()
         tensorboard.close()
+        clients_log.close()
         if rows:
             Utils.plot_history(output_dir / "accuracy.png", rows, name)
             Utils.plot_communication(output_dir / "communication.png", rows, name)
+            clients_log.plot(output_dir / "clients.png", name)
     federation.global_model.set_weights(global_weights)
     federation.global_model.save(output_dir / "global_model.keras")
-    print_summary(config, rows, output_dir)
+    Utils.print_summary(config, rows, output_dir)
     return rows
 
 
@@ -211,7 +230,7 @@ def run_round(round_num, config, federation, global_weights, engine):
     """One round of Algorithm 1: sample clients, train them, aggregate, evaluate.
 
     Returns:
-        (new global weights, the round's history row).
+        (new global weights, the round's history row, its rows of clients.csv).
     """
     start = time.perf_counter()
     selected, returning = Server_side.round_clients(federation.server.settings, round_num)
@@ -226,12 +245,28 @@ def run_round(round_num, config, federation, global_weights, engine):
     say_what_was_refused(round_num, report, config)
     evaluated = round_num % config["EVAL_EVERY"] == 0 or round_num == config["ROUNDS"]
     evaluation = federation.evaluate(global_weights) if evaluated else (None, None)
+    figures, client_rows = {}, []
+    if evaluated and config["LOCAL_TEST_SHARE"] > 0:
+        figures, client_rows = evaluate_clients(round_num, config, federation, global_weights,
+                                                engine)
     row = round_row(round_num, report, evaluation, len(selected), federation.malicious,
                     time.perf_counter() - start)
+    row.update(figures)
     if federation.baseline is not None:
         row.update(baseline_columns(federation, row["samples"] * config["LOCAL_EPOCHS"],
                                     evaluated))
-    return global_weights, row
+    return global_weights, row, client_rows
+
+
+def evaluate_clients(round_num, config, federation, global_weights, engine):
+    """Every client's accuracy on its local test data (LOCAL_TEST_SHARE): the round's figures
+    for history.csv and its rows of clients.csv; refused reports are printed."""
+    scores = engine.evaluate(round_num, range(config["NUM_CLIENTS"]), global_weights)
+    figures, client_rows, refused = client_evaluation.round_figures(
+        round_num, scores, federation.split.test, federation.held_out)
+    for text in refused:
+        print(text, file=sys.stderr, flush=True)
+    return figures, client_rows
 
 
 def say_what_was_refused(round_num, report, config):
@@ -307,24 +342,33 @@ class Federation:
     evaluate: Server_side.Evaluator
     malicious: set
     components: dict
-    host: Client_side.ClientHost = None
+    split: Data_Preprocessing.ClientSplit
+    held_out: set
+    host: client_host.ClientHost = None
     baseline: centralized_baseline.CentralizedBaseline = None
 
 
 def build_federation(config, data, client_indices, in_process=True):
-    """Create the global model, the server, the evaluator and (in process) the clients."""
+    """Create the global model, the server, the evaluator and (in process) the clients.
+
+    client_indices: the partition; each client's local test part (LOCAL_TEST_SHARE) is split
+    off here, as every SuperNode does.
+    """
     client_settings = Client_side.ClientSettings.from_config(config)
+    split = configuration.client_split(config, client_indices)
     Utils.seed_everything(config["SEED"])
     global_model = Server_side.create_model()
     initial_weights = global_model.get_weights()
     shapes = [layer.shape for layer in initial_weights]
-    server = Server_side.Server(Server_side.ServerSettings.from_config(config), shapes,
-                                [len(indices) for indices in client_indices])
+    server_settings = Server_side.ServerSettings.from_config(config)
+    server = Server_side.Server(server_settings, shapes,
+                                [len(indices) for indices in split.train])
     components = {"server": server}
     host = None
     if in_process:
-        host = Client_side.ClientHost(client_settings, Server_side.create_model(), data.x_train,
-                                      data.y_train, client_indices)
+        host = client_host.ClientHost(client_settings, Server_side.create_model(), data.x_train,
+                                      data.y_train, split.train,
+                                      split.test if config["LOCAL_TEST_SHARE"] > 0 else None)
         components.update({f"client_{name}": memory for name, memory in host.memory.items()})
     baseline = None
     if config["CENTRALIZED_BASELINE"]:
@@ -337,38 +381,19 @@ def build_federation(config, data, client_indices, in_process=True):
                       Server_side.Evaluator(global_model, data.x_test, data.y_test),
                       attacks.malicious_clients(config["NUM_CLIENTS"],
                                                     config["MALICIOUS_FRACTION"], config["SEED"]),
-                      components, host, baseline)
+                      components, split,
+                      set(Server_side.held_out_clients(config["NUM_CLIENTS"],
+                                                       config["HELD_OUT_CLIENTS"],
+                                                       config["SEED"]).tolist()),
+                      host, baseline)
 
 
 def history_columns(config):
     return (HISTORY_COLUMNS + (BASELINE_COLUMNS if config["CENTRALIZED_BASELINE"] else ())
+            + (client_evaluation.history_columns(config["HELD_OUT_CLIENTS"] > 0)
+               if config["LOCAL_TEST_SHARE"] > 0 else ())
             + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ())
             + (KRUM_COLUMNS if config["AGGREGATION"] in robust_rules.KRUM_RULES else ()))
-
-
-def print_setup(config, source, client_indices, output_dir):
-    """Print the quantities derived from the constants, before training starts."""
-    sizes = [len(indices) for indices in client_indices]
-    per_round = (f"{config['CLIENT_FRACTION'] * config['NUM_CLIENTS']:g} expected (poisson)"
-                 if config["CLIENT_SAMPLING"] == "poisson" else
-                 Utils.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"]))
-    print(f"data: {source}  clients: {len(sizes)}  samples per client: min {min(sizes)}, "
-          f"max {max(sizes)}, total {sum(sizes):,}  clients per round: {per_round}")
-    print(f"algorithm: {config['ALGORITHM']}  server optimizer: {config['SERVER_OPTIMIZER']} "
-          f"(lr {config['SERVER_LR']})  output: {output_dir}")
-
-
-def print_summary(config, rows, output_dir):
-    """Print the final accuracy, traffic, privacy spent and the gap to the baseline."""
-    print(f"final test accuracy {rows[-1]['test_accuracy']:.4f} after {config['ROUNDS']} rounds; "
-          f"uploaded {rows[-1]['mb_up_total']:.1f} MB, downloaded "
-          f"{rows[-1]['mb_down_total']:.1f} MB; results in {output_dir}")
-    if config["DP_CLIP_NORM"] > 0:
-        print(f"privacy spent: epsilon {rows[-1]['epsilon']:.3f} at delta {config['DP_DELTA']}")
-    if config["CENTRALIZED_BASELINE"]:
-        gap = 100 * (rows[-1]["baseline_accuracy"] - rows[-1]["test_accuracy"])
-        print(f"centralized baseline {rows[-1]['baseline_accuracy']:.4f} on the same samples: "
-              f"federated is {gap:.2f} percentage points below it")
 
 
 # --- When a run diverges ------------------------------------------------------------------------
@@ -468,7 +493,7 @@ def write_comparison(labels, runs, histories):
     """Write comparison.md, comparison_seeds.csv and comparison.png into the first OUTPUT_DIR."""
     output_dir = pathlib.Path(runs[0].config["OUTPUT_DIR"]).expanduser()
     comparison.write_comparison(output_dir, labels, [prepared.config for prepared in runs],
-                                histories)
+                                histories, [prepared.output_dir for prepared in runs])
     print(f"comparison: {output_dir / 'comparison.md'}, comparison_seeds.csv and "
           "comparison.png")
 

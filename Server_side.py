@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+import personalization
 import privacy
 import robust_rules
 import screening
@@ -230,14 +231,33 @@ class ServerSettings(Utils.Settings):
     local_momentum: float
     compression: str
     topk_fraction: float
+    held_out_clients: float
+    personalization: str
+
+
+def held_out_clients(num_clients, share, seed):
+    """The clients never selected for training (HELD_OUT_CLIENTS of them), drawn from SEED."""
+    count = Utils.round_half_up(share * num_clients)
+    return np.sort(Utils.rng(seed, "held_out").choice(num_clients, count, replace=False))
+
+
+def training_clients(settings):
+    """The clients that can be selected: all but the held-out ones, sorted."""
+    if settings.held_out_clients == 0:
+        return np.arange(settings.num_clients)
+    return np.setdiff1d(np.arange(settings.num_clients),
+                        held_out_clients(settings.num_clients, settings.held_out_clients,
+                                         settings.seed))
 
 
 def round_clients(settings, round_num):
-    """Return (selected, returning): the round's sampled clients and those whose update comes
-    back (each selected client drops out independently with CLIENT_DROPOUT)."""
-    selected = select_clients(settings.num_clients, settings.client_fraction,
-                              Utils.rng(settings.seed, "selection", round_num),
-                              settings.client_sampling)
+    """Return (selected, returning): the round's sampled clients, drawn from the training
+    clients, and those whose update comes back (each selected client drops out independently
+    with CLIENT_DROPOUT)."""
+    pool = training_clients(settings)
+    selected = pool[select_clients(len(pool), settings.client_fraction,
+                                   Utils.rng(settings.seed, "selection", round_num),
+                                   settings.client_sampling)]
     returning = surviving_clients(selected, settings.client_dropout,
                                   Utils.rng(settings.seed, "dropout", round_num))
     return selected, returning
@@ -269,8 +289,11 @@ class Server:
     Args:
         settings: ServerSettings.
         shapes: the global model's layer shapes.
-        client_sizes: how many samples every client holds (the server knows the partition);
-            needed by `round` to check sample counts.
+        client_sizes: how many samples every client trains on (the server knows the
+            partition); needed by `round` to check sample counts.
+
+    Under personalization clients send only the uploaded layers (none with "local"); the
+    others (their own part) get no update and keep their initial values in the global model.
     """
 
     def __init__(self, settings, shapes, client_sizes=None):
@@ -279,7 +302,13 @@ class Server:
                              f"one of {', '.join(AGGREGATIONS)}")
         self.settings, self.shapes = settings, [tuple(shape) for shape in shapes]
         self.client_sizes = client_sizes
-        self.model_bytes = sum(4 * int(np.prod(shape)) for shape in self.shapes)  # float32
+        self.uploaded = personalization.uploaded_layers(settings.personalization,
+                                                        len(self.shapes))
+        self.upload_shapes = [self.shapes[index] for index in self.uploaded]
+        # What travels: float32 arrays of the uploaded layers.
+        self.model_bytes = sum(4 * int(np.prod(shape)) for shape in self.upload_shapes)
+        # Those who can be sampled: SCAFFOLD's N and the DP accountant's K.
+        self.population = len(training_clients(settings))
         self.optimizer = ServerOptimizer(
             settings.server_optimizer, shapes, settings.server_lr, settings.server_momentum,
             settings.server_beta1, settings.server_beta2, settings.server_tau)
@@ -296,13 +325,14 @@ class Server:
         """
         settings = self.settings
         accepted, rejections = screening.screen_uploads(
-            settings, round_num, delivered, expected_clients, self.client_sizes, self.shapes)
+            settings, round_num, delivered, expected_clients, self.client_sizes,
+            self.upload_shapes)
         diverged = bool(rejections) and not accepted and all(
             rejection.kind == upload_format.NON_FINITE for rejection in rejections)
         new_weights = (global_weights if diverged
                        else self.aggregate(round_num, global_weights, accepted))
         epsilon = (privacy.privacy_spent(settings.dp_noise_multiplier, settings.client_sampling,
-                                         settings.num_clients, settings.client_fraction,
+                                         self.population, settings.client_fraction,
                                          round_num, settings.dp_delta)
                    if settings.dp_clip_norm > 0 else None)
         return new_weights, RoundReport(
@@ -326,23 +356,34 @@ class Server:
         uploads = sorted(uploads, key=lambda upload: upload.client)
         settings = self.settings
         private = settings.dp_clip_norm > 0
-        if not uploads and not (private and settings.client_sampling == "poisson"):
+        if not self.uploaded or (
+                not uploads and not (private and settings.client_sampling == "poisson")):
             return global_weights
         if robust_rules.too_few_for_krum(settings.aggregation, settings.krum_f, len(uploads)):
             return global_weights
-        deltas = [upload_format.decode_update(upload.update, self.shapes) for upload in uploads]
+        deltas = [upload_format.decode_update(upload.update, self.upload_shapes)
+                  for upload in uploads]
         if settings.aggregation != "fedavg":
             delta = robust_aggregate(deltas, settings)
         elif private:
             denominator = privacy.dp_denominator(settings.client_sampling, len(deltas),
-                                                 settings.num_clients, settings.client_fraction,
+                                                 self.population, settings.client_fraction,
                                                  settings.client_dropout)
             noise = privacy.noise_generator(settings.dp_noise, settings.seed, round_num)
-            delta = privacy.dp_noisy_mean(deltas, self.shapes, settings.dp_clip_norm,
+            delta = privacy.dp_noisy_mean(deltas, self.upload_shapes, settings.dp_clip_norm,
                                           settings.dp_noise_multiplier, denominator, noise)
         else:
             delta = self._average(deltas, uploads)
-        return self.optimizer.step(global_weights, delta)
+        return self.optimizer.step(global_weights, self._whole(delta))
+
+    def _whole(self, delta):
+        """The pseudo-gradient over every layer: zero for the layers nobody uploads."""
+        if len(self.uploaded) == len(self.shapes):
+            return delta
+        whole = [np.zeros(shape) for shape in self.shapes]
+        for index, layer in zip(self.uploaded, delta, strict=True):
+            whole[index] = layer
+        return whole
 
     def _average(self, deltas, uploads):
         """FedAvg/FedProx by sample count; FedNova by steps; SCAFFOLD uniform, updating c."""
@@ -354,7 +395,7 @@ class Server:
             return fednova_delta(deltas, num_examples, normalizers)
         if self.settings.algorithm == "scaffold":
             self.variate.update([upload.variate_delta for upload in uploads],
-                                self.settings.num_clients)
+                                self.population)
             return uniform_mean(deltas)
         return fedavg(deltas, num_examples)
 

@@ -24,7 +24,7 @@ FALSE_WORDS = ("false", "no", "0")
 # One independent random stream per job. New jobs go at the end: a stream is keyed by its
 # position, so adding a name never changes the streams before it.
 STREAMS = ("partition", "selection", "training", "dropout", "baseline", "attack", "privacy",
-           "compression")
+           "compression", "local_test", "held_out", "adaptation", "personal")
 
 
 def seed_everything(seed):
@@ -155,8 +155,8 @@ def run_name(config):
     """Name a run by its configuration and seed, e.g. fedavg_noniid_ib_K100_C0.3_E1_B32_s0.
 
     Options away from their plain setting are appended: the server optimizer (_fedadam), the
-    compression (_int8), DP's noise multiplier (_dp1.0), a robust rule (_median) and an attack
-    with its share of clients (_sign_flip0.2).
+    compression (_int8), DP's noise multiplier (_dp1.0), a robust rule (_median), an attack
+    with its share of clients (_sign_flip0.2) and the personalization (_ditto).
     """
     name = (f"{config['ALGORITHM']}_{config['DISTRIBUTION']}_K{config['NUM_CLIENTS']}"
             f"_C{config['CLIENT_FRACTION']}_E{config['LOCAL_EPOCHS']}_B{config['BATCH_SIZE']}"
@@ -168,6 +168,7 @@ def run_name(config):
         config.get("AGGREGATION", "fedavg") != "fedavg" and config.get("AGGREGATION"),
         config.get("MALICIOUS_FRACTION", 0) > 0
         and f"{config['ATTACK']}{config['MALICIOUS_FRACTION']}",
+        config.get("PERSONALIZATION", "none") != "none" and config.get("PERSONALIZATION"),
     ]
     return "_".join([name] + [suffix for suffix in suffixes if suffix])
 
@@ -228,7 +229,10 @@ class TensorBoardLog:
     """
 
     SCALARS = ("test_accuracy", "test_loss", "train_loss", "mb_up_total", "mb_down_total",
-               "epsilon", "baseline_accuracy", "baseline_loss")
+               "epsilon", "baseline_accuracy", "baseline_loss") + tuple(
+        # client_evaluation's figures (history_columns).
+        f"{group}{model}_{figure}" for group in ("", "unseen_") for model in ("local", "personal")
+        for figure in ("pooled", "mean", "std", "worst10", "best10"))
 
     def __init__(self, folder, rows=()):
         import tensorflow as tf  # Imported here: reading a CSV must not wait for TensorFlow.
@@ -273,6 +277,43 @@ def format_progress(row, num_rounds):
               if row["test_accuracy"] != "" else "acc -       loss -     ")
     return (f"round {row['round']:>{width}}/{num_rounds}  {tested}  clients {row['clients']}  "
             f"samples {row['samples']:,}  {row['seconds']:.1f} s")
+
+
+def print_setup(config, source, client_indices, output_dir, training):
+    """Print the quantities derived from the constants, before training starts.
+
+    training: how many clients can be selected (all but the held-out ones).
+    """
+    sizes = [len(indices) for indices in client_indices]
+    per_round = (f"{config['CLIENT_FRACTION'] * training:g} expected (poisson)"
+                 if config["CLIENT_SAMPLING"] == "poisson" else
+                 num_selected_clients(training, config["CLIENT_FRACTION"]))
+    print(f"data: {source}  clients: {len(sizes)}  samples per client: min {min(sizes)}, "
+          f"max {max(sizes)}, total {sum(sizes):,}  clients per round: {per_round}")
+    print(f"algorithm: {config['ALGORITHM']}  server optimizer: {config['SERVER_OPTIMIZER']} "
+          f"(lr {config['SERVER_LR']})  output: {output_dir}")
+    if config["LOCAL_TEST_SHARE"] > 0:
+        print(f"per-client evaluation: {config['LOCAL_TEST_SHARE']:g} of each client's samples "
+              f"test it; clients held out: {len(sizes) - training}  personalization: "
+              f"{config['PERSONALIZATION']}")
+
+
+def print_summary(config, rows, output_dir):
+    """Print the final accuracy, traffic, privacy spent and the gap to the baseline."""
+    print(f"final test accuracy {rows[-1]['test_accuracy']:.4f} after {config['ROUNDS']} rounds; "
+          f"uploaded {rows[-1]['mb_up_total']:.1f} MB, downloaded "
+          f"{rows[-1]['mb_down_total']:.1f} MB; results in {output_dir}")
+    if config["DP_CLIP_NORM"] > 0:
+        print(f"privacy spent: epsilon {rows[-1]['epsilon']:.3f} at delta {config['DP_DELTA']}")
+    if rows[-1].get("personal_pooled") not in (None, ""):
+        last = rows[-1]
+        print(f"clients' accuracy on their own test data: global model {last['local_pooled']:.4f} "
+              f"pooled, worst tenth {last['local_worst10']:.4f}; own models "
+              f"{last['personal_pooled']:.4f} pooled, worst tenth {last['personal_worst10']:.4f}")
+    if config["CENTRALIZED_BASELINE"]:
+        gap = 100 * (rows[-1]["baseline_accuracy"] - rows[-1]["test_accuracy"])
+        print(f"centralized baseline {rows[-1]['baseline_accuracy']:.4f} on the same samples: "
+              f"federated is {gap:.2f} percentage points below it")
 
 
 def plot_distribution(path, counts, title):
@@ -338,6 +379,41 @@ def plot_communication(path, rows, title):
     axis.set_ylabel("test accuracy")
     axis.set_title(title, fontsize="small")
     axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def last_client_rows(path):
+    """The rows of a clients.csv (client_evaluation) from its last evaluated round; none when
+    the file does not exist or is empty."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    last = max((int(row["round"]) for row in rows), default=None)
+    return [row for row in rows if int(row["round"]) == last]
+
+
+def plot_client_accuracies(path, client_rows, title):
+    """Save the CDF of the clients' accuracies (clients.csv rows of one evaluation): the global
+    model and each client's own, for trained and unseen clients."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for group in ("trained", "unseen"):
+        rows = [row for row in client_rows if row["group"] == group]
+        for model, style in (("local", "--"), ("personal", "-")):
+            if not rows:
+                continue
+            accuracies = np.sort([float(row[f"{model}_accuracy"]) for row in rows])
+            axis.step(accuracies, np.arange(1, len(accuracies) + 1) / len(accuracies), style,
+                      where="post", label=f"{group}: {'global' if model == 'local' else 'own'} "
+                                          "model")
+    axis.set_xlabel(f"client accuracy on its local test data (round {client_rows[0]['round']})")
+    axis.set_ylabel("share of clients at or below")
+    axis.set_title(title, fontsize="small")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -1,17 +1,21 @@
-"""What each client keeps between rounds: SCAFFOLD's control variate c_i, top-k's residual.
+"""What each client keeps between rounds: SCAFFOLD's c_i, top-k's residual, its own model part.
 
 A client's state is zero until it first trains, takes memory only once it has, and changes only
-with an upload the server accepted (Client_side.ClientHost.settle), so the server's view (e.g.
+with an upload the server accepted (client_host.ClientHost.settle), so the server's view (e.g.
 SCAFFOLD's c, the mean of all c_i) and the clients' stay in step.
 """
 
 import numpy as np
 
+from personalization import KEEPING
 
-def kept_state_names(algorithm, compression):
-    """Name what each client keeps between rounds: SCAFFOLD's variate, top-k's residual."""
+
+def kept_state_names(algorithm, compression, personalization="none"):
+    """Name what each client keeps between rounds: SCAFFOLD's variate, top-k's residual, its
+    own model part (personalization.KEEPING)."""
     return ((("variate",) if algorithm == "scaffold" else ())
-            + (("residual",) if compression == "topk" else ()))
+            + (("residual",) if compression == "topk" else ())
+            + (("own",) if personalization in KEEPING else ()))
 
 
 def scaffold_correction(memory, client, server_variate):

@@ -24,8 +24,13 @@ def rounds_to_reach(rows, target):
                 None)
 
 
+# The per-client figures (client_evaluation) comparisons carry, from each seed's last round.
+CLIENT_FIGURES = ("local_pooled", "local_mean", "local_worst10", "personal_pooled",
+                  "personal_mean", "personal_std", "personal_worst10", "personal_best10",
+                  "unseen_local_pooled", "unseen_personal_pooled", "unseen_personal_worst10")
 SEED_COLUMNS = ("run", "seed", "rounds", "diverged_in_round", "final_accuracy", "best_accuracy",
-                "rounds_to_target", "mb_up", "wall_seconds", "baseline_accuracy", "epsilon")
+                "rounds_to_target", "mb_up", "wall_seconds", "baseline_accuracy",
+                "epsilon") + CLIENT_FIGURES
 
 
 def seed_summary(config, rows, target):
@@ -40,7 +45,9 @@ def seed_summary(config, rows, target):
             "rounds_to_target": rounds_to_reach(rows, target) if last else None,
             "mb_up": last.get("mb_up_total"),
             "wall_seconds": sum(float(row["seconds"]) for row in rows) if last else None,
-            "baseline_accuracy": last.get("baseline_accuracy"), "epsilon": last.get("epsilon")}
+            "baseline_accuracy": last.get("baseline_accuracy"), "epsilon": last.get("epsilon"),
+            **{name: last.get(name) if last.get(name) != "" else None
+               for name in CLIENT_FIGURES}}
 
 
 def mean_and_spread(values, digits):
@@ -103,15 +110,70 @@ def write_seed_table(path, groups, target):
                                                   for key, value in summary.items()}})
 
 
-def write_comparison(output_dir, labels, configs, histories):
+def write_comparison(output_dir, labels, configs, histories, run_dirs=None):
     """Write comparison.md (mean ± std per configuration), comparison_seeds.csv and
-    comparison.png (mean curves with a min-max band over seeds) into `output_dir`."""
+    comparison.png (mean curves with a min-max band over seeds) into `output_dir`; with
+    per-client evaluation also its table and comparison_clients.png (from the runs' folders,
+    `run_dirs`, one per run)."""
     output_dir = pathlib.Path(output_dir)
     target = configs[0]["TARGET_ACCURACY"]
     groups = group_runs(labels, configs, histories)
-    (output_dir / "comparison.md").write_text(comparison_table(groups, target))
+    table = comparison_table(groups, target)
+    per_client = {label: runs for label, runs in groups.items()
+                  if runs[0][0].get("LOCAL_TEST_SHARE", 0) > 0}
+    if per_client:
+        table += "\n" + client_table(per_client, target)
+    (output_dir / "comparison.md").write_text(table)
     write_seed_table(output_dir / "comparison_seeds.csv", groups, target)
     plot_comparison(output_dir / "comparison.png", groups, target)
+    if per_client and run_dirs is not None:
+        plot_client_accuracies(output_dir / "comparison_clients.png", {
+            label: [run_dir for run_dir, group in zip(run_dirs, labels) if group == label]
+            for label in per_client})
+
+
+def client_table(groups, target):
+    """Each configuration's clients' accuracy on their local test data at the last round,
+    mean ± std over its finished seeds (client_evaluation's figures)."""
+    lines = ["| run | personalization | seeds | global model: pooled | mean | worst 10 % | "
+             "own models: pooled | mean | std | worst 10 % | best 10 % | unseen: global pooled | "
+             "unseen: own pooled | unseen: own worst 10 % | MB up | global test acc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, runs in groups.items():
+        summaries = [seed_summary(config, rows, target) for config, rows in runs]
+        finished = [summary for summary in summaries if not summary["diverged_in_round"]]
+        cells = [mean_and_spread([summary[name] for summary in finished], 4)
+                 for name in CLIENT_FIGURES + ("mb_up", "final_accuracy")]
+        cells[-2] = mean_and_spread([summary["mb_up"] for summary in finished], 1)
+        lines.append(f"| {label} | {runs[0][0]['PERSONALIZATION']} | {len(finished)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_client_accuracies(path, run_dirs_by_label):
+    """A box per configuration of its clients' accuracies at the last round (every seed's
+    trained clients in one box): the global model's beside the clients' own models'."""
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(run_dirs_by_label)), 4.5))
+    labels = list(run_dirs_by_label)
+    for offset, (model, color) in enumerate((("local", "tab:grey"), ("personal", "tab:blue"))):
+        values = [[float(row[f"{model}_accuracy"]) for run_dir in run_dirs
+                   for row in Utils.last_client_rows(pathlib.Path(run_dir) / "clients.csv")
+                   if row["group"] == "trained"]
+                  for run_dirs in (run_dirs_by_label[label] for label in labels)]
+        boxes = axis.boxplot(values, positions=np.arange(len(labels)) * 3 + offset,
+                             widths=0.8, patch_artist=True)
+        for box in boxes["boxes"]:
+            box.set_facecolor(color)
+        axis.plot([], [], color=color, linewidth=6,
+                  label="global model" if model == "local" else "own models")
+    axis.set_xticks(np.arange(len(labels)) * 3 + 0.5, labels, rotation=20, fontsize="small")
+    axis.set_ylabel("client accuracy on its local test data")
+    axis.set_title("last round, every seed's trained clients", fontsize="small")
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def _mean_curves(runs):

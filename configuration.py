@@ -8,11 +8,13 @@ prepares its data, partition and checkpoint, all before anything is written.
 
 import dataclasses
 import numbers
+import os
 import pathlib
 
 import attacks
 import checkpoints
 import Data_Preprocessing
+import personalization
 import privacy
 import robust_rules
 import Server_side
@@ -69,12 +71,57 @@ def validate_config(config):
     if config["SEED"] + config["REPEATS"] > 2**32:
         raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
                          f"{config['REPEATS']} - 1")
-    per_round = Utils.num_selected_clients(config["NUM_CLIENTS"], config["CLIENT_FRACTION"])
+    population = validate_personalization(config)
+    per_round = Utils.num_selected_clients(population, config["CLIENT_FRACTION"])
     if config["AGGREGATION"] in robust_rules.KRUM_RULES and per_round < 2 * config["KRUM_F"] + 3:
         raise ValueError(f"KRUM_F must leave at least 2 * KRUM_F + 3 clients a round for Krum; "
                          f"with {per_round} clients a round KRUM_F can be at most "
                          f"{max(0, (per_round - 3) // 2)}, got {config['KRUM_F']}")
     return config
+
+
+# What "local" leaves without a job, since nothing is uploaded: (constant, its only value).
+NOTHING_UPLOADED = (("ALGORITHM", "fedavg"), ("SERVER_OPTIMIZER", "sgd"), ("COMPRESSION", "none"),
+                    ("DP_CLIP_NORM", 0.0), ("AGGREGATION", "fedavg"), ("MALICIOUS_FRACTION", 0.0))
+
+
+def validate_personalization(config):
+    """Refuse what per-client evaluation and personalization cannot combine with; return the
+    number of clients that train (those not held out)."""
+    method, num_clients = config["PERSONALIZATION"], config["NUM_CLIENTS"]
+    for name, value in (("PERSONALIZATION", method != "none"),
+                        ("HELD_OUT_CLIENTS", config["HELD_OUT_CLIENTS"] > 0)):
+        if value and config["LOCAL_TEST_SHARE"] == 0:
+            raise ValueError(f"{name} {config[name]} needs LOCAL_TEST_SHARE > 0: it is "
+                             "measured on each client's local test data")
+    held_out = Utils.round_half_up(config["HELD_OUT_CLIENTS"] * num_clients)
+    if held_out >= num_clients:
+        raise ValueError(f"HELD_OUT_CLIENTS must leave at least one of the {num_clients} "
+                         f"clients to train, got {config['HELD_OUT_CLIENTS']} ({held_out} held "
+                         "out)")
+    if method in ("fedper", "fedrep") and config["ALGORITHM"] == "scaffold":
+        raise ValueError(f"PERSONALIZATION {method} needs ALGORITHM fedavg, fedprox or fednova: "
+                         "SCAFFOLD's control variates cover the whole model, not the shared "
+                         "body alone")
+    for name, value in NOTHING_UPLOADED if method == "local" else ():
+        if config[name] != value:
+            raise ValueError(f"PERSONALIZATION local uploads nothing, so {name} "
+                             f"{config[name]} has nothing to act on: set it to {value}")
+    if method not in personalization.KEEPING:
+        return num_clients - held_out
+    shapes = [tuple(variable.shape) for variable in Server_side.create_model().weights]
+    needed = num_clients * personalization.state_bytes_per_client(method, shapes)
+    if needed > personal_state_budget():
+        raise ValueError(f"PERSONALIZATION {method} would keep up to {needed / 2**30:.1f} GiB "
+                         f"of personal state for {num_clients} clients, more than half of "
+                         f"this machine's memory ({personal_state_budget() / 2**30:.1f} GiB); "
+                         "use fewer clients")
+    return num_clients - held_out
+
+
+def personal_state_budget():
+    """Bytes the clients' personal state may take: half of the machine's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 def _integer(low, high=None, high_text=None, note=""):
@@ -140,6 +187,9 @@ RULES = {
     "AGGREGATION": _one_of(Server_side.AGGREGATIONS), "TRIM_RATIO": _number("[0, 0.5)"),
     "KRUM_F": _integer(0), "MALICIOUS_FRACTION": _number("[0, 1)"),
     "ATTACK": _one_of(attacks.ATTACKS), "ATTACK_SCALE": _number("> 0"),
+    "LOCAL_TEST_SHARE": _number("[0, 1)"), "HELD_OUT_CLIENTS": _number("[0, 1)"),
+    "PERSONALIZATION": _one_of(personalization.METHODS), "FINETUNE_EPOCHS": _integer(1),
+    "HEAD_EPOCHS": _integer(1), "PERSONAL_EPOCHS": _integer(1), "DITTO_LAMBDA": _number(">= 0"),
 }
 
 
@@ -186,6 +236,12 @@ def prepare_output_dir(config, output_dir):
     except OSError as error:
         raise ValueError(f"OUTPUT_DIR {config['OUTPUT_DIR']} is not writable ({error.strerror})") \
             from None
+
+
+def client_split(config, client_indices):
+    """Split each client's samples into local train and test parts (LOCAL_TEST_SHARE)."""
+    return Data_Preprocessing.split_local_test(client_indices, config["LOCAL_TEST_SHARE"],
+                                               Utils.rng(config["SEED"], "local_test"))
 
 
 def partition_data(config, train_labels):

@@ -2,7 +2,7 @@
 
 The ServerApp is `Main.main` with another engine: instead of training the round's clients in its
 own process, it sends every hosting SuperNode one message a round (the global weights and the
-clients it hosts), and each node's ClientApp runs `Client_side.ClientHost.train` for them, as
+clients it hosts), and each node's ClientApp runs `client_host.ClientHost.train` for them, as
 `python Main.py` does. Selection, dropout, decoding, aggregation, server optimizers, DP,
 evaluation, history, plots and checkpoints are the project's own code on the server side; Flower
 only carries the messages. Partition p of N holds the clients c with c mod N == p; which node
@@ -35,8 +35,11 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Message,  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
+import client_evaluation  # noqa: E402
+import client_host  # noqa: E402
 import Client_side  # noqa: E402
 import client_state  # noqa: E402
+import configuration  # noqa: E402
 import Main  # noqa: E402
 import node_cache  # noqa: E402
 import Server_side  # noqa: E402
@@ -46,6 +49,7 @@ import upload_format  # noqa: E402
 
 MESSAGE_TYPE = "train.round"
 QUERY_TYPE = "query.partition"
+EVALUATE_TYPE = "evaluate.clients"
 # The ServerApp asks the SuperLink for replies this often (Grid.send_and_receive waits 3 s).
 POLL_SECONDS = 0.2
 LOGGER = logging.getLogger("flower_app")
@@ -205,7 +209,7 @@ class FlowerEngine:
 
     def settle(self, round_num, accepted_clients):
         """Note which uploads of `round_num` the server accepted; each node learns it with its
-        next message and keeps the new state of those clients only (Client_side.ClientHost)."""
+        next message and keeps the new state of those clients only (client_host.ClientHost)."""
         needed = {past for rounds in self.unsettled.values() for past in rounds}
         self.accepted = {past: clients for past, clients in self.accepted.items()
                          if past in needed}
@@ -242,6 +246,29 @@ class FlowerEngine:
             LOGGER.warning("round %d: no upload from clients %s within %.0f s (their node is "
                            "down, late or failed)", round_num, missing, self.timeout)
         return delivered
+
+    def evaluate(self, round_num, clients, global_weights):
+        """Ask each hosting node to score its clients' models on their local test data;
+        return the ClientScores that came back (the server checks them).
+
+        The message also tells each node which of its uploads were accepted, so it scores
+        the own models the server's view says its clients have (as in process)."""
+        work = self._work(round_num, [int(client) for client in clients])
+        messages = [Message(self._content(round_num, node_clients, global_weights, None,
+                                          self._outcomes(node)),
+                            dst_node_id=node, message_type=EVALUATE_TYPE, group_id=str(round_num))
+                    for node, node_clients in sorted(work.items())]
+        scores = []
+        for reply in self._send_and_receive(messages):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                LOGGER.warning("round %d: node %d could not evaluate: %s", round_num, node,
+                               reply.error.reason)
+                continue
+            self.unsettled[node] = {}  # It settled its rounds before scoring.
+            scores += [score for score in scores_from_content(reply.content)
+                       if score.client in set(work.get(node, ()))]
+        return scores
 
     def _work(self, round_num, clients):
         """Return {node id: its clients this round}, asking new nodes for their partition."""
@@ -304,7 +331,8 @@ def refuse_unsupported(config):
         if config[name] is not None and not pathlib.Path(config[name]).expanduser().is_absolute():
             raise ValueError(f"{name} must be an absolute path on Flower (the ServerApp runs in "
                              f"Flower's own folder), got {config[name]}")
-    kept = client_state.kept_state_names(config["ALGORITHM"], config["COMPRESSION"])
+    kept = client_state.kept_state_names(config["ALGORITHM"], config["COMPRESSION"],
+                                         config["PERSONALIZATION"])
     if config["RESUME"] and kept:
         raise ValueError(f"RESUME cannot continue a run on Flower that keeps client state "
                          f"({', '.join(kept)}): it lives on the SuperNodes and ends with their "
@@ -343,6 +371,28 @@ def _partition_of(content):
         return None
 
 
+SCORE_FIELDS = ("client", "samples", "global_correct", "personal_correct")
+
+
+def content_from_scores(scores):
+    """A node's evaluation reply: one integer list per ClientScore field."""
+    return RecordDict({"scores": MetricRecord(
+        {field: [int(getattr(score, field)) for score in scores] for field in SCORE_FIELDS})})
+
+
+def scores_from_content(content):
+    """Read a node's evaluation reply into ClientScores; an unreadable reply gives none (its
+    clients then count as not evaluated)."""
+    try:
+        record = content.metric_records["scores"]
+        columns = [list(record[field]) for field in SCORE_FIELDS]
+        if len({len(column) for column in columns}) != 1:
+            return []
+        return [client_evaluation.ClientScore(*values) for values in zip(*columns)]
+    except (KeyError, TypeError):
+        return []
+
+
 def content_from_uploads(uploads):
     """The reply of a node: one ArrayRecord and MetricRecord per client."""
     content = RecordDict()
@@ -361,10 +411,8 @@ def client_partition(message, context):
         {"partition-id": int(context.node_config["partition-id"])})}), reply_to=message)
 
 
-@client_app.train("round")
-def client_train(message, context):
-    """Train the clients the server sent this node with Client_side.ClientHost.train."""
-    settings = message.content["settings"]
+def node_host(settings, context):
+    """The node's ClientHost for the run in `settings`, with its clients' kept state."""
     config = json.loads(settings["config"])
     num_partitions = int(context.node_config["num-partitions"])
     if num_partitions != settings["num-nodes"]:
@@ -374,15 +422,36 @@ def client_train(message, context):
     data, client_indices = node_cache.load_data_and_partition(
         config, context.node_config.get("data-dir") or config["DATA_DIR"],
         context.node_config.get("cache-dir") or node_cache.default_cache_dir())
+    split = configuration.client_split(config, client_indices)
     Utils.make_deterministic()
     Utils.seed_everything(config["SEED"])
-    host = Client_side.ClientHost(Client_side.ClientSettings.from_config(config),
-                                  Server_side.create_model(), data.x_train,
-                                  data.y_train, client_indices)
+    host = client_host.ClientHost(Client_side.ClientSettings.from_config(config),
+                                  Server_side.create_model(), data.x_train, data.y_train,
+                                  split.train,
+                                  split.test if config["LOCAL_TEST_SHARE"] > 0 else None)
     restore_client_state(host, context.state)
-    # Keep the state of last time's clients only where the server accepted their uploads.
-    outcomes = json.loads(settings["accepted"])
-    host.settle(host.pending_round, outcomes.get(str(host.pending_round), []))
+    return host
+
+
+@client_app.evaluate("clients")
+def client_evaluate(message, context):
+    """Score the global model and each of the sent clients' own models on their local test
+    data with client_host.ClientHost.evaluate; nothing is kept."""
+    settings = message.content["settings"]
+    host = node_host(settings, context)
+    settle_pending(host, settings)
+    save_client_state(host, context.state)
+    scores = host.evaluate(settings["round"], list(settings["clients"]),
+                           message.content["global"].to_numpy_ndarrays())
+    return Message(content_from_scores(scores), reply_to=message)
+
+
+@client_app.train("round")
+def client_train(message, context):
+    """Train the clients the server sent this node with client_host.ClientHost.train."""
+    settings = message.content["settings"]
+    host = node_host(settings, context)
+    settle_pending(host, settings)
     variate = (message.content["variate"].to_numpy_ndarrays()
                if "variate" in message.content else None)
     uploads = host.train(settings["round"], list(settings["clients"]),
@@ -391,6 +460,12 @@ def client_train(message, context):
     if context.node_config.get("corrupt-uploads"):
         uploads = [corrupted(upload) for upload in uploads]
     return Message(content_from_uploads(uploads), reply_to=message)
+
+
+def settle_pending(host, settings):
+    """Keep the state of last time's clients only where the server accepted their uploads."""
+    outcomes = json.loads(settings["accepted"])
+    host.settle(host.pending_round, outcomes.get(str(host.pending_round), []))
 
 
 def save_client_state(host, state):

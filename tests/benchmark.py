@@ -114,13 +114,13 @@ def simulate(config, data, rounds):
     """
     client_indices = configuration.partition_data(config, data.y_train)
     federation = Main.build_federation(config, data, client_indices)
-    global_weights, _ = Main.run_round(0, config, federation,
+    global_weights, _, _ = Main.run_round(0, config, federation,
                                        federation.global_model.get_weights(),
                                        federation.host)
     rss, seconds, samples = [], [], 0
     start = time.perf_counter()
     for round_num in range(1, rounds + 1):
-        global_weights, row = Main.run_round(round_num, config, federation, global_weights,
+        global_weights, row, _ = Main.run_round(round_num, config, federation, global_weights,
                                              federation.host)
         samples += row["samples"] * config["LOCAL_EPOCHS"]
         seconds.append(row["seconds"])

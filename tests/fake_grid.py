@@ -14,7 +14,8 @@ from flwr.supercore.task_identity import TaskIdentity
 import flower_app
 
 HANDLERS = {flower_app.MESSAGE_TYPE: flower_app.client_train,
-            flower_app.QUERY_TYPE: flower_app.client_partition}
+            flower_app.QUERY_TYPE: flower_app.client_partition,
+            flower_app.EVALUATE_TYPE: flower_app.client_evaluate}
 SERVER_NODE_ID = 0
 
 

@@ -6,6 +6,7 @@ import keras
 
 import attacks
 import centralized_baseline
+import client_host
 import Client_side
 import client_state
 import Server_side
@@ -263,7 +264,7 @@ def test_what_is_sent_under_dp_never_exceeds_the_clip_norm(compression, stochast
                  rng.standard_normal(7) * 10 ** rng.uniform(-3, 2)]
         residual = ([rng.standard_normal((30, 20)) * 50, rng.standard_normal(7) * 50]
                     if compression == "topk" else None)
-        encoded, new_residual = Client_side.prepare_upload(
+        encoded, new_residual = client_host.prepare_upload(
             delta, residual, compression, rng, clip_norm, topk_fraction=0.05,
             stochastic_rounding=stochastic_rounding)
         sent = upload_format.decode_update(encoded, [(30, 20), (7,)])
@@ -277,7 +278,7 @@ def test_what_is_sent_under_dp_never_exceeds_the_clip_norm(compression, stochast
 
 def test_dp_upload_of_a_short_update_is_the_update():
     delta = [np.array([0.03, 0.04])]
-    encoded, _ = Client_side.prepare_upload(delta, None, "none", None, clip_norm=1.0)
+    encoded, _ = client_host.prepare_upload(delta, None, "none", None, clip_norm=1.0)
     np.testing.assert_allclose(upload_format.decode_update(encoded, [(2,)])[0], delta[0], rtol=1e-7)
 
 
@@ -370,7 +371,7 @@ def test_attacks_flip_the_sign_or_replace_by_noise_of_the_same_norm():
 
 
 def test_client_deltas_are_float64_differences():
-    deltas = Client_side.client_deltas([[np.array([1.5], np.float32)]],
+    deltas = client_host.client_deltas([[np.array([1.5], np.float32)]],
                                        [np.array([1.0], np.float32)])
     assert deltas[0][0].dtype == np.float64 and deltas[0][0][0] == 0.5
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import checkpoints
+import client_host
 import Client_side
 import configuration
 import flower_app
@@ -357,7 +358,7 @@ class LosingEngine:
     """In process, but the uploads of node 1's clients (odd ids) in round 2 never arrive."""
 
     def __init__(self, config, data):
-        self.host = Client_side.ClientHost(Client_side.ClientSettings.from_config(config),
+        self.host = client_host.ClientHost(Client_side.ClientSettings.from_config(config),
                                            Server_side.create_model(), data.x_train,
                                            data.y_train,
                                            configuration.partition_data(config, data.y_train))

@@ -280,7 +280,7 @@ def test_a_round_where_no_client_returns_keeps_the_global_model(fashion_mnist):
     client_indices = configuration.partition_data(config, data.y_train)
     federation = Main.build_federation(config, data, client_indices)
     weights = federation.global_model.get_weights()
-    new_weights, row = Main.run_round(1, config, federation, weights, federation.host)
+    new_weights, row, _ = Main.run_round(1, config, federation, weights, federation.host)
     assert row["returned"] == 0 and row["samples"] == 0 and row["train_loss"] == ""
     for before, after in zip(weights, new_weights, strict=True):
         np.testing.assert_array_equal(before, after)
@@ -341,7 +341,7 @@ def test_60000_one_sample_clients_keep_state_only_for_those_that_trained(fashion
     weights, trained = federation.global_model.get_weights(), set()
     for round_num in (1, 2):
         trained |= {int(client) for client in round_clients(config, round_num)[0]}
-        weights, row = Main.run_round(round_num, config, federation, weights,
+        weights, row, _ = Main.run_round(round_num, config, federation, weights,
                                       federation.host)
         assert row["returned"] == 6 and row["samples"] == 6
     for memory in federation.host.memory.values():
@@ -402,7 +402,7 @@ def test_client_state_follows_what_the_server_accepted(fashion_mnist):
     weights = federation.global_model.get_weights()
     variates, residuals = federation.host.memory["variate"], federation.host.memory["residual"]
     for round_num in range(1, 6):
-        weights, row = Main.run_round(round_num, config, federation, weights, engine)
+        weights, row, _ = Main.run_round(round_num, config, federation, weights, engine)
         assert row["rejected"] == len(spoiled.get(round_num, ()))
         assert row["returned"] == len(returning[round_num]) - row["rejected"]
         mean_variate = [np.mean([variates.get(client)[layer] for client in range(100)], axis=0)
@@ -424,7 +424,7 @@ def test_a_krum_round_with_too_few_updates_is_logged_and_counted(fashion_mnist, 
     returned = len(round_clients(config, 1)[1])
     assert returned < 5, "the test needs dropout to leave fewer than 2 f + 3 = 5 clients"
     weights = federation.global_model.get_weights()
-    new_weights, row = Main.run_round(1, config, federation, weights, federation.host)
+    new_weights, row, _ = Main.run_round(1, config, federation, weights, federation.host)
     assert row["krum_skipped"] == 1 and row["returned"] == returned
     assert "the global model is kept" in capsys.readouterr().err
     for before, after in zip(weights, new_weights, strict=True):

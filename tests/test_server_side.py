@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import keras
 
-import Client_side
+import client_host
 import privacy
 import Server_side
 import robust_rules
@@ -181,7 +181,7 @@ def test_sgd_server_with_rate_one_and_one_client_returns_that_client():
     rng = np.random.default_rng(0)
     start = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5).astype(np.float32)]
     client = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5).astype(np.float32)]
-    delta = Server_side.fedavg(Client_side.client_deltas([client], start), [123])
+    delta = Server_side.fedavg(client_host.client_deltas([client], start), [123])
     new_weights = Server_side.ServerOptimizer("sgd", [(3, 4), (5,)], 1.0).step(start, delta)
     for expected, actual in zip(client, new_weights):
         np.testing.assert_array_equal(expected, actual)
