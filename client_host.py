@@ -154,7 +154,7 @@ class ClientHost:
                     for client in chunk]
                 results, own = personalization.train_round(
                     self.settings, trainers, global_weights, chunk,
-                    [self.client_indices[client] for client in chunk], self._own(chunk),
+                    [self.client_indices[client] for client in chunk], self.own_parts(chunk),
                     round_num, None if corrections[0] is None else corrections)
                 updates.update(zip(chunk, results))
                 kept.update(zip(chunk, own))
@@ -192,7 +192,7 @@ class ClientHost:
             if self.settings.personalization != "none":
                 models = personalization.personal_models(
                     self.settings, self.trainers, global_weights, chunk,
-                    [self.client_indices[client] for client in chunk], self._own(chunk),
+                    [self.client_indices[client] for client in chunk], self.own_parts(chunk),
                     round_num)
                 personal_correct = self.scorer.count_correct(models, rows)
             scores += [client_evaluation.ClientScore(client, len(rows[position]),
@@ -201,7 +201,7 @@ class ClientHost:
                        for position, client in enumerate(chunk)]
         return scores
 
-    def _own(self, clients):
+    def own_parts(self, clients):
         """Each client's kept own arrays, or None for a client that has none yet."""
         own = self.memory.get("own")
         return [own.get(client) if own is not None and client in own else None

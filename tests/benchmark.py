@@ -13,6 +13,10 @@ Run:  python tests/benchmark.py --scenario NAME [--rounds N]   (NAME: see SCENAR
     selection, weight transfer, screening, aggregation and the test evaluation every EVAL_EVERY
     rounds (and after the last).
 (4) Memory: peak RSS, and RSS growth from the first quarter of the rounds to the last.
+(5) With LOCAL_TEST_SHARE (scenario personal_k100): a per-client evaluation round
+    (ClientHost.evaluate: every client's global and own model on its local test data) against
+    one test evaluation of the global model; and scoring K models on their clients' rows in
+    the compiled calls against one Keras `predict` per client (medians of 3).
 Prints a table and, as its last line, one JSON object with the figures (ratio = simulator / fit,
 ratio_single_call = simulator / single call). Like Main.py it turns on TensorFlow's op
 determinism; --no-determinism leaves it off, to measure what it costs.
@@ -50,6 +54,9 @@ SCENARIOS = {
                       "LOCAL_MOMENTUM": 0.9, "DISTRIBUTION": "noniid_bi",
                       "CLASSES_PER_CLIENT": 2, "EVAL_EVERY": 10}, 10),
     "fedsgd": ({"BATCH_SIZE": 0, "EVAL_EVERY": 10}, 20),
+    # The default federation with per-client evaluation and FedPer's own heads.
+    "personal_k100": ({"LOCAL_TEST_SHARE": 0.25, "PERSONALIZATION": "fedper",
+                       "EVAL_EVERY": 10}, 20),
 }
 
 
@@ -103,6 +110,41 @@ def evaluation_seconds(federation, global_weights):
         federation.evaluate(global_weights)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def median_seconds(job, repeats=3):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        job()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def client_evaluation_figures(federation, global_weights, config):
+    """(5): seconds of a per-client evaluation round, of scoring every client's model in the
+    compiled calls, and of one Keras predict per client."""
+    host = federation.host
+    clients = [client for client in range(config["NUM_CLIENTS"]) if len(host.test_indices[client])]
+    rows = [host.test_indices[client] for client in clients]
+    models = [list(global_weights) for _ in clients]
+    model = host.trainer.model
+    x_train, y_train = host.trainer.x_train.numpy(), host.trainer.y_train.numpy()
+
+    def keras_per_client():
+        for weights, indices in zip(models, rows):
+            model.set_weights(weights)
+            np.sum(np.argmax(model.predict(x_train[indices], verbose=0), axis=1)
+                   == y_train[indices])
+    host.scorer.count_correct(models, rows)  # warm-up: traces the compiled call
+    host.evaluate(config["ROUNDS"], range(config["NUM_CLIENTS"]), global_weights)
+    return {"client_evaluation_seconds": round(median_seconds(lambda: host.evaluate(
+                config["ROUNDS"], range(config["NUM_CLIENTS"]), global_weights)), 3),
+            "adapted_clients": sum(own is None for own in host.own_parts(clients)),
+            "scoring_seconds": round(median_seconds(
+                lambda: host.scorer.count_correct(models, rows)), 3),
+            "keras_per_client_seconds": round(median_seconds(keras_per_client), 3),
+            "local_test_samples": int(sum(map(len, rows)))}
 
 
 def simulate(config, data, rounds):
@@ -177,8 +219,13 @@ def main():
     limits += [fit_samples_per_second(config, data.x_train, data.y_train, timed_samples,
                                       batch_size) for _ in range(LIMIT_REPEATS)]
     evaluation = evaluation_seconds(federation, weights)
-    print_report(report(arguments, config, limits, single_rates, sim_rate, seconds, rss, sizes,
-                        evaluation, batch_size))
+    result = report(arguments, config, limits, single_rates, sim_rate, seconds, rss, sizes,
+                    evaluation, batch_size)
+    if config["LOCAL_TEST_SHARE"] > 0:
+        result.update(client_evaluation_figures(federation, weights, config))
+        result["client_evaluation_ratio"] = round(
+            result["client_evaluation_seconds"] / evaluation, 2)
+    print_report(result)
 
 
 def report(arguments, config, limits, single_rates, sim_rate, seconds, rss, sizes, evaluation,
@@ -230,6 +277,13 @@ def print_report(result):
           f"({100 * result['evaluation_share']:.0f} % of a round, amortized); peak RSS "
           f"{result['rss_mb']} MB, RSS growth from round {result['rounds'] // 4 + 1} to "
           f"{result['rounds']}: {result['rss_growth_pct']} %")
+    if "client_evaluation_seconds" in result:
+        print(f"per-client evaluation round {result['client_evaluation_seconds']} s "
+              f"({result['client_evaluation_ratio']}x the test evaluation; "
+              f"{result['local_test_samples']:,} local test samples, "
+              f"{result['adapted_clients']} clients adapted first); scoring every client's "
+              f"model: {result['scoring_seconds']} s in compiled calls, "
+              f"{result['keras_per_client_seconds']} s with one Keras predict per client")
     print(json.dumps(result))
 
 

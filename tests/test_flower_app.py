@@ -162,13 +162,15 @@ def cluster(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("constants", [
-    {}, {"ALGORITHM": "scaffold", "COMPRESSION": "topk", "TOPK_FRACTION": 0.1}],
-    ids=["fedavg", "scaffold_topk"])
+    {}, {"ALGORITHM": "scaffold", "COMPRESSION": "topk", "TOPK_FRACTION": 0.1},
+    {"PERSONALIZATION": "fedper", "LOCAL_TEST_SHARE": 0.25, "HELD_OUT_CLIENTS": 0.1}],
+    ids=["fedavg", "scaffold_topk", "fedper_held_out"])
 def test_a_run_on_flower_equals_the_in_process_run(cluster, tmp_path, real_data_once,
                                                      constants):
     """Two SuperNodes, each hosting half the clients in its own processes, give the weights
     of `python Main.py` bit for bit; with SCAFFOLD and top-k a client selected twice carries
-    its variate and residual on its node from round 1 to round 2."""
+    its variate and residual on its node from round 1 to round 2; with FedPer it keeps its
+    head there, and the nodes' per-client scores (clients.csv) equal the in-process ones."""
     setting = {**TINY, **constants}
     config = {**Main.default_config(), **setting}
     first, second = (set(round_clients(config, round_num)[1].tolist())
@@ -186,6 +188,12 @@ def test_a_run_on_flower_equals_the_in_process_run(cluster, tmp_path, real_data_
     assert flower_rows == local_rows
     for on_flower, in_process in zip(flower_weights, local_weights, strict=True):
         np.testing.assert_array_equal(on_flower, in_process)
+    if "LOCAL_TEST_SHARE" in constants:
+        (flower_dir,) = (tmp_path / "flower").iterdir()
+        (local_dir,) = (tmp_path / "local").iterdir()
+        flower_clients = (flower_dir / "clients.csv").read_text()
+        assert flower_clients == (local_dir / "clients.csv").read_text()
+        assert flower_clients.count("unseen") == 2 * 2  # 2 held-out clients, 2 evaluations
 
 
 @pytest.mark.slow
