@@ -134,8 +134,11 @@ class ClientHost:
         return self.trainers["main"]
 
     def _state_shapes(self, name):
+        """A kept state's layer shapes: its own layers, or top-k's residual of what it sends."""
         if name == "own":
             return [self.shapes[index] for index in self.own_layers]
+        if name == "residual":
+            return [self.shapes[index] for index in self.uploaded]
         return self.shapes
 
     def train(self, round_num, clients, global_weights, server_variate=None):

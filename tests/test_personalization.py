@@ -374,3 +374,39 @@ def test_personalization_on_the_flower_engine_equals_the_in_process_run(
     assert flower[0] == local[0] and flower[2] == local[2]
     for on_flower, in_process in zip(flower[1], local[1], strict=True):
         np.testing.assert_array_equal(on_flower, in_process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("constants", [
+    {"PERSONALIZATION": "fedper", "ALGORITHM": "fedprox", "COMPRESSION": "int8"},
+    {"PERSONALIZATION": "fedrep", "ALGORITHM": "fednova", "SERVER_OPTIMIZER": "fedadam",
+     "SERVER_LR": 0.01, "CLIENT_DROPOUT": 0.3},
+    {"PERSONALIZATION": "fedper", "DP_CLIP_NORM": 1.0, "CLIENT_SAMPLING": "poisson",
+     "CLIENT_FRACTION": 0.6, "HELD_OUT_CLIENTS": 0.2},
+    {"PERSONALIZATION": "fedrep", "COMPRESSION": "topk", "TOPK_FRACTION": 0.1,
+     "AGGREGATION": "median", "MALICIOUS_FRACTION": 0.2, "ATTACK": "label_flip"},
+    {"PERSONALIZATION": "ditto", "ALGORITHM": "scaffold", "LOCAL_MOMENTUM": 0.5},
+    {"PERSONALIZATION": "ditto", "AGGREGATION": "krum", "KRUM_F": 1, "MALICIOUS_FRACTION": 0.2,
+     "ATTACK": "sign_flip", "PERSONAL_EPOCHS": 2, "DITTO_LAMBDA": 0.0},
+    {"PERSONALIZATION": "finetune", "ALGORITHM": "scaffold", "COMPRESSION": "topk",
+     "FINETUNE_EPOCHS": 2, "CENTRALIZED_BASELINE": True},
+    {"PERSONALIZATION": "local", "BATCH_SIZE": 0, "LOCAL_EPOCHS": 2, "HELD_OUT_CLIENTS": 0.3},
+], ids=["fedper_prox_int8", "fedrep_nova_adam_dropout", "fedper_dp_held_out",
+        "fedrep_topk_median_label_flip", "ditto_scaffold", "ditto_krum_sign_flip",
+        "finetune_scaffold_topk_baseline", "local_fedsgd_held_out"])
+def test_personalization_combines_with_the_other_options(tmp_path, tenth_of_the_data,
+                                                         constants):
+    """Two rounds of each combination run through, every client is scored every round, and
+    the layers a method keeps on the clients never move in the global model."""
+    setting = {**SMALL, "NUM_CLIENTS": 10, **constants}
+    path = write_config(tmp_path / "run.csv", OUTPUT_DIR=tmp_path / "run", **setting)
+    assert Main.main(["-c", "-f", str(path)]) == 0
+    rows, weights, client_rows = run_outputs(tmp_path / "run")
+    assert len(client_rows) == 2 * 10 and all(rows[-1][f"personal_{figure}"] != ""
+                                             for figure in client_evaluation.FIGURES)
+    config = {**Main.default_config(), **setting}
+    _, federation = federation_for(tenth_of_the_data, **setting)
+    initial = federation.global_model.get_weights()
+    for index in range(6):
+        kept = index not in personalization.uploaded_layers(config["PERSONALIZATION"], 6)
+        assert np.array_equal(weights[index], initial[index]) == kept
