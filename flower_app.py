@@ -266,8 +266,13 @@ class FlowerEngine:
                                reply.error.reason)
                 continue
             self.unsettled[node] = {}  # It settled its rounds before scoring.
-            scores += [score for score in scores_from_content(reply.content)
-                       if score.client in set(work.get(node, ()))]
+            sent = set(work.get(node, ()))
+            reported = scores_from_content(reply.content)
+            foreign = sorted({score.client for score in reported} - sent)
+            if foreign:
+                LOGGER.warning("round %d: node %d reported scores of clients %s, not sent to "
+                               "it: ignored", round_num, node, foreign)
+            scores += [score for score in reported if score.client in sent]
         return scores
 
     def _work(self, round_num, clients):

@@ -43,6 +43,19 @@ def history_and_weights(output_dir):
     return rows, [arrays[name] for name in sorted(arrays) if name.startswith("global")]
 
 
+def test_client_scores_survive_the_wire_format_and_a_malformed_reply_gives_none():
+    from flwr.app import MetricRecord, RecordDict
+
+    from client_evaluation import ClientScore
+
+    scores = [ClientScore(3, 40, 12, 38), ClientScore(7, 5, 0, 5)]
+    assert flower_app.scores_from_content(flower_app.content_from_scores(scores)) == scores
+    ragged = RecordDict({"scores": MetricRecord({"client": [1, 2], "samples": [3],
+                                                 "global_correct": [1], "personal_correct": [1]})})
+    assert flower_app.scores_from_content(ragged) == []
+    assert flower_app.scores_from_content(RecordDict()) == []
+
+
 def test_an_upload_survives_the_wire_format():
     rng = np.random.default_rng(0)
     delta = [rng.standard_normal((3, 4)), rng.standard_normal(5)]
