@@ -20,7 +20,6 @@ import time
 # its errors, and a level the user set wins. It must be set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402 (after the log level above)
 
 import attacks  # noqa: E402
 import centralized_baseline  # noqa: E402
@@ -31,6 +30,8 @@ import Client_side  # noqa: E402
 import comparison  # noqa: E402
 import configuration  # noqa: E402
 import Data_Preprocessing  # noqa: E402
+import devices  # noqa: E402
+import divergence  # noqa: E402
 import Server_side  # noqa: E402
 import robust_rules  # noqa: E402
 import Utils  # noqa: E402
@@ -73,6 +74,13 @@ FINETUNE_EPOCHS = 1  # finetune, and a new client under any method: adaptation e
 HEAD_EPOCHS = 1  # fedrep: epochs on the head (body frozen) before the body's, int >= 1
 PERSONAL_EPOCHS = 1  # ditto: epochs of each selected client's own model a round, int >= 1
 DITTO_LAMBDA = 0.1  # ditto: lambda of (lambda/2)||v_i - w_global||^2, >= 0
+# Devices on a virtual clock (devices.py)
+DEVICE_HETEROGENEITY = "none"  # none | lognormal | path of a CSV of device profiles
+DEVICE_SPEED = 100.0  # lognormal: median samples a second a device trains, > 0 (assumed)
+DEVICE_SPEED_SIGMA = 1.0  # lognormal: log-space spread of the speeds, >= 0
+DEVICE_DOWN_MBPS = 20.0  # lognormal: median download Mbit/s, > 0 (assumed)
+DEVICE_UP_MBPS = 5.0  # lognormal: median upload Mbit/s, > 0 (assumed)
+DEVICE_BANDWIDTH_SIGMA = 1.0  # lognormal: log-space spread of both bandwidths, >= 0
 # Reliability
 CLIENT_DROPOUT = 0.0  # chance that a selected client never returns its update, in [0, 1)
 CHECKPOINT_EVERY = 1  # save a checkpoint every this many rounds (and at the end), int >= 1
@@ -107,6 +115,7 @@ HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients
 BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
 PRIVACY_COLUMNS = ("epsilon",)
 KRUM_COLUMNS = ("krum_skipped",)
+CLOCK_COLUMNS = ("virtual_seconds", "virtual_hours_total")
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -143,7 +152,7 @@ def main(argv=None, make_engine=None, engine_defaults=None):
     for prepared, engine in zip(runs, engines):
         try:
             histories.append(run(prepared, engine))
-        except DivergenceError as error:
+        except divergence.DivergenceError as error:
             # In a comparison the other runs still go on; the table marks this one.
             print(f"error: {error}", file=sys.stderr)
             histories.append(error.rows)
@@ -198,10 +207,11 @@ def run(prepared, engine=None):
             try:
                 global_weights, row, client_rows = run_round(round_num, config, federation,
                                                              global_weights, engine)
-            except ClientsDiverged as error:
-                raise divergence(round_num, str(error), config, output_dir, rows) from None
+            except divergence.ClientsDiverged as error:
+                raise divergence.divergence(round_num, str(error), config, output_dir,
+                                            rows) from None
             add_totals(row, rows)
-            check_finite(round_num, global_weights, row, config, output_dir, rows)
+            divergence.check_finite(round_num, global_weights, row, config, output_dir, rows)
             rows.append(row)
             # Ctrl-C waits until the row and the checkpoint are whole on disk.
             with Utils.deferred_interrupts():
@@ -252,6 +262,10 @@ def run_round(round_num, config, federation, global_weights, engine):
     row = round_row(round_num, report, evaluation, len(selected), federation.malicious,
                     time.perf_counter() - start)
     row.update(figures)
+    if federation.devices is not None:
+        row["virtual_seconds"] = round(devices.round_seconds(
+            federation.devices, config, report.accepted,
+            report.bytes_down // max(1, len(selected)), federation.server.upload_bytes), 3)
     if federation.baseline is not None:
         row.update(baseline_columns(federation, row["samples"] * config["LOCAL_EPOCHS"],
                                     evaluated))
@@ -276,8 +290,9 @@ def say_what_was_refused(round_num, report, config):
     # The server drops NaN updates, so the global model stays finite; when every client's
     # update was NaN, training itself diverged and the run stops as it would have before.
     if report.diverged:
-        raise ClientsDiverged(f"local training diverged: every returned client's update "
-                              f"({len(report.rejections)}) was NaN or infinite")
+        raise divergence.ClientsDiverged(
+            f"local training diverged: every returned client's update "
+            f"({len(report.rejections)}) was NaN or infinite")
     if report.krum_skipped:
         print(f"round {round_num}: {len(report.accepted)} updates, fewer than the "
               f"{config['AGGREGATION']} needs (2 KRUM_F + 3 = {2 * config['KRUM_F'] + 3}): "
@@ -322,10 +337,15 @@ def _rounded(value):
 
 
 def add_totals(row, rows):
-    """Add the cumulative megabytes sent down and up, including this round, to its row."""
-    previous = rows[-1] if rows else {"mb_down_total": 0.0, "mb_up_total": 0.0}
+    """Add the cumulative megabytes sent down and up (and virtual hours, with devices),
+    including this round, to its row."""
+    previous = rows[-1] if rows else {"mb_down_total": 0.0, "mb_up_total": 0.0,
+                                      "virtual_hours_total": 0.0}
     row["mb_down_total"] = round(previous["mb_down_total"] + row["bytes_down"] / 1e6, 6)
     row["mb_up_total"] = round(previous["mb_up_total"] + row["bytes_up"] / 1e6, 6)
+    if "virtual_seconds" in row:
+        row["virtual_hours_total"] = round(previous["virtual_hours_total"]
+                                           + row["virtual_seconds"] / 3600, 6)
 
 
 # --- Setting up a run: the server side and, in process, the clients ---------------------------
@@ -344,6 +364,7 @@ class Federation:
     components: dict
     split: Data_Preprocessing.ClientSplit
     held_out: set
+    devices: devices.DeviceProfiles
     host: client_host.ClientHost = None
     baseline: centralized_baseline.CentralizedBaseline = None
 
@@ -385,7 +406,7 @@ def build_federation(config, data, client_indices, in_process=True):
                       set(Server_side.held_out_clients(config["NUM_CLIENTS"],
                                                        config["HELD_OUT_CLIENTS"],
                                                        config["SEED"]).tolist()),
-                      host, baseline)
+                      devices.device_profiles(config), host, baseline)
 
 
 def history_columns(config):
@@ -393,58 +414,8 @@ def history_columns(config):
             + (client_evaluation.history_columns(config["HELD_OUT_CLIENTS"] > 0)
                if config["LOCAL_TEST_SHARE"] > 0 else ())
             + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ())
-            + (KRUM_COLUMNS if config["AGGREGATION"] in robust_rules.KRUM_RULES else ()))
-
-
-# --- When a run diverges ------------------------------------------------------------------------
-
-class ClientsDiverged(Exception):
-    """Every upload of a round was NaN or infinite: local training diverged on every client."""
-
-
-class DivergenceError(Exception):
-    """The global model's weights or test loss stopped being finite numbers.
-
-    `rows` holds the history of the rounds before, for comparisons.
-    """
-
-    def __init__(self, message, rows=()):
-        super().__init__(message)
-        self.rows = list(rows)
-
-
-def check_finite(round_num, global_weights, row, config, output_dir, rows):
-    """Stop the run with DivergenceError when the new global model is NaN or infinite."""
-    finite_weights = all(np.isfinite(layer).all() for layer in global_weights)
-    if finite_weights and (row["test_loss"] == "" or np.isfinite(row["test_loss"])):
-        return
-    raise divergence(round_num, f"the global model diverged (test loss {row['test_loss']}, "
-                     f"finite weights: {finite_weights})", config, output_dir, rows)
-
-
-def divergence(round_num, what, config, output_dir, rows):
-    """Build the DivergenceError of round `round_num`, naming the likely cause."""
-    kept = (f"{output_dir} keeps the history of rounds 1-{round_num - 1} and its last checkpoint"
-            if round_num > 1 else "no round had finished")
-    return DivergenceError(f"round {round_num}: {what}; likely cause: "
-                           f"{likely_divergence_cause(config)}; {kept}", rows)
-
-
-def likely_divergence_cause(config):
-    """Name what most likely made this configuration diverge, most specific first."""
-    if config["MALICIOUS_FRACTION"] > 0:
-        return (f"the {config['ATTACK']} attackers (MALICIOUS_FRACTION "
-                f"{config['MALICIOUS_FRACTION']}, AGGREGATION {config['AGGREGATION']})")
-    if config["SERVER_OPTIMIZER"] != "sgd" or config["SERVER_LR"] > 1:
-        return (f"the server step: SERVER_OPTIMIZER {config['SERVER_OPTIMIZER']} with SERVER_LR "
-                f"{config['SERVER_LR']} is too large")
-    if config["ALGORITHM"] == "scaffold":
-        return (f"SCAFFOLD's control variates grew: lower LEARNING_RATE "
-                f"{config['LEARNING_RATE']} or LOCAL_MOMENTUM {config['LOCAL_MOMENTUM']}")
-    if config["LOCAL_MOMENTUM"] > 0:
-        return (f"LEARNING_RATE {config['LEARNING_RATE']} is too high for LOCAL_MOMENTUM "
-                f"{config['LOCAL_MOMENTUM']} (the effective step is about lr / (1 - momentum))")
-    return f"LEARNING_RATE {config['LEARNING_RATE']} is too high"
+            + (KRUM_COLUMNS if config["AGGREGATION"] in robust_rules.KRUM_RULES else ())
+            + (CLOCK_COLUMNS if config["DEVICE_HETEROGENEITY"] != "none" else ()))
 
 
 # --- The constants and the command line (their checks: configuration.py) ------------------------

@@ -343,6 +343,11 @@ class Server:
             **round_traffic(settings.algorithm == "scaffold", self.model_bytes, num_selected,
                             accepted), epsilon=epsilon)
 
+    def upload_bytes(self, upload):
+        """The bytes one accepted upload carried (with SCAFFOLD's variate change)."""
+        return round_traffic(self.settings.algorithm == "scaffold", self.model_bytes, 0,
+                             [upload])["bytes_up"]
+
     def server_variate(self):
         """SCAFFOLD's c, which clients need for their correction; None otherwise."""
         return None if self.variate is None else self.variate.arrays

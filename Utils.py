@@ -24,7 +24,7 @@ FALSE_WORDS = ("false", "no", "0")
 # One independent random stream per job. New jobs go at the end: a stream is keyed by its
 # position, so adding a name never changes the streams before it.
 STREAMS = ("partition", "selection", "training", "dropout", "baseline", "attack", "privacy",
-           "compression", "local_test", "held_out", "adaptation", "personal")
+           "compression", "local_test", "held_out", "adaptation", "personal", "devices")
 
 
 def seed_everything(seed):
@@ -156,7 +156,8 @@ def run_name(config):
 
     Options away from their plain setting are appended: the server optimizer (_fedadam), the
     compression (_int8), DP's noise multiplier (_dp1.0), a robust rule (_median), an attack
-    with its share of clients (_sign_flip0.2) and the personalization (_ditto).
+    with its share of clients (_sign_flip0.2), the personalization (_ditto) and the devices
+    (_lognormal, or _devices for a profiles file).
     """
     name = (f"{config['ALGORITHM']}_{config['DISTRIBUTION']}_K{config['NUM_CLIENTS']}"
             f"_C{config['CLIENT_FRACTION']}_E{config['LOCAL_EPOCHS']}_B{config['BATCH_SIZE']}"
@@ -169,6 +170,8 @@ def run_name(config):
         config.get("MALICIOUS_FRACTION", 0) > 0
         and f"{config['ATTACK']}{config['MALICIOUS_FRACTION']}",
         config.get("PERSONALIZATION", "none") != "none" and config.get("PERSONALIZATION"),
+        config.get("DEVICE_HETEROGENEITY", "none") != "none"
+        and ("lognormal" if config["DEVICE_HETEROGENEITY"] == "lognormal" else "devices"),
     ]
     return "_".join([name] + [suffix for suffix in suffixes if suffix])
 
@@ -229,7 +232,7 @@ class TensorBoardLog:
     """
 
     SCALARS = ("test_accuracy", "test_loss", "train_loss", "mb_up_total", "mb_down_total",
-               "epsilon", "baseline_accuracy", "baseline_loss") + tuple(
+               "epsilon", "baseline_accuracy", "baseline_loss", "virtual_hours_total") + tuple(
         # client_evaluation's figures (history_columns).
         f"{group}{model}_{figure}" for group in ("", "unseen_") for model in ("local", "personal")
         for figure in ("pooled", "mean", "std", "worst10", "best10"))
@@ -305,6 +308,9 @@ def print_summary(config, rows, output_dir):
           f"{rows[-1]['mb_down_total']:.1f} MB; results in {output_dir}")
     if config["DP_CLIP_NORM"] > 0:
         print(f"privacy spent: epsilon {rows[-1]['epsilon']:.3f} at delta {config['DP_DELTA']}")
+    if "virtual_hours_total" in rows[-1]:
+        print(f"virtual time (DEVICE_HETEROGENEITY {config['DEVICE_HETEROGENEITY']}): "
+              f"{rows[-1]['virtual_hours_total']:.2f} hours")
     if rows[-1].get("personal_pooled") not in (None, ""):
         last = rows[-1]
         print(f"clients' accuracy on their own test data: global model {last['local_pooled']:.4f} "
@@ -370,15 +376,20 @@ def plot_history(path, rows, title):
 
 
 def plot_communication(path, rows, title):
-    """Save test accuracy against the cumulative megabytes clients uploaded."""
-    figure, axis = plt.subplots(figsize=(6, 4))
+    """Save test accuracy against the cumulative megabytes clients uploaded (and against
+    virtual hours, with devices on a virtual clock)."""
     rows = evaluated(rows)
-    axis.plot([row["mb_up_total"] for row in rows], [row["test_accuracy"] for row in rows],
-              marker=".")
-    axis.set_xlabel("cumulative MB uploaded")
-    axis.set_ylabel("test accuracy")
-    axis.set_title(title, fontsize="small")
-    axis.grid(alpha=0.3)
+    axes_of = [("mb_up_total", "cumulative MB uploaded")] + (
+        [("virtual_hours_total", "virtual hours (devices.py)")]
+        if "virtual_hours_total" in rows[0] else [])
+    figure, axes = plt.subplots(1, len(axes_of), figsize=(6 * len(axes_of), 4), squeeze=False)
+    for axis, (column, label) in zip(axes[0], axes_of):
+        axis.plot([row[column] for row in rows], [row["test_accuracy"] for row in rows],
+                  marker=".")
+        axis.set_xlabel(label)
+        axis.set_ylabel("test accuracy")
+        axis.set_title(title, fontsize="small")
+        axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

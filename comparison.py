@@ -30,7 +30,7 @@ CLIENT_FIGURES = ("local_pooled", "local_mean", "local_worst10", "personal_poole
                   "unseen_local_pooled", "unseen_personal_pooled", "unseen_personal_worst10")
 SEED_COLUMNS = ("run", "seed", "rounds", "diverged_in_round", "final_accuracy", "best_accuracy",
                 "rounds_to_target", "mb_up", "wall_seconds", "baseline_accuracy",
-                "epsilon") + CLIENT_FIGURES
+                "epsilon") + CLIENT_FIGURES + ("virtual_hours", "virtual_hours_to_target")
 
 
 def seed_summary(config, rows, target):
@@ -47,7 +47,17 @@ def seed_summary(config, rows, target):
             "wall_seconds": sum(float(row["seconds"]) for row in rows) if last else None,
             "baseline_accuracy": last.get("baseline_accuracy"), "epsilon": last.get("epsilon"),
             **{name: last.get(name) if last.get(name) != "" else None
-               for name in CLIENT_FIGURES}}
+               for name in CLIENT_FIGURES},
+            "virtual_hours": last.get("virtual_hours_total"),
+            "virtual_hours_to_target": virtual_hours_to_reach(rows, target) if last else None}
+
+
+def virtual_hours_to_reach(rows, target):
+    """The virtual hours (devices.py) until the test accuracy first reaches `target`, or None."""
+    reached = rounds_to_reach(rows, target)
+    if reached is None or "virtual_hours_total" not in rows[0]:
+        return None
+    return next(row["virtual_hours_total"] for row in rows if row["round"] == reached)
 
 
 def mean_and_spread(values, digits):
@@ -123,6 +133,11 @@ def write_comparison(output_dir, labels, configs, histories, run_dirs=None):
                   if runs[0][0].get("LOCAL_TEST_SHARE", 0) > 0}
     if per_client:
         table += "\n" + client_table(per_client, target)
+    timed = {label: runs for label, runs in groups.items()
+             if runs[0][0].get("DEVICE_HETEROGENEITY", "none") != "none"}
+    if timed:
+        table += "\n" + clock_table(timed, target)
+        plot_virtual_time(output_dir / "comparison_time.png", timed, target)
     (output_dir / "comparison.md").write_text(table)
     write_seed_table(output_dir / "comparison_seeds.csv", groups, target)
     plot_comparison(output_dir / "comparison.png", groups, target)
@@ -130,6 +145,44 @@ def write_comparison(output_dir, labels, configs, histories, run_dirs=None):
         plot_client_accuracies(output_dir / "comparison_clients.png", {
             label: [run_dir for run_dir, group in zip(run_dirs, labels) if group == label]
             for label in per_client})
+
+
+def clock_table(groups, target):
+    """Each configuration's virtual time (devices.py), mean ± std over its finished seeds."""
+    lines = [f"| run | devices | seeds | final acc | virtual hours | virtual hours to {target} |",
+             "|---|---|---|---|---|---|"]
+    for label, runs in groups.items():
+        summaries = [seed_summary(config, rows, target) for config, rows in runs]
+        finished = [summary for summary in summaries if not summary["diverged_in_round"]]
+        reached = [summary["virtual_hours_to_target"] for summary in finished
+                   if summary["virtual_hours_to_target"] is not None]
+        lines.append(
+            f"| {label} | {runs[0][0]['DEVICE_HETEROGENEITY']} | {len(finished)} | "
+            f"{mean_and_spread([summary['final_accuracy'] for summary in finished], 4)} | "
+            f"{mean_and_spread([summary['virtual_hours'] for summary in finished], 2)} | "
+            + (f"{mean_and_spread(reached, 2)} ({len(reached)}/{len(finished)})"
+               if reached else "not reached") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_virtual_time(path, groups, target):
+    """Each configuration's test accuracy against virtual hours, one line per seed."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    styles = _curve_styles(groups)
+    for label, runs in groups.items():
+        for position, (_, rows) in enumerate(runs):
+            rows = Utils.evaluated(rows)
+            axis.plot([row["virtual_hours_total"] for row in rows],
+                      [row["test_accuracy"] for row in rows],
+                      label=label if position == 0 else None, **styles[label])
+    axis.axhline(target, color="grey", linestyle=":", label=f"target {target}")
+    axis.set_xlabel("virtual hours (devices.py)")
+    axis.set_ylabel("test accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def client_table(groups, target):

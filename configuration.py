@@ -14,6 +14,7 @@ import pathlib
 import attacks
 import checkpoints
 import Data_Preprocessing
+import devices
 import personalization
 import privacy
 import robust_rules
@@ -71,6 +72,8 @@ def validate_config(config):
     if config["SEED"] + config["REPEATS"] > 2**32:
         raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
                          f"{config['REPEATS']} - 1")
+    if config["DEVICE_HETEROGENEITY"] not in devices.MODELS:
+        devices.read_profiles(config["DEVICE_HETEROGENEITY"])  # names the file and line
     population = validate_personalization(config)
     per_round = Utils.num_selected_clients(population, config["CLIENT_FRACTION"])
     if config["AGGREGATION"] in robust_rules.KRUM_RULES and per_round < 2 * config["KRUM_F"] + 3:
@@ -156,6 +159,12 @@ def _one_of(choices):
 _BOOLEAN = (lambda value: isinstance(value, bool)), "True or False"
 
 
+def _device_model():
+    def is_model(value):
+        return isinstance(value, (str, pathlib.Path)) and str(value) != ""
+    return is_model, "none, lognormal or the path of a CSV of device profiles"
+
+
 def _folder(optional):
     def is_folder(value):
         return ((optional and value is None)
@@ -190,6 +199,9 @@ RULES = {
     "LOCAL_TEST_SHARE": _number("[0, 1)"), "HELD_OUT_CLIENTS": _number("[0, 1)"),
     "PERSONALIZATION": _one_of(personalization.METHODS), "FINETUNE_EPOCHS": _integer(1),
     "HEAD_EPOCHS": _integer(1), "PERSONAL_EPOCHS": _integer(1), "DITTO_LAMBDA": _number(">= 0"),
+    "DEVICE_HETEROGENEITY": _device_model(), "DEVICE_SPEED": _number("> 0"),
+    "DEVICE_SPEED_SIGMA": _number(">= 0"), "DEVICE_DOWN_MBPS": _number("> 0"),
+    "DEVICE_UP_MBPS": _number("> 0"), "DEVICE_BANDWIDTH_SIGMA": _number(">= 0"),
 }
 
 

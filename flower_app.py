@@ -332,7 +332,10 @@ class FlowerEngine:
 
 def refuse_unsupported(config):
     """Raise ValueError for what cannot run on Flower, saying why."""
-    for name in ("OUTPUT_DIR", "DATA_DIR"):
+    paths = ("OUTPUT_DIR", "DATA_DIR") + (
+        ("DEVICE_HETEROGENEITY",) if config["DEVICE_HETEROGENEITY"] not in ("none", "lognormal")
+        else ())
+    for name in paths:
         if config[name] is not None and not pathlib.Path(config[name]).expanduser().is_absolute():
             raise ValueError(f"{name} must be an absolute path on Flower (the ServerApp runs in "
                              f"Flower's own folder), got {config[name]}")

@@ -17,6 +17,7 @@ import pytest
 import checkpoints
 import configuration
 import Data_Preprocessing
+import divergence
 import Main
 from conftest import round_clients
 
@@ -323,9 +324,9 @@ def test_resume_restores_scaffold_variates_server_optimizer_and_baseline(tmp_pat
 
 def test_divergence_message_names_the_attack_when_there_are_attackers(tmp_path):
     config = {**Main.default_config(), "MALICIOUS_FRACTION": 0.2, "ATTACK": "sign_flip"}
-    with pytest.raises(Main.DivergenceError,
+    with pytest.raises(divergence.DivergenceError,
                        match="likely cause: the sign_flip attackers") as error:
-        Main.check_finite(4, [np.array([np.nan])], {"test_loss": 1.0}, config, tmp_path,
+        divergence.check_finite(4, [np.array([np.nan])], {"test_loss": 1.0}, config, tmp_path,
                           [{"round": 1}, {"round": 2}, {"round": 3}])
     assert len(error.value.rows) == 3
 
