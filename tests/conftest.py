@@ -25,6 +25,18 @@ def real_data_once(monkeypatch, fashion_mnist):
     monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: fashion_mnist)
 
 
+@pytest.fixture
+def tenth_of_the_data(monkeypatch, fashion_mnist):
+    """The first 6,000 training and 1,000 test images, served to in-process runs."""
+    import Data_Preprocessing
+
+    subset = fashion_mnist._replace(
+        x_train=fashion_mnist.x_train[:6000], y_train=fashion_mnist.y_train[:6000],
+        x_test=fashion_mnist.x_test[:1000], y_test=fashion_mnist.y_test[:1000])
+    monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: subset)
+    return subset
+
+
 def round_clients(config, round_num):
     """The server's (selected, returning) clients of a round, for a dict of constants."""
     import Server_side

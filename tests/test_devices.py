@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import configuration
-import Data_Preprocessing
 import devices
 import Main
 
@@ -14,15 +13,6 @@ import Main
 SMALL = {"NUM_CLIENTS": 5, "CLIENT_FRACTION": 1.0, "DISTRIBUTION": "iid", "ROUNDS": 2,
          "SEED": 2}
 MODEL_BYTES = 4 * 34826
-
-
-@pytest.fixture
-def tenth_of_the_data(monkeypatch, fashion_mnist):
-    subset = fashion_mnist._replace(
-        x_train=fashion_mnist.x_train[:6000], y_train=fashion_mnist.y_train[:6000],
-        x_test=fashion_mnist.x_test[:1000], y_test=fashion_mnist.y_test[:1000])
-    monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: subset)
-    return subset
 
 
 def write_csv(path, lines):

@@ -27,16 +27,6 @@ SMALL = {"NUM_CLIENTS": 6, "CLIENT_FRACTION": 1.0, "DISTRIBUTION": "noniid_bi",
          "ROUNDS": 2}
 
 
-@pytest.fixture
-def tenth_of_the_data(monkeypatch, fashion_mnist):
-    """The first 6,000 training and 1,000 test images, served to Main.main."""
-    subset = fashion_mnist._replace(
-        x_train=fashion_mnist.x_train[:6000], y_train=fashion_mnist.y_train[:6000],
-        x_test=fashion_mnist.x_test[:1000], y_test=fashion_mnist.y_test[:1000])
-    monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: subset)
-    return subset
-
-
 def federation_for(data, **constants):
     config = {**Main.default_config(), **SMALL, **constants}
     configuration.validate_config(config)
