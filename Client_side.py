@@ -74,6 +74,8 @@ class ClientSettings(Utils.Settings):
 
 # A dropout seed that tells the compiled call to continue the model's dropout state.
 KEEP_DROPOUT_STATE = -1
+# A client's step limit when it runs all its epochs (far above any E * ceil(n / B)).
+NO_STEP_LIMIT = 2**30
 
 
 class LocalTrainer:
@@ -120,7 +122,7 @@ class LocalTrainer:
         self._train_clients = tf.function(self._train_clients_steps, input_signature=[
             stacked_specs, stacked_specs, tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), stacked_specs,
-            tf.TensorSpec([None], tf.int64)])
+            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32)])
 
     @classmethod
     def for_clients(cls, model, x_train, y_train, settings, epochs=None, prox_mu=None,
@@ -161,7 +163,7 @@ class LocalTrainer:
         return update
 
     def train_many(self, global_weights, clients_indices, rngs, corrections=None, starts=None,
-                   anchors=None):
+                   anchors=None, max_steps=None):
         """Train several clients (ClientUpdate of FedAvg) in one compiled call.
 
         Each client starts from the global weights with its own dropout seed, shuffles and
@@ -176,7 +178,7 @@ class LocalTrainer:
                 its per-epoch shuffles.
             corrections: one SCAFFOLD correction c - c_i (layer arrays) per client, added to
                 every gradient, or None.
-            starts, anchors: see `train_orders`.
+            starts, anchors, max_steps: see `train_orders`.
         Returns:
             list of LocalResult (float32 layer arrays, n, the number of steps, and the
             sample-weighted mean training loss of the last local epoch, what `fit` reports), in
@@ -184,16 +186,17 @@ class LocalTrainer:
         """
         seeds = [int(rng.integers(2**31)) for rng in rngs]
         orders = [self.epoch_orders(indices, rng) for indices, rng in zip(clients_indices, rngs)]
+        limits = max_steps or [NO_STEP_LIMIT] * len(clients_indices)
         return [LocalResult(weights, len(indices),
-                             upload_format.num_local_steps(len(indices), self.batch_size,
-                                                           self.local_epochs), loss)
-                for (weights, loss), indices in zip(
+                             min(limit, upload_format.num_local_steps(
+                                 len(indices), self.batch_size, self.local_epochs)), loss)
+                for (weights, loss), indices, limit in zip(
                     self.train_orders(global_weights, orders, seeds, corrections, starts,
-                                      anchors),
-                    clients_indices)]
+                                      anchors, max_steps),
+                    clients_indices, limits)]
 
     def train_orders(self, start_weights, orders, seeds, corrections=None, starts=None,
-                     anchors=None):
+                     anchors=None, max_steps=None):
         """The one compiled training call: each client from `start_weights` over its order.
 
         Args:
@@ -206,8 +209,11 @@ class LocalTrainer:
                 models), or None.
             anchors: one list of layer arrays per client for the proximal term (Ditto's
                 w_global), or None: each client's start.
+            max_steps: the SGD steps each client may take at most (a straggler's partial work,
+                in epoch order), or None: all its epochs.
         Returns:
-            list of (new float32 layer arrays, last-epoch mean loss), in the clients' order.
+            list of (new float32 layer arrays, mean loss of the last epoch it started), in the
+            clients' order.
         """
         sizes = [order.shape[1] for order in orders]
         stacked = (self._no_correction if corrections is None else _stacked(corrections))
@@ -218,7 +224,8 @@ class LocalTrainer:
             np.asarray(sizes, np.int32),
             tf.constant(self.batch_size, tf.int32), stacked,  # B = 0: each client's size
             np.asarray([KEEP_DROPOUT_STATE if seed is None else seed for seed in seeds],
-                       np.int64))
+                       np.int64),
+            np.asarray(max_steps or [NO_STEP_LIMIT] * len(sizes), np.int32))
         new_weights, losses = [layer.numpy() for layer in new_weights], losses.numpy()
         return [([layer[position] for layer in new_weights], float(losses[position]))
                 for position in range(len(sizes))]
@@ -241,9 +248,9 @@ class LocalTrainer:
                     for variable, start in zip(variables, anchor)])
         return loss, tape.gradient(objective, variables)
 
-    def _train_steps(self, start, anchor, orders, batch_size, correction):
+    def _train_steps(self, start, anchor, orders, batch_size, correction, max_steps):
         """One client, inside the compiled call: load the start weights, then SGD over
-        `orders` (E, n) batch by batch."""
+        `orders` (E, n) batch by batch, for at most `max_steps` steps."""
         variables = self.model.trainable_variables
         for variable, value in zip(variables, start):
             variable.assign(value)
@@ -251,10 +258,13 @@ class LocalTrainer:
             velocity.assign(tf.zeros_like(velocity))
         num_examples = tf.shape(orders)[1]
         num_steps = (num_examples + batch_size - 1) // batch_size
-        epoch_loss = tf.constant(0.0)
-        for epoch in tf.range(tf.shape(orders)[0]):
+        epoch_loss, epoch_samples = tf.constant(0.0), num_examples
+        for epoch in tf.range(tf.minimum(tf.shape(orders)[0],
+                                         (max_steps + num_steps - 1) // num_steps)):
             epoch_loss = tf.constant(0.0)
-            for step in tf.range(num_steps):
+            epoch_steps = tf.minimum(num_steps, max_steps - epoch * num_steps)
+            epoch_samples = tf.minimum(num_examples, epoch_steps * batch_size)
+            for step in tf.range(epoch_steps):
                 start = step * batch_size
                 batch = orders[epoch, start:tf.minimum(start + batch_size, num_examples)]
                 batch_loss = self._sgd_step(tf.gather(self.x_train, batch),
@@ -262,10 +272,10 @@ class LocalTrainer:
                                             anchor, correction)
                 epoch_loss += batch_loss * tf.cast(tf.shape(batch)[0], tf.float32)
         return ([tf.identity(variable) for variable in variables],
-                epoch_loss / tf.cast(num_examples, tf.float32))
+                epoch_loss / tf.cast(epoch_samples, tf.float32))
 
     def _train_clients_steps(self, starts, anchors, flat_orders, sizes, batch_size,
-                             corrections, seeds):
+                             corrections, seeds, max_steps):
         """Compiled body of `train_orders`: `_train_steps` for each client in turn.
 
         flat_orders holds every client's (E, n) order, raveled and concatenated; starts,
@@ -291,7 +301,7 @@ class LocalTrainer:
                     variable.assign(tf.cast(tf.stack([seeds[position], 0]), variable.dtype))
             new_weights, loss = self._train_steps(
                 _row(starts, position), _row(anchors, position), orders, client_batch,
-                _row(corrections, position))
+                _row(corrections, position), max_steps[position])
             weights = [array.write(position, layer) for array, layer in zip(weights, new_weights)]
             losses = losses.write(position, loss)
         return [array.stack() for array in weights], losses.stack()

@@ -81,6 +81,9 @@ DEVICE_SPEED_SIGMA = 1.0  # lognormal: log-space spread of the speeds, >= 0
 DEVICE_DOWN_MBPS = 20.0  # lognormal: median download Mbit/s, > 0 (assumed)
 DEVICE_UP_MBPS = 5.0  # lognormal: median upload Mbit/s, > 0 (assumed)
 DEVICE_BANDWIDTH_SIGMA = 1.0  # lognormal: log-space spread of both bandwidths, >= 0
+ROUND_DEADLINE = 0.0  # virtual seconds a round waits, >= 0; 0 = for every selected client
+STRAGGLER_POLICY = "drop"  # a client late for the deadline: drop (sends nothing) | partial
+OVER_SELECTION = 1.0  # select ceil(factor m) clients, aggregate the first m to finish, >= 1
 # Reliability
 CLIENT_DROPOUT = 0.0  # chance that a selected client never returns its update, in [0, 1)
 CHECKPOINT_EVERY = 1  # save a checkpoint every this many rounds (and at the end), int >= 1
@@ -115,7 +118,8 @@ HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients
 BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
 PRIVACY_COLUMNS = ("epsilon",)
 KRUM_COLUMNS = ("krum_skipped",)
-CLOCK_COLUMNS = ("virtual_seconds", "virtual_hours_total")
+CLOCK_COLUMNS = ("virtual_seconds", "virtual_hours_total", "deadline_dropped", "partial",
+                 "over_selection_cut")
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -244,11 +248,15 @@ def run_round(round_num, config, federation, global_weights, engine):
     """
     start = time.perf_counter()
     selected, returning = Server_side.round_clients(federation.server.settings, round_num)
-    # Clients that drop out never send an update, so they are not trained at all.
-    delivered = engine.train(round_num, returning, global_weights,
-                             federation.server.server_variate())
+    # Clients that drop out never send an update, so they are not trained at all; on a
+    # virtual clock the plan also leaves out stragglers and over-selected clients.
+    plan = plan_round(config, federation, returning)
+    training = returning if plan is None else plan.clients
+    step_limits = {} if plan is None else plan.step_limits
+    delivered = engine.train(round_num, training, global_weights,
+                             federation.server.server_variate(), step_limits)
     global_weights, report = federation.server.round(round_num, global_weights, delivered,
-                                                     returning, len(selected))
+                                                     training, len(selected), step_limits)
     # Clients keep their new state (SCAFFOLD's c_i, top-k residuals) only for what the server
     # accepted, so the server's c stays the mean of the clients' c_i.
     engine.settle(round_num, [upload.client for upload in report.accepted])
@@ -262,14 +270,25 @@ def run_round(round_num, config, federation, global_weights, engine):
     row = round_row(round_num, report, evaluation, len(selected), federation.malicious,
                     time.perf_counter() - start)
     row.update(figures)
-    if federation.devices is not None:
-        row["virtual_seconds"] = round(devices.round_seconds(
-            federation.devices, config, report.accepted,
-            report.bytes_down // max(1, len(selected)), federation.server.upload_bytes), 3)
+    if plan is not None:
+        row.update({"virtual_seconds": round(plan.seconds, 3), "deadline_dropped": plan.dropped,
+                    "partial": plan.partial, "over_selection_cut": plan.cut})
     if federation.baseline is not None:
         row.update(baseline_columns(federation, row["samples"] * config["LOCAL_EPOCHS"],
                                     evaluated))
     return global_weights, row, client_rows
+
+
+def plan_round(config, federation, returning):
+    """With devices on a virtual clock, the round's devices.RoundPlan (who counts, partial
+    step limits, its virtual seconds); else None."""
+    if federation.devices is None:
+        return None
+    server = federation.server
+    wanted = (Utils.num_selected_clients(server.population, config["CLIENT_FRACTION"])
+              if config["CLIENT_SAMPLING"] == "fixed" else len(returning))
+    return devices.plan_round(federation.devices, config, returning, server.client_sizes,
+                              *server.client_traffic(), wanted)
 
 
 def evaluate_clients(round_num, config, federation, global_weights, engine):

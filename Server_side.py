@@ -17,6 +17,7 @@ screening.py (checks of what arrived), robust_rules.py, privacy.py (DP noise and
 """
 
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -53,10 +54,11 @@ def create_model():
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 
 
-def select_clients(num_clients, client_fraction, rng, sampling="fixed"):
+def select_clients(num_clients, client_fraction, rng, sampling="fixed", over_selection=1.0):
     """Draw the round's distinct clients at random.
 
-    fixed: m = Utils.num_selected_clients(K, C) clients without replacement (McMahan et al. 2017).
+    fixed: m = Utils.num_selected_clients(K, C) clients without replacement (McMahan et al. 2017);
+    with over-selection f > 1, min(K, ceil(f m)) of them (Bonawitz et al. 2019).
     poisson: each client independently with probability C (DP-FedAvg, McMahan et al. 2018);
     the count varies and can be zero.
     Returns:
@@ -68,6 +70,8 @@ def select_clients(num_clients, client_fraction, rng, sampling="fixed"):
         raise ValueError(f"CLIENT_SAMPLING must be one of {', '.join(CLIENT_SAMPLINGS)}, "
                          f"got {sampling!r}")
     count = Utils.num_selected_clients(num_clients, client_fraction)
+    if over_selection > 1:
+        count = min(num_clients, math.ceil(over_selection * count - 1e-9))
     return np.sort(rng.choice(num_clients, size=count, replace=False))
 
 
@@ -233,6 +237,7 @@ class ServerSettings(Utils.Settings):
     topk_fraction: float
     held_out_clients: float
     personalization: str
+    over_selection: float
 
 
 def held_out_clients(num_clients, share, seed):
@@ -257,7 +262,7 @@ def round_clients(settings, round_num):
     pool = training_clients(settings)
     selected = pool[select_clients(len(pool), settings.client_fraction,
                                    Utils.rng(settings.seed, "selection", round_num),
-                                   settings.client_sampling)]
+                                   settings.client_sampling, settings.over_selection)]
     returning = surviving_clients(selected, settings.client_dropout,
                                   Utils.rng(settings.seed, "dropout", round_num))
     return selected, returning
@@ -315,7 +320,8 @@ class Server:
         self.variate = (ScaffoldServerVariate(shapes) if settings.algorithm == "scaffold"
                         else None)
 
-    def round(self, round_num, global_weights, delivered, expected_clients, num_selected):
+    def round(self, round_num, global_weights, delivered, expected_clients, num_selected,
+              step_limits=None):
         """The server's part of a round, from what the engine delivered to the next weights.
 
         Nothing a client sends is trusted: a malformed, stale or foreign upload is dropped as
@@ -326,7 +332,7 @@ class Server:
         settings = self.settings
         accepted, rejections = screening.screen_uploads(
             settings, round_num, delivered, expected_clients, self.client_sizes,
-            self.upload_shapes)
+            self.upload_shapes, step_limits)
         diverged = bool(rejections) and not accepted and all(
             rejection.kind == upload_format.NON_FINITE for rejection in rejections)
         new_weights = (global_weights if diverged
@@ -343,10 +349,14 @@ class Server:
             **round_traffic(settings.algorithm == "scaffold", self.model_bytes, num_selected,
                             accepted), epsilon=epsilon)
 
-    def upload_bytes(self, upload):
-        """The bytes one accepted upload carried (with SCAFFOLD's variate change)."""
-        return round_traffic(self.settings.algorithm == "scaffold", self.model_bytes, 0,
-                             [upload])["bytes_up"]
+    def client_traffic(self):
+        """(bytes down, bytes up) of one client's round, known before it trains: the model
+        and what the configured encoding sends (with SCAFFOLD's variates)."""
+        scaffold = self.settings.algorithm == "scaffold"
+        sent = upload_format.encoded_size(self.settings.compression, self.upload_shapes,
+                                          self.settings.topk_fraction)
+        return (self.model_bytes * (2 if scaffold else 1),
+                sent + (self.model_bytes if scaffold else 0))
 
     def server_variate(self):
         """SCAFFOLD's c, which clients need for their correction; None otherwise."""

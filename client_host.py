@@ -21,7 +21,7 @@ import client_state
 import personalization
 import Utils
 import upload_format
-from Client_side import LocalTrainer
+import Client_side
 
 
 def client_deltas(client_weights, global_weights):
@@ -120,11 +120,10 @@ class ClientHost:
     def _make_trainers(self, model, x_train, y_train, only=None):
         """The local trainer ("main") and the personalization method's own trainers."""
         recipes, frozen = personalization.trainer_recipes(self.settings, len(self.shapes))
-        trainers = {"main": LocalTrainer.for_clients(model, x_train, y_train, self.settings,
-                                                     frozen=frozen)}
-        trainers.update({name: LocalTrainer.for_clients(model, x_train, y_train, self.settings,
-                                                        epochs, mu, frozen_layers)
-                         for name, (epochs, mu, frozen_layers) in recipes.items()
+        make = Client_side.LocalTrainer.for_clients
+        trainers = {"main": make(model, x_train, y_train, self.settings, frozen=frozen)}
+        trainers.update({name: make(model, x_train, y_train, self.settings, epochs, mu, layers)
+                         for name, (epochs, mu, layers) in recipes.items()
                          if only is None or name in only})
         return trainers
 
@@ -141,8 +140,11 @@ class ClientHost:
             return [self.shapes[index] for index in self.uploaded]
         return self.shapes
 
-    def train(self, round_num, clients, global_weights, server_variate=None):
+    def train(self, round_num, clients, global_weights, server_variate=None, step_limits=None):
         """Train `clients` for the round and return their Uploads in that order.
+
+        step_limits: {client: at most this many local steps} for stragglers the server asked
+        for partial work (devices.plan_round); the others run all their epochs.
 
         Clients that share a trainer are trained CLIENTS_PER_CALL at a time in one compiled
         call (`LocalTrainer.train_many`), each exactly as if trained alone.
@@ -158,7 +160,8 @@ class ClientHost:
                 results, own = personalization.train_round(
                     self.settings, trainers, global_weights, chunk,
                     [self.client_indices[client] for client in chunk], self.own_parts(chunk),
-                    round_num, None if corrections[0] is None else corrections)
+                    round_num, None if corrections[0] is None else corrections,
+                    _limits(chunk, step_limits))
                 updates.update(zip(chunk, results))
                 kept.update(zip(chunk, own))
         self.settle(None, ())  # State the server never settled is dropped.
@@ -232,6 +235,13 @@ class ClientHost:
         return [(trainers, group) for trainers, group in ((self.trainers, honest),
                                                            (self.flipped_trainers, flipped))
                 if group]
+
+
+def _limits(clients, step_limits):
+    """The clients' step limits for LocalTrainer (None when none of them has one)."""
+    if not step_limits or not any(client in step_limits for client in clients):
+        return None
+    return [step_limits.get(client, Client_side.NO_STEP_LIMIT) for client in clients]
 
 
 def prepare_upload(delta, residual, compression, rng, clip_norm=0.0, topk_fraction=0.01,

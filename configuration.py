@@ -72,8 +72,7 @@ def validate_config(config):
     if config["SEED"] + config["REPEATS"] > 2**32:
         raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
                          f"{config['REPEATS']} - 1")
-    if config["DEVICE_HETEROGENEITY"] not in devices.MODELS:
-        devices.read_profiles(config["DEVICE_HETEROGENEITY"])  # names the file and line
+    validate_clock(config)
     population = validate_personalization(config)
     per_round = Utils.num_selected_clients(population, config["CLIENT_FRACTION"])
     if config["AGGREGATION"] in robust_rules.KRUM_RULES and per_round < 2 * config["KRUM_F"] + 3:
@@ -81,6 +80,29 @@ def validate_config(config):
                          f"with {per_round} clients a round KRUM_F can be at most "
                          f"{max(0, (per_round - 3) // 2)}, got {config['KRUM_F']}")
     return config
+
+
+def validate_clock(config):
+    """Refuse deadlines and over-selection without devices, or where they break an
+    assumption (DP's accountant, Poisson sampling, partial work of two-phase methods)."""
+    if config["DEVICE_HETEROGENEITY"] not in devices.MODELS:
+        devices.read_profiles(config["DEVICE_HETEROGENEITY"])  # names the file and line
+    timed = config["ROUND_DEADLINE"] > 0 or config["OVER_SELECTION"] > 1
+    if timed and config["DEVICE_HETEROGENEITY"] == "none":
+        raise ValueError("ROUND_DEADLINE and OVER_SELECTION need DEVICE_HETEROGENEITY "
+                         "lognormal or a profiles file: they act on the clients' virtual times")
+    if config["OVER_SELECTION"] > 1 and config["CLIENT_SAMPLING"] == "poisson":
+        raise ValueError("OVER_SELECTION needs CLIENT_SAMPLING fixed: Poisson sampling has no "
+                         "fixed m to over-select")
+    if timed and config["DP_CLIP_NORM"] > 0:
+        raise ValueError("DP_CLIP_NORM > 0 cannot combine with ROUND_DEADLINE or OVER_SELECTION: "
+                         "they keep clients by device speed, not at random, which the privacy "
+                         "accountant assumes")
+    if (config["ROUND_DEADLINE"] > 0 and config["STRAGGLER_POLICY"] == "partial"
+            and config["PERSONALIZATION"] in ("fedrep", "ditto")):
+        raise ValueError(f"STRAGGLER_POLICY partial cannot combine with PERSONALIZATION "
+                         f"{config['PERSONALIZATION']}: partial work is defined for the one "
+                         "local training whose update is uploaded")
 
 
 # What "local" leaves without a job, since nothing is uploaded: (constant, its only value).
@@ -202,6 +224,8 @@ RULES = {
     "DEVICE_HETEROGENEITY": _device_model(), "DEVICE_SPEED": _number("> 0"),
     "DEVICE_SPEED_SIGMA": _number(">= 0"), "DEVICE_DOWN_MBPS": _number("> 0"),
     "DEVICE_UP_MBPS": _number("> 0"), "DEVICE_BANDWIDTH_SIGMA": _number(">= 0"),
+    "ROUND_DEADLINE": _number(">= 0"), "STRAGGLER_POLICY": _one_of(devices.STRAGGLER_POLICIES),
+    "OVER_SELECTION": _number(">= 1"),
 }
 
 

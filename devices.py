@@ -8,10 +8,12 @@ whichever engine or machine trains it:
     client seconds = 8 bytes down / (down Mbit/s 1e6) + samples trained / (samples/s)
                      + 8 bytes up / (up Mbit/s 1e6)
 
-where bytes are what the client actually receives and sends (compression counts) and samples
-trained are its local epochs over its data (with FedRep's head epochs and Ditto's personal
-epochs). The round takes as long as its slowest returning client: the server waits for every
-selected client (a client that drops out is known not to return).
+where bytes are what the client receives and sends (the encoding's size: compression counts)
+and samples trained are its local steps' samples (with FedRep's head epochs and Ditto's personal
+epochs). All of it is known before the round trains, so the server plans it (`plan_round`):
+which clients count (ROUND_DEADLINE, STRAGGLER_POLICY, OVER_SELECTION), how many steps a
+straggler takes, and how long the round lasts: until its slowest counted client (a client that
+drops out is known not to return), or the deadline when it dropped someone.
 
 "lognormal": speed and bandwidths are log-normal around the DEVICE_* medians with log-space
 spread DEVICE_*_SIGMA (sigma 1: the middle 90 % of devices span a factor of 27). The defaults
@@ -30,6 +32,7 @@ import numpy as np
 import Utils
 
 MODELS = ("none", "lognormal")
+STRAGGLER_POLICIES = ("drop", "partial")
 PROFILE_COLUMNS = ("samples_per_second", "down_mbps", "up_mbps")
 
 
@@ -109,14 +112,77 @@ def client_seconds(profiles, client, bytes_down, samples, bytes_up):
             + 8 * bytes_up / (profiles.up[client] * 1e6))
 
 
-def round_seconds(profiles, config, uploads, bytes_down_each, bytes_up_of):
-    """The round's virtual seconds: its slowest returning client (0 when none returned).
+class RoundPlan(typing.NamedTuple):
+    """Who the server waits for in a round, and how long the round takes.
+
+    clients: those that train and upload (sorted); step_limits: {client: its partial step
+    count} (STRAGGLER_POLICY partial); dropped: left out by the deadline (drop); partial:
+    how many train partially; cut: returned after the first m (OVER_SELECTION); seconds: the
+    round's virtual seconds.
+    """
+
+    clients: np.ndarray
+    step_limits: dict
+    dropped: int
+    partial: int
+    cut: int
+    seconds: float
+
+
+def plan_round(profiles, config, returning, sizes, bytes_down, bytes_up, wanted):
+    """Decide, before training, which returning clients count and how much each trains.
+
+    Every time is known in advance: the server knows each client's device, its sample count
+    and what the configured encoding sends. With a deadline (ROUND_DEADLINE > 0) a client that
+    cannot finish by it sends nothing ("drop") or the local steps that fit, at least one
+    ("partial"); with over-selection the first `wanted` clients to finish count (ties by
+    client id) and the rest are cut.
 
     Args:
-        uploads: the round's accepted uploads.
-        bytes_down_each: what each selected client receives.
-        bytes_up_of: function upload -> the bytes it carried.
+        returning: the selected clients that do not drop out; sizes: every client's n.
+        bytes_down, bytes_up: what each client receives and sends.
+        wanted: m, the clients a round aggregates (OVER_SELECTION selects more).
     """
-    return max((client_seconds(profiles, upload.client, bytes_down_each,
-                               trained_samples(config, upload.num_examples), bytes_up_of(upload))
-                for upload in uploads), default=0.0)
+    deadline, policy = config["ROUND_DEADLINE"], config["STRAGGLER_POLICY"]
+    finish, limits, dropped = {}, {}, 0
+    for client in (int(client) for client in returning):
+        transfer = (8 * bytes_down / (profiles.down[client] * 1e6)
+                    + 8 * bytes_up / (profiles.up[client] * 1e6))
+        samples = trained_samples(config, sizes[client])
+        finish[client] = transfer + samples / profiles.speed[client]
+        if deadline == 0 or finish[client] <= deadline:
+            continue
+        if policy == "drop":
+            del finish[client]
+            dropped += 1
+            continue
+        budget = max(0.0, (deadline - transfer) * profiles.speed[client])
+        steps, used = steps_within(sizes[client], config["BATCH_SIZE"], config["LOCAL_EPOCHS"],
+                                   budget)
+        limits[client] = steps
+        finish[client] = transfer + used / profiles.speed[client]
+    order = sorted(finish, key=lambda client: (finish[client], client))
+    kept = sorted(order[:wanted])
+    seconds = max((finish[client] for client in kept), default=0.0)
+    if dropped:
+        seconds = max(seconds, deadline)  # the server waited until the deadline for them
+    return RoundPlan(np.array(kept, np.int64), {client: limits[client] for client in kept
+                                                 if client in limits},
+                     dropped, sum(client in limits for client in kept), len(order) - len(kept),
+                     seconds)
+
+
+def steps_within(num_examples, batch_size, local_epochs, budget):
+    """The SGD steps (in epoch order, at least one) whose samples fit in `budget`, and the
+    samples they take."""
+    batch_size = batch_size or num_examples
+    per_epoch = -(-num_examples // batch_size)
+    last = num_examples - (per_epoch - 1) * batch_size
+    steps = used = 0
+    for _ in range(local_epochs):
+        for step in range(per_epoch):
+            size = batch_size if step < per_epoch - 1 else last
+            if used + size > budget:
+                return (steps, used) if steps else (1, size if per_epoch > 1 else last)
+            steps, used = steps + 1, used + size
+    return steps, used

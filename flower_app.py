@@ -215,7 +215,7 @@ class FlowerEngine:
                          if past in needed}
         self.accepted[round_num] = {int(client) for client in accepted_clients}
 
-    def train(self, round_num, clients, global_weights, server_variate=None):
+    def train(self, round_num, clients, global_weights, server_variate=None, step_limits=None):
         """Send each hosting node its clients of the round; return what came back: Uploads,
         and Rejections for what could not be read or came for a client not sent to that node.
 
@@ -224,7 +224,10 @@ class FlowerEngine:
             return []
         work = self._work(round_num, [int(client) for client in clients])
         messages = [Message(self._content(round_num, node_clients, global_weights,
-                                          server_variate, self._outcomes(node)),
+                                          server_variate, self._outcomes(node),
+                                          {str(client): step_limits[client]
+                                           for client in node_clients
+                                           if client in (step_limits or {})}),
                             dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(round_num))
                     for node, node_clients in sorted(work.items())]
         for node, node_clients in work.items():
@@ -319,10 +322,12 @@ class FlowerEngine:
                 time.sleep(POLL_SECONDS)
         return replies
 
-    def _content(self, round_num, clients, global_weights, server_variate, outcomes):
+    def _content(self, round_num, clients, global_weights, server_variate, outcomes,
+                 step_limits=None):
         settings = {"config": json.dumps(self.config, default=str), "round": int(round_num),
                     "clients": clients, "num-nodes": self.roster.num_nodes,
-                    "accepted": json.dumps(outcomes)}
+                    "accepted": json.dumps(outcomes),
+                    "step-limits": json.dumps(step_limits or {})}
         content = RecordDict({"settings": ConfigRecord(settings),
                               "global": ArrayRecord(list(global_weights))})
         if server_variate is not None:
@@ -462,8 +467,10 @@ def client_train(message, context):
     settle_pending(host, settings)
     variate = (message.content["variate"].to_numpy_ndarrays()
                if "variate" in message.content else None)
+    step_limits = {int(client): int(limit)
+                   for client, limit in json.loads(settings["step-limits"]).items()}
     uploads = host.train(settings["round"], list(settings["clients"]),
-                         message.content["global"].to_numpy_ndarrays(), variate)
+                         message.content["global"].to_numpy_ndarrays(), variate, step_limits)
     save_client_state(host, context.state)
     if context.node_config.get("corrupt-uploads"):
         uploads = [corrupted(upload) for upload in uploads]

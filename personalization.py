@@ -90,7 +90,7 @@ def with_own(global_weights, own, layers):
 
 
 def train_round(settings, trainers, global_weights, clients, indices, own, round_num,
-                corrections=None):
+                corrections=None, max_steps=None):
     """Train clients for a round as the method does.
 
     Args:
@@ -98,6 +98,7 @@ def train_round(settings, trainers, global_weights, clients, indices, own, round
         clients: the client ids; indices: their training rows; own: each client's kept arrays
             (own_layers), or None for a client without.
         corrections: SCAFFOLD's per-client corrections, or None.
+        max_steps: per-client step limits of stragglers' partial work, or None.
     Returns:
         (LocalResult per client, the arrays each keeps or None per client): the LocalResult's
         new_weights are the client's model after its global update (all layers).
@@ -111,7 +112,8 @@ def train_round(settings, trainers, global_weights, clients, indices, own, round
     if method == "fedrep":
         heads = trainers["head"].train_many(global_weights, indices, rngs, starts=starts)
         starts = [result.new_weights for result in heads]
-    results = trainers["main"].train_many(global_weights, indices, rngs, corrections, starts)
+    results = trainers["main"].train_many(global_weights, indices, rngs, corrections, starts,
+                                          max_steps=max_steps)
     if method == "ditto":
         kept = [result.new_weights for result in personal_step(
             trainers["personal"], global_weights, indices, own,

@@ -33,7 +33,8 @@ class Rejection:
                 f"node {'-' if self.node is None else self.node}: {self.reason}")
 
 
-def screen_uploads(settings, round_num, uploads, expected_clients, client_sizes, shapes):
+def screen_uploads(settings, round_num, uploads, expected_clients, client_sizes, shapes,
+                   step_limits=None):
     """Check every upload before anything is decoded; nothing a client sends is trusted.
 
     Args:
@@ -42,6 +43,7 @@ def screen_uploads(settings, round_num, uploads, expected_clients, client_sizes,
             for replies the engine could not even read.
         expected_clients: the clients selected (and not dropped) this round.
         client_sizes: how many samples every client holds (the server knows the partition).
+        step_limits: {client: the partial step count the server asked of it} (stragglers).
     Returns:
         (accepted uploads, rejections); a client's first acceptable upload is kept.
     """
@@ -52,7 +54,7 @@ def screen_uploads(settings, round_num, uploads, expected_clients, client_sizes,
             rejections.append(upload)
             continue
         problem = upload_problem(settings, round_num, upload, expected, answered, client_sizes,
-                                 shapes)
+                                 shapes, step_limits or {})
         if problem is None:
             accepted.append(upload)
             answered.add(upload.client)
@@ -92,7 +94,8 @@ def _without_variate_outliers(round_num, uploads):
     return kept, rejected
 
 
-def upload_problem(settings, round_num, upload, expected, answered, client_sizes, shapes):
+def upload_problem(settings, round_num, upload, expected, answered, client_sizes, shapes,
+                   step_limits=None):
     """Return the upload_format.Problem that refuses `upload` this round, or None."""
     if not isinstance(upload, upload_format.Upload):
         return Problem(upload_format.MALFORMED, "not an upload")
@@ -102,20 +105,23 @@ def upload_problem(settings, round_num, upload, expected, answered, client_sizes
         return Problem(UNEXPECTED, f"client {upload.client!r} was not selected this round")
     if upload.client in answered:
         return Problem(UNEXPECTED, "this client already answered this round")
-    return (_metrics_problem(settings, upload, client_sizes[upload.client])
+    return (_metrics_problem(settings, upload, client_sizes[upload.client],
+                             (step_limits or {}).get(upload.client))
             or upload_format.update_problem(upload.update, settings.compression,
                                             settings.topk_fraction, shapes)
             or upload_format.variate_problem(upload.variate_delta,
                                              settings.algorithm == "scaffold", shapes))
 
 
-def _metrics_problem(settings, upload, size):
+def _metrics_problem(settings, upload, size, step_limit=None):
     """The sample count must be one the client can hold, the steps those it must take."""
     if not Utils.is_integer(upload.num_examples) or not 1 <= upload.num_examples <= size:
         return Problem(IMPLAUSIBLE,
                        f"sample count {upload.num_examples!r} is outside 1..{size}, what it holds")
     steps = upload_format.num_local_steps(upload.num_examples, settings.batch_size,
                                           settings.local_epochs)
+    if step_limit is not None:  # a straggler's partial work, as the server asked
+        steps = min(steps, step_limit)
     if not Utils.is_integer(upload.num_steps) or upload.num_steps != steps:
         return Problem(IMPLAUSIBLE,
                        f"step count {upload.num_steps!r}, expected {steps} for its samples")

@@ -142,6 +142,14 @@ def encoded_bytes(encoded):
     return int(sum(np.asarray(value).nbytes for layer in encoded for value in layer.values()))
 
 
+def encoded_size(compression, shapes, topk_fraction):
+    """The bytes an upload of `shapes` takes in `compression`, known before it is made."""
+    return int(sum(np.dtype(dtype).itemsize * int(np.prod(shape))
+                   for layer_shape in shapes
+                   for dtype, shape in layer_arrays(compression, layer_shape,
+                                                    topk_fraction).values()))
+
+
 def scale_encoded(encoded, factor):
     """Multiply the update an encoding stands for by `factor`, keeping its format.
 

@@ -120,3 +120,147 @@ def test_without_devices_the_history_has_no_clock_columns():
     assert not set(Main.CLOCK_COLUMNS) & set(Main.history_columns(config))
     assert set(Main.CLOCK_COLUMNS) <= set(Main.history_columns(
         {**config, "DEVICE_HETEROGENEITY": "lognormal"}))
+
+
+# --- Deadlines, stragglers, over-selection ------------------------------------------------------
+
+def hand_profiles():
+    """Four devices: speeds 100, 50, 10, 100 samples/s; 8 Mbit/s both ways (1 s per MB)."""
+    return devices.DeviceProfiles(np.array([100.0, 50.0, 10.0, 100.0]), np.full(4, 8.0),
+                                  np.full(4, 8.0))
+
+
+def clock_config(**constants):
+    return {**Main.default_config(), "DEVICE_HETEROGENEITY": "lognormal", **constants}
+
+
+def test_a_deadline_drops_or_cuts_the_work_of_stragglers_as_computed_by_hand():
+    sizes = [100, 100, 100, 300]  # seconds of training: 1, 2, 10, 3; transfer 1 + 1
+    config = clock_config(BATCH_SIZE=32, LOCAL_EPOCHS=1, ROUND_DEADLINE=4.5)
+    plan = devices.plan_round(hand_profiles(), config, np.arange(4), sizes, 10**6, 10**6, 4)
+    assert plan.clients.tolist() == [0, 1] and plan.dropped == 2
+    assert plan.seconds == 4.5 and plan.step_limits == {}
+    partial = devices.plan_round(hand_profiles(), {**config, "STRAGGLER_POLICY": "partial"},
+                                 np.arange(4), sizes, 10**6, 10**6, 4)
+    # Client 2 has 2.5 s of compute: 25 samples, less than a batch: at least one step (32).
+    # Client 3 has 2.5 s: 250 samples: 7 steps of 32 (224); the 8th would need 256.
+    assert partial.clients.tolist() == [0, 1, 2, 3]
+    assert partial.step_limits == {2: 1, 3: 7} and partial.partial == 2
+    assert partial.seconds == pytest.approx(2 + 32 / 10)  # client 2's one step runs late
+
+
+def test_over_selection_keeps_the_first_m_to_finish_ties_by_client_id():
+    sizes = [100, 50, 100, 100]  # finish at 3, 3, 12, 3 s
+    config = clock_config(OVER_SELECTION=2.0)
+    plan = devices.plan_round(hand_profiles(), config, np.arange(4), sizes, 10**6, 10**6, 2)
+    assert plan.clients.tolist() == [0, 1] and plan.cut == 2 and plan.seconds == 3.0
+    steps = devices.steps_within(100, 32, 2, 150)
+    assert steps == (5, 132)  # epoch 1: 32, 32, 32, 4 = 100, then 32; 164 would exceed 150
+    assert devices.steps_within(100, 0, 3, 250) == (2, 200)  # full batches (B = 0)
+
+
+def test_partial_work_equals_training_on_the_first_batches_alone(fashion_mnist):
+    import Client_side
+    import Server_side
+
+    trainer = Client_side.LocalTrainer(Server_side.create_model(), fashion_mnist.x_train[:500],
+                                       fashion_mnist.y_train[:500], 0.05, 0.0, 32, 2)
+    weights = trainer.model.get_weights()
+    indices = np.arange(100, 300)
+    orders = trainer.epoch_orders(indices, np.random.default_rng(5))
+    (limited, limited_loss), = trainer.train_orders(weights, [orders], [7], max_steps=[8])
+    # 8 steps of E = 2 with 7 steps an epoch: all of epoch 1, then one batch of epoch 2.
+    one_epoch = Client_side.LocalTrainer(trainer.model, fashion_mnist.x_train[:500],
+                                         fashion_mnist.y_train[:500], 0.05, 0.0, 32, 1)
+    (first, _), = one_epoch.train_orders(weights, [orders[:1]], [7])
+    (second, loss), = one_epoch.train_orders(first, [orders[1:, :32]], [None])
+    for got, expected in zip(limited, second, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert limited_loss == pytest.approx(loss, rel=1e-6)
+
+
+def test_fednova_with_uneven_steps_stays_near_the_optimum_where_fedavg_drifts():
+    """Quadratics f_i(w) = ||w - c_i||^2 / 2, local SGD (lr eta) for tau_i steps:
+    w_i = c_i + (1 - eta)^tau_i (x - c_i). The optimum of the mean is (c_1 + c_2) / 2 = 5.
+    FedAvg's fixed point weights client i by its progress 1 - (1 - eta)^tau_i, so the client
+    taking 20 steps pulls it to 9.5; FedNova's (a_i = tau_i for vanilla SGD) by the progress per
+    step, which tends to eta for every client as eta -> 0, so its fixed point tends to the
+    optimum (Wang et al. 2020: normalizing removes the objective inconsistency)."""
+    import Server_side
+
+    centers, steps, shares, eta = np.array([[0.0], [10.0]]), [1, 20], [1, 1], 0.005
+    nova = avg = np.zeros(1)
+    for _ in range(2000):
+        deltas = [[c + (1 - eta) ** t * (nova - c) - nova] for c, t in zip(centers, steps)]
+        nova = nova + Server_side.fednova_delta(deltas, shares, steps)[0]
+        deltas = [[c + (1 - eta) ** t * (avg - c) - avg] for c, t in zip(centers, steps)]
+        avg = avg + Server_side.fedavg(deltas, shares)[0]
+    progress = np.array([1 - (1 - eta) ** t for t in steps])
+    per_step = progress / steps
+    assert nova[0] == pytest.approx(10 * per_step[1] / per_step.sum(), abs=1e-6)
+    assert avg[0] == pytest.approx(10 * progress[1] / progress.sum(), abs=1e-6)
+    assert abs(nova[0] - 5.0) < 0.15 and abs(avg[0] - 5.0) > 4
+
+
+@pytest.mark.parametrize("constants, message", [
+    ({"ROUND_DEADLINE": -1}, "ROUND_DEADLINE must be a number >= 0, got -1"),
+    ({"STRAGGLER_POLICY": "wait"}, "STRAGGLER_POLICY must be one of drop, partial"),
+    ({"OVER_SELECTION": 0.5}, "OVER_SELECTION must be a number >= 1, got 0.5"),
+    ({"ROUND_DEADLINE": 60}, "ROUND_DEADLINE and OVER_SELECTION need DEVICE_HETEROGENEITY"),
+    ({"OVER_SELECTION": 1.3, "DEVICE_HETEROGENEITY": "lognormal", "CLIENT_SAMPLING": "poisson"},
+     "OVER_SELECTION needs CLIENT_SAMPLING fixed"),
+    ({"OVER_SELECTION": 1.3, "DEVICE_HETEROGENEITY": "lognormal", "DP_CLIP_NORM": 1.0},
+     "DP_CLIP_NORM > 0 cannot combine with ROUND_DEADLINE or OVER_SELECTION"),
+])
+def test_bad_clock_constants_give_one_line_and_exit_two(tmp_path, capsys, constants, message):
+    run = write_config(tmp_path / "run.csv", OUTPUT_DIR=tmp_path / "out", **constants)
+    assert Main.main(["-c", "-f", str(run)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error, error
+
+
+@pytest.mark.slow
+def test_partial_work_on_flower_equals_the_in_process_run_and_resumes_bit_for_bit(
+        tmp_path, monkeypatch, tenth_of_the_data):
+    """FedNova with a deadline that leaves stragglers partial work and over-selection: the
+    Flower apps' handlers (tests/fake_grid.py) ship each node its clients' step limits."""
+    import checkpoints
+    import flower_app
+    import node_cache
+    from fake_grid import FakeGrid
+
+    monkeypatch.setattr(node_cache, "load_data_and_partition", lambda config, *folders: (
+        tenth_of_the_data, configuration.partition_data(config, tenth_of_the_data.y_train)))
+    setting = {"NUM_CLIENTS": 10, "CLIENT_FRACTION": 0.5, "ROUNDS": 3, "SEED": 1,
+               "DEVICE_HETEROGENEITY": "lognormal", "ROUND_DEADLINE": 8,
+               "STRAGGLER_POLICY": "partial", "OVER_SELECTION": 1.4, "ALGORITHM": "fednova",
+               "DP_NOISE": "seeded"}
+    grid = FakeGrid({11: {"partition-id": 0, "num-partitions": 2},
+                     22: {"partition-id": 1, "num-partitions": 2}})
+    runs = {}
+    for label, engine in (("flower", lambda constants: flower_app.FlowerEngine(
+            grid, flower_app.NodeRoster(2), 60, constants)), ("local", None)):
+        path = write_config(tmp_path / f"{label}.csv", OUTPUT_DIR=tmp_path / label, **setting)
+        assert Main.main(["-c", "-f", str(path)], engine, flower_app.ENGINE_DEFAULTS) == 0
+        runs[label] = history(tmp_path / label)
+    first = write_config(tmp_path / "first.csv", OUTPUT_DIR=tmp_path / "parts",
+                         **{**setting, "ROUNDS": 2})
+    assert Main.main(["-c", "-f", str(first)]) == 0
+    rest = write_config(tmp_path / "rest.csv", OUTPUT_DIR=tmp_path / "parts", **setting,
+                        RESUME=True)
+    assert Main.main(["-c", "-f", str(rest)]) == 0
+    runs["resumed"] = history(tmp_path / "parts")
+    strip = [[{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+             for rows in runs.values()]
+    assert strip[0] == strip[1] == strip[2]
+    assert sum(int(row["partial"]) for row in runs["local"]) > 0
+    assert all(int(row["over_selection_cut"]) == 2 for row in runs["local"])
+    assert all(int(row["rejected"]) == 0 for row in runs["local"])
+    weights = []
+    for label in ("flower", "local", "parts"):
+        (run_dir,) = (tmp_path / label).iterdir()
+        arrays, _ = checkpoints.load_checkpoint(run_dir / checkpoints.CHECKPOINT_NAME)
+        weights.append([arrays[f"global_{index}"] for index in range(6)])
+    for flower, local, resumed in zip(*weights):
+        np.testing.assert_array_equal(flower, local)
+        np.testing.assert_array_equal(resumed, local)

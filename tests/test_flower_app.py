@@ -384,8 +384,9 @@ class LosingEngine:
                                            data.y_train,
                                            configuration.partition_data(config, data.y_train))
 
-    def train(self, round_num, clients, global_weights, server_variate=None):
-        uploads = self.host.train(round_num, clients, global_weights, server_variate)
+    def train(self, round_num, clients, global_weights, server_variate=None, step_limits=None):
+        uploads = self.host.train(round_num, clients, global_weights, server_variate,
+                                  step_limits)
         return [upload for upload in uploads if round_num != 2 or upload.client % 2 == 0]
 
     def settle(self, round_num, accepted_clients):

@@ -370,8 +370,9 @@ class SpoilingEngine:
     def __init__(self, host, spoiled):
         self.host, self.spoiled = host, spoiled
 
-    def train(self, round_num, clients, global_weights, server_variate=None):
-        uploads = self.host.train(round_num, clients, global_weights, server_variate)
+    def train(self, round_num, clients, global_weights, server_variate=None, step_limits=None):
+        uploads = self.host.train(round_num, clients, global_weights, server_variate,
+                                  step_limits)
         return [dataclasses.replace(upload, variate_delta=[
                     np.full_like(layer, np.nan) for layer in upload.variate_delta])
                 if upload.client in self.spoiled.get(round_num, ()) else upload
