@@ -32,6 +32,7 @@ import configuration  # noqa: E402
 import Data_Preprocessing  # noqa: E402
 import devices  # noqa: E402
 import divergence  # noqa: E402
+import fedbuff  # noqa: E402
 import Server_side  # noqa: E402
 import robust_rules  # noqa: E402
 import Utils  # noqa: E402
@@ -84,6 +85,8 @@ DEVICE_BANDWIDTH_SIGMA = 1.0  # lognormal: log-space spread of both bandwidths, 
 ROUND_DEADLINE = 0.0  # virtual seconds a round waits, >= 0; 0 = for every selected client
 STRAGGLER_POLICY = "drop"  # a client late for the deadline: drop (sends nothing) | partial
 OVER_SELECTION = 1.0  # select ceil(factor m) clients, aggregate the first m to finish, >= 1
+ASYNC_BUFFER = 0  # FedBuff: server step every this many arrivals, int >= 0; 0 = rounds
+MAX_CONCURRENCY = 10  # FedBuff: clients training at once, int >= 1
 # Reliability
 CLIENT_DROPOUT = 0.0  # chance that a selected client never returns its update, in [0, 1)
 CHECKPOINT_EVERY = 1  # save a checkpoint every this many rounds (and at the end), int >= 1
@@ -118,8 +121,9 @@ HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients
 BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
 PRIVACY_COLUMNS = ("epsilon",)
 KRUM_COLUMNS = ("krum_skipped",)
-CLOCK_COLUMNS = ("virtual_seconds", "virtual_hours_total", "deadline_dropped", "partial",
-                 "over_selection_cut")
+CLOCK_COLUMNS = ("virtual_seconds", "virtual_hours_total")
+ROUND_CLOCK_COLUMNS = ("deadline_dropped", "partial", "over_selection_cut")
+ASYNC_COLUMNS = ("staleness_mean", "staleness_max")
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -247,6 +251,32 @@ def run_round(round_num, config, federation, global_weights, engine):
         (new global weights, the round's history row, its rows of clients.csv).
     """
     start = time.perf_counter()
+    if config["ASYNC_BUFFER"]:
+        global_weights, report, num_clients, clock = fedbuff.server_step(
+            config, federation, global_weights, engine)
+    else:
+        global_weights, report, num_clients, clock = synchronous_round(
+            round_num, config, federation, global_weights, engine)
+    say_what_was_refused(round_num, report, config)
+    evaluated = round_num % config["EVAL_EVERY"] == 0 or round_num == config["ROUNDS"]
+    evaluation = federation.evaluate(global_weights) if evaluated else (None, None)
+    figures, client_rows = {}, []
+    if evaluated and config["LOCAL_TEST_SHARE"] > 0:
+        figures, client_rows = evaluate_clients(round_num, config, federation, global_weights,
+                                                engine)
+    row = round_row(round_num, report, evaluation, num_clients, federation.malicious,
+                    time.perf_counter() - start)
+    row.update(figures)
+    row.update(clock)
+    if federation.baseline is not None:
+        row.update(baseline_columns(federation, row["samples"] * config["LOCAL_EPOCHS"],
+                                    evaluated))
+    return global_weights, row, client_rows
+
+
+def synchronous_round(round_num, config, federation, global_weights, engine):
+    """Sample clients, train them, aggregate: (new weights, RoundReport, clients selected,
+    clock columns)."""
     selected, returning = Server_side.round_clients(federation.server.settings, round_num)
     # Clients that drop out never send an update, so they are not trained at all; on a
     # virtual clock the plan also leaves out stragglers and over-selected clients.
@@ -260,23 +290,10 @@ def run_round(round_num, config, federation, global_weights, engine):
     # Clients keep their new state (SCAFFOLD's c_i, top-k residuals) only for what the server
     # accepted, so the server's c stays the mean of the clients' c_i.
     engine.settle(round_num, [upload.client for upload in report.accepted])
-    say_what_was_refused(round_num, report, config)
-    evaluated = round_num % config["EVAL_EVERY"] == 0 or round_num == config["ROUNDS"]
-    evaluation = federation.evaluate(global_weights) if evaluated else (None, None)
-    figures, client_rows = {}, []
-    if evaluated and config["LOCAL_TEST_SHARE"] > 0:
-        figures, client_rows = evaluate_clients(round_num, config, federation, global_weights,
-                                                engine)
-    row = round_row(round_num, report, evaluation, len(selected), federation.malicious,
-                    time.perf_counter() - start)
-    row.update(figures)
-    if plan is not None:
-        row.update({"virtual_seconds": round(plan.seconds, 3), "deadline_dropped": plan.dropped,
-                    "partial": plan.partial, "over_selection_cut": plan.cut})
-    if federation.baseline is not None:
-        row.update(baseline_columns(federation, row["samples"] * config["LOCAL_EPOCHS"],
-                                    evaluated))
-    return global_weights, row, client_rows
+    clock = {} if plan is None else {
+        "virtual_seconds": round(plan.seconds, 3), "deadline_dropped": plan.dropped,
+        "partial": plan.partial, "over_selection_cut": plan.cut}
+    return global_weights, report, len(selected), clock
 
 
 def plan_round(config, federation, returning):
@@ -384,6 +401,7 @@ class Federation:
     split: Data_Preprocessing.ClientSplit
     held_out: set
     devices: devices.DeviceProfiles
+    async_queue: fedbuff.EventQueue
     host: client_host.ClientHost = None
     baseline: centralized_baseline.CentralizedBaseline = None
 
@@ -404,6 +422,9 @@ def build_federation(config, data, client_indices, in_process=True):
     server = Server_side.Server(server_settings, shapes,
                                 [len(indices) for indices in split.train])
     components = {"server": server}
+    async_queue = None
+    if config["ASYNC_BUFFER"]:
+        async_queue = components["async"] = fedbuff.EventQueue(server.upload_shapes)
     host = None
     if in_process:
         host = client_host.ClientHost(client_settings, Server_side.create_model(), data.x_train,
@@ -425,7 +446,7 @@ def build_federation(config, data, client_indices, in_process=True):
                       set(Server_side.held_out_clients(config["NUM_CLIENTS"],
                                                        config["HELD_OUT_CLIENTS"],
                                                        config["SEED"]).tolist()),
-                      devices.device_profiles(config), host, baseline)
+                      devices.device_profiles(config), async_queue, host, baseline)
 
 
 def history_columns(config):
@@ -434,7 +455,9 @@ def history_columns(config):
                if config["LOCAL_TEST_SHARE"] > 0 else ())
             + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ())
             + (KRUM_COLUMNS if config["AGGREGATION"] in robust_rules.KRUM_RULES else ())
-            + (CLOCK_COLUMNS if config["DEVICE_HETEROGENEITY"] != "none" else ()))
+            + (CLOCK_COLUMNS if config["DEVICE_HETEROGENEITY"] != "none" else ())
+            + (() if config["DEVICE_HETEROGENEITY"] == "none"
+               else ASYNC_COLUMNS if config["ASYNC_BUFFER"] else ROUND_CLOCK_COLUMNS))
 
 
 # --- The constants and the command line (their checks: configuration.py) ------------------------

@@ -389,9 +389,9 @@ class Server:
                                           settings.dp_noise_multiplier, denominator, noise)
         else:
             delta = self._average(deltas, uploads)
-        return self.optimizer.step(global_weights, self._whole(delta))
+        return self.optimizer.step(global_weights, self.whole(delta))
 
-    def _whole(self, delta):
+    def whole(self, delta):
         """The pseudo-gradient over every layer: zero for the layers nobody uploads."""
         if len(self.uploaded) == len(self.shapes):
             return delta

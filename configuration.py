@@ -103,6 +103,36 @@ def validate_clock(config):
         raise ValueError(f"STRAGGLER_POLICY partial cannot combine with PERSONALIZATION "
                          f"{config['PERSONALIZATION']}: partial work is defined for the one "
                          "local training whose update is uploaded")
+    if config["ASYNC_BUFFER"]:
+        validate_fedbuff(config)
+
+
+# What FedBuff's steps can combine with: (constant, allowed values, why not the others).
+FEDBUFF_NEEDS = (
+    ("DEVICE_HETEROGENEITY", None, "its arrivals are ordered by the devices' virtual times"),
+    ("ALGORITHM", ("fedavg", "fedprox"), "its buffer averages plain updates"),
+    ("AGGREGATION", ("fedavg",), "its buffer averages plain updates"),
+    ("DP_CLIP_NORM", (0.0,), "the privacy accountant assumes rounds of sampled clients"),
+    ("COMPRESSION", ("none", "int8"), "top-k keeps a residual per client and round"),
+    ("PERSONALIZATION", ("none", "finetune"), "it keeps no client state"),
+    ("CLIENT_DROPOUT", (0.0,), "a client's slot waits for its arrival"),
+    ("ROUND_DEADLINE", (0.0,), "there are no rounds to have deadlines"),
+    ("OVER_SELECTION", (1.0,), "there are no rounds to over-select"),
+)
+
+
+def validate_fedbuff(config):
+    """Refuse what ASYNC_BUFFER (FedBuff) cannot combine with, naming the reason."""
+    for name, allowed, why in FEDBUFF_NEEDS:
+        if (config[name] == "none") if allowed is None else (config[name] not in allowed):
+            wanted = "not none" if allowed is None else "one of " + ", ".join(map(str, allowed))
+            raise ValueError(f"ASYNC_BUFFER > 0 (FedBuff) needs {name} {wanted}, got "
+                             f"{config[name]}: {why}")
+    training = config["NUM_CLIENTS"] - Utils.round_half_up(config["HELD_OUT_CLIENTS"]
+                                                           * config["NUM_CLIENTS"])
+    if config["MAX_CONCURRENCY"] > training:
+        raise ValueError(f"MAX_CONCURRENCY must be at most the {training} clients that train, "
+                         f"got {config['MAX_CONCURRENCY']}")
 
 
 # What "local" leaves without a job, since nothing is uploaded: (constant, its only value).
@@ -225,7 +255,8 @@ RULES = {
     "DEVICE_SPEED_SIGMA": _number(">= 0"), "DEVICE_DOWN_MBPS": _number("> 0"),
     "DEVICE_UP_MBPS": _number("> 0"), "DEVICE_BANDWIDTH_SIGMA": _number(">= 0"),
     "ROUND_DEADLINE": _number(">= 0"), "STRAGGLER_POLICY": _one_of(devices.STRAGGLER_POLICIES),
-    "OVER_SELECTION": _number(">= 1"),
+    "OVER_SELECTION": _number(">= 1"), "ASYNC_BUFFER": _integer(0),
+    "MAX_CONCURRENCY": _integer(1),
 }
 
 

@@ -344,6 +344,9 @@ def refuse_unsupported(config):
         if config[name] is not None and not pathlib.Path(config[name]).expanduser().is_absolute():
             raise ValueError(f"{name} must be an absolute path on Flower (the ServerApp runs in "
                              f"Flower's own folder), got {config[name]}")
+    if config["ASYNC_BUFFER"]:
+        raise ValueError("ASYNC_BUFFER > 0 (FedBuff) runs in process only: the Flower engine "
+                         "runs synchronous rounds (use python Main.py)")
     kept = client_state.kept_state_names(config["ALGORITHM"], config["COMPRESSION"],
                                          config["PERSONALIZATION"])
     if config["RESUME"] and kept:

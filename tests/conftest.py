@@ -37,6 +37,28 @@ def tenth_of_the_data(monkeypatch, fashion_mnist):
     return subset
 
 
+def write_config(path, **constants):
+    """A CSV of constants for `python Main.py -c -f`."""
+    lines = ["param,val"] + [f"{name},{value}" for name, value in constants.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_whole_and_resumed(tmp_path, setting, stop_after):
+    """Run `setting` straight into tmp_path/whole, and into tmp_path/parts stopped after
+    `stop_after` rounds, then resumed to the end."""
+    import Main
+
+    whole = write_config(tmp_path / "whole.csv", OUTPUT_DIR=tmp_path / "whole", **setting)
+    assert Main.main(["-c", "-f", str(whole)]) == 0
+    first = write_config(tmp_path / "first.csv", OUTPUT_DIR=tmp_path / "parts",
+                         **{**setting, "ROUNDS": stop_after})
+    assert Main.main(["-c", "-f", str(first)]) == 0
+    rest = write_config(tmp_path / "rest.csv", OUTPUT_DIR=tmp_path / "parts", **setting,
+                        RESUME=True)
+    assert Main.main(["-c", "-f", str(rest)]) == 0
+
+
 def round_clients(config, round_num):
     """The server's (selected, returning) clients of a round, for a dict of constants."""
     import Server_side

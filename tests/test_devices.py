@@ -8,6 +8,7 @@ import pytest
 import configuration
 import devices
 import Main
+from conftest import run_whole_and_resumed, write_config
 
 # 5 clients of a tenth of the data, all trained every round.
 SMALL = {"NUM_CLIENTS": 5, "CLIENT_FRACTION": 1.0, "DISTRIBUTION": "iid", "ROUNDS": 2,
@@ -18,11 +19,6 @@ MODEL_BYTES = 4 * 34826
 def write_csv(path, lines):
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def write_config(path, **constants):
-    return write_csv(path, ["param,val"] + [f"{name},{value}" for name, value in
-                                            constants.items()])
 
 
 def history(output_dir):
@@ -264,3 +260,93 @@ def test_partial_work_on_flower_equals_the_in_process_run_and_resumes_bit_for_bi
     for flower, local, resumed in zip(*weights):
         np.testing.assert_array_equal(flower, local)
         np.testing.assert_array_equal(resumed, local)
+
+
+# --- FedBuff ------------------------------------------------------------------------------------
+
+class FixedUpdates:
+    """An engine whose clients always upload the same update: +value on every weight."""
+
+    def __init__(self, server, values, batch_size=32, epochs=1):
+        self.server, self.values = server, values
+        self.batch_size, self.epochs = batch_size, epochs
+
+    def train(self, count, clients, global_weights, server_variate=None, step_limits=None):
+        import upload_format
+
+        (client,) = clients
+        size = self.server.client_sizes[client]
+        update = [{"values": np.full(shape, self.values[client], np.float32)}
+                  for shape in self.server.upload_shapes]
+        return [upload_format.Upload(client, count, update, size, upload_format.num_local_steps(
+            size, self.batch_size, self.epochs), 0.5)]
+
+    def settle(self, count, accepted):
+        pass
+
+
+def test_fedbuff_orders_arrivals_and_weights_staleness_as_worked_by_hand(tenth_of_the_data):
+    """Two clients, both always running: A takes 1 s, B 2.5 s (transfers are instant).
+    t=1 A arrives (staleness 0) and restarts; t=2 A again: step 1 = (dA + dA) / 2.
+    A restarts from version 1; t=2.5 B arrives, started at version 0: staleness 1; B restarts;
+    t=3 A (staleness 0): step 2 = (dB / sqrt(2) + dA) / 2."""
+    import fedbuff
+
+    config = clock_config(NUM_CLIENTS=2, ASYNC_BUFFER=2, MAX_CONCURRENCY=2, SEED=0)
+    federation = Main.build_federation(config, tenth_of_the_data, configuration.partition_data(
+        config, tenth_of_the_data.y_train))
+    sizes = federation.server.client_sizes
+    federation.devices = devices.DeviceProfiles(np.array([sizes[0] / 1.0, sizes[1] / 2.5]),
+                                                np.full(2, 1e12), np.full(2, 1e12))
+    engine = FixedUpdates(federation.server, {0: 1.0, 1: 10.0})
+    start = federation.global_model.get_weights()
+    first, report, started, clock = fedbuff.server_step(config, federation, start, engine)
+    assert started == 3 and clock["staleness_max"] == 0
+    assert clock["virtual_seconds"] == pytest.approx(2.0, abs=1e-3)
+    assert [upload.client for upload in report.accepted] == [0, 0]
+    for layer, before in zip(first, start):
+        np.testing.assert_allclose(layer, before + 1.0, rtol=1e-6)
+    second, report, started, clock = fedbuff.server_step(config, federation, first, engine)
+    assert [upload.client for upload in report.accepted] == [1, 0] and started == 2
+    assert clock == {"virtual_seconds": pytest.approx(1.0, abs=1e-3), "staleness_mean": 0.5,
+                     "staleness_max": 1}
+    for layer, before in zip(second, first):
+        np.testing.assert_allclose(layer, before + (10 / np.sqrt(2) + 1) / 2, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_fedbuff_runs_and_a_resumed_run_continues_its_event_queue_bit_for_bit(
+        tmp_path, tenth_of_the_data):
+    setting = {"NUM_CLIENTS": 20, "ROUNDS": 4, "SEED": 3, "DEVICE_HETEROGENEITY": "lognormal",
+               "ASYNC_BUFFER": 3, "MAX_CONCURRENCY": 6, "LEARNING_RATE": 0.05}
+    run_whole_and_resumed(tmp_path, setting, 2)
+    rows, parts = history(tmp_path / "whole"), history(tmp_path / "parts")
+    strip = [[{key: value for key, value in row.items() if key != "seconds"} for row in run]
+             for run in (rows, parts)]
+    assert strip[0] == strip[1]
+    assert [int(row["returned"]) for row in rows] == [3] * 4
+    assert max(int(row["staleness_max"]) for row in rows) >= 1
+    assert float(rows[-1]["test_accuracy"]) > 0.2
+
+
+@pytest.mark.parametrize("constants, message", [
+    ({"ASYNC_BUFFER": -1}, "ASYNC_BUFFER must be an integer >= 0, got -1"),
+    ({"MAX_CONCURRENCY": 0}, "MAX_CONCURRENCY must be an integer >= 1, got 0"),
+    ({"ASYNC_BUFFER": 5}, "ASYNC_BUFFER > 0 (FedBuff) needs DEVICE_HETEROGENEITY not none"),
+    ({"ASYNC_BUFFER": 5, "DEVICE_HETEROGENEITY": "lognormal", "ALGORITHM": "scaffold"},
+     "ASYNC_BUFFER > 0 (FedBuff) needs ALGORITHM one of fedavg, fedprox, got scaffold"),
+    ({"ASYNC_BUFFER": 5, "DEVICE_HETEROGENEITY": "lognormal", "MAX_CONCURRENCY": 101},
+     "MAX_CONCURRENCY must be at most the 100 clients that train, got 101"),
+])
+def test_bad_fedbuff_constants_give_one_line_and_exit_two(tmp_path, capsys, constants, message):
+    run = write_config(tmp_path / "run.csv", OUTPUT_DIR=tmp_path / "out", **constants)
+    assert Main.main(["-c", "-f", str(run)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error, error
+
+
+def test_fedbuff_is_refused_on_flower_with_the_reason():
+    import flower_app
+
+    with pytest.raises(ValueError, match="ASYNC_BUFFER > 0 \\(FedBuff\\) runs in process only"):
+        flower_app.refuse_unsupported({**clock_config(ASYNC_BUFFER=5), "OUTPUT_DIR": "/tmp"})

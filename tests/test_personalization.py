@@ -19,7 +19,7 @@ import personalization
 import Server_side
 import upload_format
 from client_evaluation import ClientScore
-from conftest import round_clients
+from conftest import round_clients, run_whole_and_resumed, write_config
 
 # 6 clients holding 2 classes each of a tenth of the data, all trained every round.
 SMALL = {"NUM_CLIENTS": 6, "CLIENT_FRACTION": 1.0, "DISTRIBUTION": "noniid_bi",
@@ -32,12 +32,6 @@ def federation_for(data, **constants):
     configuration.validate_config(config)
     return config, Main.build_federation(config, data,
                                          configuration.partition_data(config, data.y_train))
-
-
-def write_config(path, **constants):
-    lines = ["param,val"] + [f"{name},{value}" for name, value in constants.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def run_outputs(output_dir, ending=""):
@@ -320,14 +314,7 @@ def test_with_none_the_personal_figures_are_the_global_ones_and_ditto_keeps_feda
 @pytest.mark.parametrize("method", ["ditto", "fedrep", "finetune"])
 def test_a_resumed_run_with_personal_state_equals_one_run(tmp_path, tenth_of_the_data, method):
     setting = {**SMALL, "ROUNDS": 3, "PERSONALIZATION": method}
-    whole = write_config(tmp_path / "whole.csv", OUTPUT_DIR=tmp_path / "whole", **setting)
-    assert Main.main(["-c", "-f", str(whole)]) == 0
-    first = write_config(tmp_path / "first.csv", OUTPUT_DIR=tmp_path / "parts",
-                         **{**setting, "ROUNDS": 2})
-    assert Main.main(["-c", "-f", str(first)]) == 0
-    rest = write_config(tmp_path / "rest.csv", OUTPUT_DIR=tmp_path / "parts", **setting,
-                        RESUME=True)
-    assert Main.main(["-c", "-f", str(rest)]) == 0
+    run_whole_and_resumed(tmp_path, setting, 2)
     whole_rows, whole_weights, whole_clients = run_outputs(tmp_path / "whole")
     part_rows, part_weights, part_clients = run_outputs(tmp_path / "parts")
     assert part_rows == whole_rows and part_clients == whole_clients
