@@ -265,15 +265,20 @@ def test_eval_every_tests_every_nth_round_and_the_last(tmp_path, real_data_once,
 def test_tensorboard_events_hold_the_history(tmp_path, real_data_once):
     import tensorflow as tf
 
-    rows = run_in_process(tmp_path, "tb", DP_CLIP_NORM=1.0, CENTRALIZED_BASELINE=True)
+    rows = run_in_process(tmp_path, "tb", DP_CLIP_NORM=1.0, CENTRALIZED_BASELINE=True,
+                          LOCAL_TEST_SHARE=0.2)
     (run_dir,) = (tmp_path / "tb").iterdir()
     logged = {(event.step, value.tag): float(tf.make_ndarray(value.tensor))
               for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")
               for event in tf.compat.v1.train.summary_iterator(str(path))
               for value in event.summary.value}
+    # Every scalar but the held-out clients' and the virtual clock's has a value here.
+    expected = [tag for tag in Utils.TensorBoardLog.SCALARS
+                if not tag.startswith("unseen_") and tag != "virtual_hours_total"]
     for row in rows:
-        for tag in Utils.TensorBoardLog.SCALARS:
+        for tag in expected:
             assert logged[(int(row["round"]), tag)] == pytest.approx(row[tag], rel=1e-6), tag
+    assert len(logged) == len(rows) * len(expected)
 
 
 @pytest.mark.slow
