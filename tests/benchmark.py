@@ -54,6 +54,10 @@ SCENARIOS = {
                       "LOCAL_MOMENTUM": 0.9, "DISTRIBUTION": "noniid_bi",
                       "CLASSES_PER_CLIENT": 2, "EVAL_EVERY": 10}, 10),
     "fedsgd": ({"BATCH_SIZE": 0, "EVAL_EVERY": 10}, 20),
+    # The default federation on the virtual clock: log-normal devices, a deadline that gives
+    # stragglers partial work (the clock is bookkeeping: its speed should match "default").
+    "clock": ({"DEVICE_HETEROGENEITY": "lognormal", "ROUND_DEADLINE": 30.0,
+               "STRAGGLER_POLICY": "partial", "EVAL_EVERY": 10}, 20),
     # The default federation with per-client evaluation and FedPer's own heads.
     "personal_k100": ({"LOCAL_TEST_SHARE": 0.25, "PERSONALIZATION": "fedper",
                        "EVAL_EVERY": 10}, 20),
