@@ -19,6 +19,7 @@ waits in the event queue, checked by the server as any upload, until it arrives.
 """
 
 import heapq
+import typing
 
 import numpy as np
 
@@ -34,22 +35,35 @@ import Utils
 MAX_REFUSED = 10
 
 
-class EventQueue:
-    """The in-flight clients of FedBuff and the server's clock; a checkpointed component.
+class InFlight(typing.NamedTuple):
+    """A client on its way: ordered by (finish, client) in the event queue.
 
-    Each entry is (finish time, client, start version, start count, delta or None when the
-    server refused the upload, samples, steps, train loss).
+    start_version: the server steps done when it started; count: its start's number (its
+    draws' key); delta: its decoded update, or None when the server refused the upload.
     """
+
+    finish: float
+    client: int
+    start_version: int
+    count: int
+    delta: list
+    samples: int
+    steps: int
+    train_loss: float
+
+
+class EventQueue:
+    """The in-flight clients of FedBuff and the server's clock; a checkpointed component."""
 
     def __init__(self, shapes):
         self.shapes = [tuple(shape) for shape in shapes]
         self.entries, self.clock, self.version, self.starts = [], 0.0, 0, 0
 
     def get_state(self):
-        meta = np.array([[entry[0], entry[1], entry[2], entry[3], entry[4] is not None,
-                          entry[5], entry[6], entry[7]] for entry in self.entries],
-                        np.float64).reshape(-1, 8)
-        deltas = [np.stack([entry[4][layer] if entry[4] is not None else np.zeros(shape)
+        meta = np.array([[entry.finish, entry.client, entry.start_version, entry.count,
+                          entry.delta is not None, entry.samples, entry.steps, entry.train_loss]
+                         for entry in self.entries], np.float64).reshape(-1, 8)
+        deltas = [np.stack([entry.delta[layer] if entry.delta is not None else np.zeros(shape)
                             for entry in self.entries]) if self.entries
                   else np.zeros((0, *shape)) for layer, shape in enumerate(self.shapes)]
         return [np.array([self.clock, self.version, self.starts], np.float64), meta] + deltas
@@ -57,9 +71,9 @@ class EventQueue:
     def set_state(self, arrays):
         (clock, version, starts), meta, deltas = arrays[0], arrays[1], arrays[2:]
         self.clock, self.version, self.starts = float(clock), int(version), int(starts)
-        self.entries = [(row[0], int(row[1]), int(row[2]), int(row[3]),
-                         [layer[position] for layer in deltas] if row[4] else None,
-                         int(row[5]), int(row[6]), float(row[7]))
+        self.entries = [InFlight(row[0], int(row[1]), int(row[2]), int(row[3]),
+                                 [layer[position] for layer in deltas] if row[4] else None,
+                                 int(row[5]), int(row[6]), float(row[7]))
                         for position, row in enumerate(meta)]
         heapq.heapify(self.entries)
 
@@ -78,8 +92,8 @@ def server_step(config, federation, global_weights, engine):
     before, refused_arrivals = queue.clock, 0
     while len(buffer) < config["ASYNC_BUFFER"]:
         entry = heapq.heappop(queue.entries)
-        queue.clock = entry[0]
-        if entry[4] is None:
+        queue.clock = entry.finish
+        if entry.delta is None:
             refused_arrivals += 1
             if refused_arrivals >= MAX_REFUSED * config["ASYNC_BUFFER"]:
                 raise divergence.ClientsDiverged(
@@ -90,14 +104,16 @@ def server_step(config, federation, global_weights, engine):
         if len(buffer) < config["ASYNC_BUFFER"]:
             refused += start_client(config, federation, global_weights, engine)
             started += 1
-    staleness = [queue.version - entry[2] for entry in buffer]
-    delta = [sum(entry[4][layer] / np.sqrt(1 + stale) for entry, stale in zip(buffer, staleness))
-             / len(buffer) for layer in range(len(server.upload_shapes))]
+    staleness = [queue.version - entry.start_version for entry in buffer]
+    delta = [sum(entry.delta[layer] / np.sqrt(1 + stale)
+                 for entry, stale in zip(buffer, staleness)) / len(buffer)
+             for layer in range(len(server.upload_shapes))]
     new_weights = server.optimizer.step(global_weights, server.whole(delta))
     queue.version += 1
     bytes_down, bytes_up = server.client_traffic()
-    accepted = [upload_format.Upload(entry[1], entry[3], [], entry[5], entry[6], entry[7])
-                for entry in buffer]
+    # What the history row needs of the buffered uploads (their arrays are decoded already).
+    accepted = [upload_format.Upload(entry.client, entry.count, [], entry.samples, entry.steps,
+                                     entry.train_loss) for entry in buffer]
     report = Server_side.RoundReport(accepted, refused, False, None,
                                      started * bytes_down, len(buffer) * bytes_up)
     return new_weights, report, started, {
@@ -110,7 +126,7 @@ def start_client(config, federation, global_weights, engine):
     """Start the next client from the current model: train it now (its update depends only on
     that model and its draws), screen it, and queue its arrival; return the rejections."""
     queue, server = federation.async_queue, federation.server
-    running = {entry[1] for entry in queue.entries}
+    running = {entry.client for entry in queue.entries}
     free = [client for client in Server_side.training_clients(server.settings)
             if client not in running]
     count = queue.starts
@@ -125,7 +141,7 @@ def start_client(config, federation, global_weights, engine):
                                      devices.trained_samples(config, server.client_sizes[client]),
                                      bytes_up)
     upload = accepted[0] if accepted else None
-    heapq.heappush(queue.entries, (
+    heapq.heappush(queue.entries, InFlight(
         queue.clock + seconds, client, queue.version, count,
         upload_format.decode_update(upload.update, server.upload_shapes) if upload else None,
         upload.num_examples if upload else 0, upload.num_steps if upload else 0,
