@@ -33,8 +33,8 @@ import Data_Preprocessing  # noqa: E402
 import devices  # noqa: E402
 import divergence  # noqa: E402
 import fedbuff  # noqa: E402
+import history_log  # noqa: E402
 import Server_side  # noqa: E402
-import robust_rules  # noqa: E402
 import Utils  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -115,15 +115,6 @@ EVAL_EVERY = 1  # test the global model every this many rounds (and after the la
 # Taken here, before any other upper-case name exists: exactly the constants above.
 CONSTANT_NAMES = tuple(name for name in dir() if name.isupper())
 
-HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "returned",
-                   "rejected", "malicious", "samples", "bytes_down", "bytes_up", "mb_down_total",
-                   "mb_up_total", "seconds")
-BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
-PRIVACY_COLUMNS = ("epsilon",)
-KRUM_COLUMNS = ("krum_skipped",)
-CLOCK_COLUMNS = ("virtual_seconds", "virtual_hours_total")
-ROUND_CLOCK_COLUMNS = ("deadline_dropped", "partial", "over_selection_cut")
-ASYNC_COLUMNS = ("staleness_mean", "staleness_max")
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -206,7 +197,8 @@ def run(prepared, engine=None):
         global_weights, rows = checkpoints.restore_run_state(prepared.checkpoint,
                                                              federation.components)
         print(f"resuming after round {len(rows)}")
-    history = Utils.HistoryWriter(output_dir / "history.csv", history_columns(config), rows)
+    history = Utils.HistoryWriter(output_dir / "history.csv", history_log.history_columns(config),
+                                rows)
     tensorboard = Utils.TensorBoardLog(output_dir / "tensorboard", rows)
     clients_log = client_evaluation.ClientsLog(output_dir / "clients.csv", len(rows),
                                                config["LOCAL_TEST_SHARE"] > 0)
@@ -218,7 +210,7 @@ def run(prepared, engine=None):
             except divergence.ClientsDiverged as error:
                 raise divergence.divergence(round_num, str(error), config, output_dir,
                                             rows) from None
-            add_totals(row, rows)
+            history_log.add_totals(row, rows)
             divergence.check_finite(round_num, global_weights, row, config, output_dir, rows)
             rows.append(row)
             # Ctrl-C waits until the row and the checkpoint are whole on disk.
@@ -264,8 +256,8 @@ def run_round(round_num, config, federation, global_weights, engine):
     if evaluated and config["LOCAL_TEST_SHARE"] > 0:
         figures, client_rows = evaluate_clients(round_num, config, federation, global_weights,
                                                 engine)
-    row = round_row(round_num, report, evaluation, num_clients, federation.malicious,
-                    time.perf_counter() - start)
+    row = history_log.round_row(round_num, report, evaluation, num_clients,
+                                federation.malicious, time.perf_counter() - start)
     row.update(figures)
     row.update(clock)
     if federation.baseline is not None:
@@ -339,49 +331,8 @@ def baseline_columns(federation, num_samples, evaluated):
     """Train the centralized baseline on `num_samples` more samples; return its row entries."""
     weights = federation.baseline.train(num_samples)
     loss, accuracy = federation.evaluate(weights) if evaluated else (None, None)
-    return {"baseline_accuracy": _rounded(accuracy), "baseline_loss": _rounded(loss)}
-
-
-def round_row(round_num, report, evaluation, num_selected, malicious, seconds):
-    """Summarise one round for history.csv.
-
-    train_loss is the returned clients' sample-weighted mean, empty when none returned; the test
-    figures are empty in rounds without evaluation (see EVAL_EVERY); krum_skipped only with
-    Krum, epsilon only with DP.
-    """
-    uploads = report.accepted
-    test_loss, test_accuracy = evaluation
-    num_samples = sum(upload.num_examples for upload in uploads)
-    train_loss = (round(sum(upload.train_loss * upload.num_examples for upload in uploads)
-                        / num_samples, 6) if uploads else "")
-    row = {"round": round_num, "test_accuracy": _rounded(test_accuracy),
-           "test_loss": _rounded(test_loss), "train_loss": train_loss, "clients": num_selected,
-           "returned": len(uploads), "samples": num_samples, "seconds": round(seconds, 3),
-           "malicious": sum(upload.client in malicious for upload in uploads),
-           "rejected": len(report.rejections), "bytes_down": report.bytes_down,
-           "bytes_up": report.bytes_up}
-    if report.krum_skipped is not None:
-        row["krum_skipped"] = int(report.krum_skipped)
-    if report.epsilon is not None:
-        row["epsilon"] = round(report.epsilon, 6)
-    return row
-
-
-def _rounded(value):
-    """Round a logged figure to 6 digits; None (not measured this round) becomes empty."""
-    return "" if value is None else round(value, 6)
-
-
-def add_totals(row, rows):
-    """Add the cumulative megabytes sent down and up (and virtual hours, with devices),
-    including this round, to its row."""
-    previous = rows[-1] if rows else {"mb_down_total": 0.0, "mb_up_total": 0.0,
-                                      "virtual_hours_total": 0.0}
-    row["mb_down_total"] = round(previous["mb_down_total"] + row["bytes_down"] / 1e6, 6)
-    row["mb_up_total"] = round(previous["mb_up_total"] + row["bytes_up"] / 1e6, 6)
-    if "virtual_seconds" in row:
-        row["virtual_hours_total"] = round(previous["virtual_hours_total"]
-                                           + row["virtual_seconds"] / 3600, 6)
+    return {"baseline_accuracy": history_log.rounded(accuracy),
+            "baseline_loss": history_log.rounded(loss)}
 
 
 # --- Setting up a run: the server side and, in process, the clients ---------------------------
@@ -447,17 +398,6 @@ def build_federation(config, data, client_indices, in_process=True):
                                                        config["HELD_OUT_CLIENTS"],
                                                        config["SEED"]).tolist()),
                       devices.device_profiles(config), async_queue, host, baseline)
-
-
-def history_columns(config):
-    return (HISTORY_COLUMNS + (BASELINE_COLUMNS if config["CENTRALIZED_BASELINE"] else ())
-            + (client_evaluation.history_columns(config["HELD_OUT_CLIENTS"] > 0)
-               if config["LOCAL_TEST_SHARE"] > 0 else ())
-            + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ())
-            + (KRUM_COLUMNS if config["AGGREGATION"] in robust_rules.KRUM_RULES else ())
-            + (CLOCK_COLUMNS if config["DEVICE_HETEROGENEITY"] != "none" else ())
-            + (() if config["DEVICE_HETEROGENEITY"] == "none"
-               else ASYNC_COLUMNS if config["ASYNC_BUFFER"] else ROUND_CLOCK_COLUMNS))
 
 
 # --- The constants and the command line (their checks: configuration.py) ------------------------

@@ -30,16 +30,15 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402 (after the log level above)
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Message,  # noqa: E402
-                      MetricRecord, RecordDict)
+from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
-import client_evaluation  # noqa: E402
 import client_host  # noqa: E402
 import Client_side  # noqa: E402
 import client_state  # noqa: E402
 import configuration  # noqa: E402
+import flower_records  # noqa: E402
 import Main  # noqa: E402
 import node_cache  # noqa: E402
 import Server_side  # noqa: E402
@@ -223,26 +222,19 @@ class FlowerEngine:
         if len(clients) == 0:
             return []
         work = self._work(round_num, [int(client) for client in clients])
-        messages = [Message(self._content(round_num, node_clients, global_weights,
-                                          server_variate, self._outcomes(node),
-                                          {str(client): step_limits[client]
-                                           for client in node_clients
-                                           if client in (step_limits or {})}),
-                            dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(round_num))
-                    for node, node_clients in sorted(work.items())]
+        messages = self._messages(round_num, work, MESSAGE_TYPE, lambda node, node_clients:
+                                  self._round_content(round_num, node, node_clients,
+                                                      global_weights, server_variate,
+                                                      step_limits))
         for node, node_clients in work.items():
             self.unsettled.setdefault(node, {})[round_num] = node_clients
         delivered = []
-        for reply in self._send_and_receive(messages):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                LOGGER.warning("round %d: node %d replied with error %s", round_num, node,
-                               reply.error.reason)
-                continue
+        for node, content in self._replies(round_num, messages, "replied with error"):
             # Its reply shows that the node read the outcomes of its earlier rounds.
             self.unsettled[node] = {round_num: work[node]} if node in work else {}
             delivered += [self._sent_to(item, work.get(node, ()))
-                          for item in uploads_from_content(reply.content, round_num, node)]
+                          for item in flower_records.uploads_from_content(content, round_num,
+                                                                          node)]
         missing = sorted(set(int(client) for client in clients)
                          - {item.client for item in delivered})
         if missing:
@@ -257,26 +249,47 @@ class FlowerEngine:
         The message also tells each node which of its uploads were accepted, so it scores
         the own models the server's view says its clients have (as in process)."""
         work = self._work(round_num, [int(client) for client in clients])
-        messages = [Message(self._content(round_num, node_clients, global_weights, None,
-                                          self._outcomes(node)),
-                            dst_node_id=node, message_type=EVALUATE_TYPE, group_id=str(round_num))
-                    for node, node_clients in sorted(work.items())]
+        messages = self._messages(round_num, work, EVALUATE_TYPE, lambda node, node_clients:
+                                  self._round_content(round_num, node, node_clients,
+                                                      global_weights))
         scores = []
-        for reply in self._send_and_receive(messages):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                LOGGER.warning("round %d: node %d could not evaluate: %s", round_num, node,
-                               reply.error.reason)
-                continue
+        for node, content in self._replies(round_num, messages, "could not evaluate:"):
             self.unsettled[node] = {}  # It settled its rounds before scoring.
             sent = set(work.get(node, ()))
-            reported = scores_from_content(reply.content)
+            reported = flower_records.scores_from_content(content)
             foreign = sorted({score.client for score in reported} - sent)
             if foreign:
                 LOGGER.warning("round %d: node %d reported scores of clients %s, not sent to "
                                "it: ignored", round_num, node, foreign)
             scores += [score for score in reported if score.client in sent]
         return scores
+
+    def _round_content(self, round_num, node, node_clients, global_weights,
+                       server_variate=None, step_limits=None):
+        """The message content for `node`: its clients, their step limits, its outcomes."""
+        limits = {str(client): step_limits[client] for client in node_clients
+                  if client in (step_limits or {})}
+        return flower_records.round_content(self.config, self.roster.num_nodes, round_num,
+                                            node_clients, global_weights, server_variate,
+                                            self._outcomes(node), limits)
+
+    @staticmethod
+    def _messages(round_num, work, message_type, content_of):
+        """One message of `message_type` to each node of `work`, content_of(node, its clients)."""
+        return [Message(content_of(node, node_clients), dst_node_id=node,
+                        message_type=message_type, group_id=str(round_num))
+                for node, node_clients in sorted(work.items())]
+
+    def _replies(self, round_num, messages, failure):
+        """Send the messages; yield (node, content) of each reply, logging error replies
+        ("round r: node n <failure> <reason>") and leaving them out."""
+        for reply in self._send_and_receive(messages):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                LOGGER.warning("round %d: node %d %s %s", round_num, node, failure,
+                               reply.error.reason)
+                continue
+            yield node, reply.content
 
     def _work(self, round_num, clients):
         """Return {node id: its clients this round}, asking new nodes for their partition."""
@@ -287,7 +300,7 @@ class FlowerEngine:
                                group_id=str(round_num)) for node in unknown]
             # A node that does not answer within the timeout claims nothing: asking it again
             # every round would cost every round the timeout.
-            answers = {reply.metadata.src_node_id: _partition_of(reply.content)
+            answers = {reply.metadata.src_node_id: flower_records.partition_of(reply.content)
                        for reply in self._send_and_receive(queries) if not reply.has_error()}
             for node in unknown:
                 self.roster.claim(node, answers.get(node))
@@ -322,19 +335,6 @@ class FlowerEngine:
                 time.sleep(POLL_SECONDS)
         return replies
 
-    def _content(self, round_num, clients, global_weights, server_variate, outcomes,
-                 step_limits=None):
-        settings = {"config": json.dumps(self.config, default=str), "round": int(round_num),
-                    "clients": clients, "num-nodes": self.roster.num_nodes,
-                    "accepted": json.dumps(outcomes),
-                    "step-limits": json.dumps(step_limits or {})}
-        content = RecordDict({"settings": ConfigRecord(settings),
-                              "global": ArrayRecord(list(global_weights))})
-        if server_variate is not None:
-            content["variate"] = ArrayRecord(list(server_variate))
-        return content
-
-
 def refuse_unsupported(config):
     """Raise ValueError for what cannot run on Flower, saying why."""
     paths = ("OUTPUT_DIR", "DATA_DIR") + (
@@ -353,71 +353,6 @@ def refuse_unsupported(config):
         raise ValueError(f"RESUME cannot continue a run on Flower that keeps client state "
                          f"({', '.join(kept)}): it lives on the SuperNodes and ends with their "
                          "run; resume it with python Main.py, or start over")
-
-
-def uploads_from_content(content, round_num=None, node=None):
-    """Read what a node's reply carries (records 'upload.<c>' and 'metrics.<c>').
-
-    A node can send anything: an upload that cannot be read becomes a Rejection saying why.
-    `node` is the node id Flower names as the reply's source; each upload carries it.
-    """
-    items = []
-    for name, record in content.array_records.items():
-        if not name.startswith("upload."):
-            continue
-        client = name.split(".", 1)[1]
-        try:
-            upload = upload_format.Upload.from_arrays(
-                {key: array.numpy() for key, array in record.items()},
-                content.metric_records[f"metrics.{client}"])
-        except Exception as error:  # noqa: BLE001 (any malformed content is a rejection)
-            items.append(screening.Rejection(round_num, client, node,
-                                             f"unreadable upload ({type(error).__name__})"))
-            continue
-        upload.node = node
-        items.append(upload)
-    return items
-
-
-def _partition_of(content):
-    """The partition id a node states in its answer, or None when it states none."""
-    try:
-        return int(content.config_records["node"]["partition-id"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-SCORE_FIELDS = ("client", "samples", "global_correct", "personal_correct")
-
-
-def content_from_scores(scores):
-    """A node's evaluation reply: one integer list per ClientScore field."""
-    return RecordDict({"scores": MetricRecord(
-        {field: [int(getattr(score, field)) for score in scores] for field in SCORE_FIELDS})})
-
-
-def scores_from_content(content):
-    """Read a node's evaluation reply into ClientScores; an unreadable reply gives none (its
-    clients then count as not evaluated)."""
-    try:
-        record = content.metric_records["scores"]
-        columns = [list(record[field]) for field in SCORE_FIELDS]
-        if len({len(column) for column in columns}) != 1:
-            return []
-        return [client_evaluation.ClientScore(*values) for values in zip(*columns)]
-    except (KeyError, TypeError):
-        return []
-
-
-def content_from_uploads(uploads):
-    """The reply of a node: one ArrayRecord and MetricRecord per client."""
-    content = RecordDict()
-    for upload in uploads:
-        arrays, metrics = upload.to_arrays()
-        content[f"upload.{upload.client}"] = ArrayRecord(
-            {name: Array(array) for name, array in arrays.items()})
-        content[f"metrics.{upload.client}"] = MetricRecord(metrics)
-    return content
 
 
 @client_app.query("partition")
@@ -445,7 +380,7 @@ def node_host(settings, context):
                                   Server_side.create_model(), data.x_train, data.y_train,
                                   split.train,
                                   split.test if config["LOCAL_TEST_SHARE"] > 0 else None)
-    restore_client_state(host, context.state)
+    flower_records.restore_client_state(host, context.state)
     return host
 
 
@@ -456,10 +391,10 @@ def client_evaluate(message, context):
     settings = message.content["settings"]
     host = node_host(settings, context)
     settle_pending(host, settings)
-    save_client_state(host, context.state)
+    flower_records.save_client_state(host, context.state)
     scores = host.evaluate(settings["round"], list(settings["clients"]),
                            message.content["global"].to_numpy_ndarrays())
-    return Message(content_from_scores(scores), reply_to=message)
+    return Message(flower_records.content_from_scores(scores), reply_to=message)
 
 
 @client_app.train("round")
@@ -474,34 +409,16 @@ def client_train(message, context):
                    for client, limit in json.loads(settings["step-limits"]).items()}
     uploads = host.train(settings["round"], list(settings["clients"]),
                          message.content["global"].to_numpy_ndarrays(), variate, step_limits)
-    save_client_state(host, context.state)
+    flower_records.save_client_state(host, context.state)
     if context.node_config.get("corrupt-uploads"):
         uploads = [corrupted(upload) for upload in uploads]
-    return Message(content_from_uploads(uploads), reply_to=message)
+    return Message(flower_records.content_from_uploads(uploads), reply_to=message)
 
 
 def settle_pending(host, settings):
     """Keep the state of last time's clients only where the server accepted their uploads."""
     outcomes = json.loads(settings["accepted"])
     host.settle(host.pending_round, outcomes.get(str(host.pending_round), []))
-
-
-def save_client_state(host, state):
-    """Put the host's kept and pending client state into the node's Flower context state."""
-    for name in host.memory:
-        state[f"memory.{name}"] = ArrayRecord(host.memory[name].get_state())
-        state[f"pending.{name}"] = ArrayRecord(host.pending[name].get_state())
-    state["pending"] = ConfigRecord({"round": host.pending_round or 0})
-
-
-def restore_client_state(host, state):
-    """Load what save_client_state put into the context state (nothing on the first round)."""
-    for name in host.memory:
-        if f"memory.{name}" in state:
-            host.memory[name].set_state(state[f"memory.{name}"].to_numpy_ndarrays())
-            host.pending[name].set_state(state[f"pending.{name}"].to_numpy_ndarrays())
-    if "pending" in state:
-        host.pending_round = int(state["pending"]["round"]) or None
 
 
 def corrupted(upload):

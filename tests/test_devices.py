@@ -7,6 +7,7 @@ import pytest
 
 import configuration
 import devices
+import history_log
 import Main
 from conftest import run_whole_and_resumed, write_config
 
@@ -113,8 +114,8 @@ def test_bad_device_constants_give_one_line_and_exit_two(tmp_path, capsys, const
 
 def test_without_devices_the_history_has_no_clock_columns():
     config = Main.default_config()
-    assert not set(Main.CLOCK_COLUMNS) & set(Main.history_columns(config))
-    assert set(Main.CLOCK_COLUMNS) <= set(Main.history_columns(
+    assert not set(history_log.CLOCK_COLUMNS) & set(history_log.history_columns(config))
+    assert set(history_log.CLOCK_COLUMNS) <= set(history_log.history_columns(
         {**config, "DEVICE_HETEROGENEITY": "lognormal"}))
 
 

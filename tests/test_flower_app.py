@@ -17,6 +17,7 @@ import client_host
 import Client_side
 import configuration
 import flower_app
+import flower_records
 import Main
 import Server_side
 import upload_format
@@ -49,11 +50,11 @@ def test_client_scores_survive_the_wire_format_and_a_malformed_reply_gives_none(
     from client_evaluation import ClientScore
 
     scores = [ClientScore(3, 40, 12, 38), ClientScore(7, 5, 0, 5)]
-    assert flower_app.scores_from_content(flower_app.content_from_scores(scores)) == scores
+    assert flower_records.scores_from_content(flower_records.content_from_scores(scores)) == scores
     ragged = RecordDict({"scores": MetricRecord({"client": [1, 2], "samples": [3],
                                                  "global_correct": [1], "personal_correct": [1]})})
-    assert flower_app.scores_from_content(ragged) == []
-    assert flower_app.scores_from_content(RecordDict()) == []
+    assert flower_records.scores_from_content(ragged) == []
+    assert flower_records.scores_from_content(RecordDict()) == []
 
 
 def test_an_upload_survives_the_wire_format():
@@ -63,8 +64,8 @@ def test_an_upload_survives_the_wire_format():
         encoded = upload_format.encode_update(delta, compression, rng, topk_fraction=0.5)
         variate = [rng.standard_normal((3, 4)).astype(np.float32), np.zeros(5, np.float32)]
         sent = upload_format.Upload(7, 3, encoded, 120, 8, 0.25, variate)
-        (received,) = flower_app.uploads_from_content(
-            flower_app.content_from_uploads([sent]), round_num=3, node=123456789)
+        (received,) = flower_records.uploads_from_content(
+            flower_records.content_from_uploads([sent]), round_num=3, node=123456789)
         assert received.node == 123456789
         assert (received.client, received.round_num, received.num_examples,
                 received.num_steps, received.train_loss) == (7, 3, 120, 8, 0.25)

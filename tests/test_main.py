@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import configuration
+import history_log
 import Main
 import comparison
 import Utils
@@ -85,7 +86,7 @@ def test_end_to_end_run_on_real_data_learns_and_writes_every_output(tmp_path):
     for name in ("history.csv", "config.json", "distribution.png", "accuracy.png",
                  "global_model.keras"):
         assert (run_dir / name).stat().st_size > 0, name
-    assert list(history[0]) == list(Main.HISTORY_COLUMNS)
+    assert list(history[0]) == list(history_log.HISTORY_COLUMNS)
     assert [int(row["round"]) for row in history] == [1, 2, 3]
     assert all(int(row["clients"]) == 2 for row in history)
     accuracies = [float(row["test_accuracy"]) for row in history]

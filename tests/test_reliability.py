@@ -18,6 +18,7 @@ import checkpoints
 import configuration
 import Data_Preprocessing
 import divergence
+import history_log
 import Main
 from conftest import round_clients
 
@@ -431,4 +432,4 @@ def test_a_krum_round_with_too_few_updates_is_logged_and_counted(fashion_mnist, 
     assert "the global model is kept" in capsys.readouterr().err
     for before, after in zip(weights, new_weights, strict=True):
         np.testing.assert_array_equal(before, after)
-    assert "krum_skipped" in Main.history_columns(config)
+    assert "krum_skipped" in history_log.history_columns(config)
