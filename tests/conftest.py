@@ -25,16 +25,20 @@ def real_data_once(monkeypatch, fashion_mnist):
     monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: fashion_mnist)
 
 
+def serve_subset(monkeypatch, data, num_train, num_test):
+    """Serve the first num_train training and num_test test images to in-process runs."""
+    import Data_Preprocessing
+
+    subset = data._replace(x_train=data.x_train[:num_train], y_train=data.y_train[:num_train],
+                           x_test=data.x_test[:num_test], y_test=data.y_test[:num_test])
+    monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: subset)
+    return subset
+
+
 @pytest.fixture
 def tenth_of_the_data(monkeypatch, fashion_mnist):
     """The first 6,000 training and 1,000 test images, served to in-process runs."""
-    import Data_Preprocessing
-
-    subset = fashion_mnist._replace(
-        x_train=fashion_mnist.x_train[:6000], y_train=fashion_mnist.y_train[:6000],
-        x_test=fashion_mnist.x_test[:1000], y_test=fashion_mnist.y_test[:1000])
-    monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: subset)
-    return subset
+    return serve_subset(monkeypatch, fashion_mnist, 6000, 1000)
 
 
 def write_config(path, **constants):
@@ -42,6 +46,22 @@ def write_config(path, **constants):
     lines = ["param,val"] + [f"{name},{value}" for name, value in constants.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def assert_one_clear_line(stderr, message):
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr and "Traceback" not in stderr, stderr
+
+
+def assert_refused(tmp_path, capsys, message, **constants):
+    """Main.main with these constants exits 2 with one line holding `message`, writing
+    nothing."""
+    import Main
+
+    path = write_config(tmp_path / "refused.csv", OUTPUT_DIR=tmp_path / "out", **constants)
+    assert Main.main(["-c", "-f", str(path)]) == Main.EXIT_BAD_INPUT
+    assert_one_clear_line(capsys.readouterr().err, message)
+    assert not (tmp_path / "out").exists()
 
 
 def run_whole_and_resumed(tmp_path, setting, stop_after):

@@ -9,7 +9,7 @@ import configuration
 import devices
 import history_log
 import Main
-from conftest import run_whole_and_resumed, write_config
+from conftest import assert_refused, run_whole_and_resumed, write_config
 
 # 5 clients of a tenth of the data, all trained every round.
 SMALL = {"NUM_CLIENTS": 5, "CLIENT_FRACTION": 1.0, "DISTRIBUTION": "iid", "ROUNDS": 2,
@@ -90,12 +90,8 @@ def test_a_bad_profiles_file_is_named_with_its_line_and_exit_two(tmp_path, capsy
     path = tmp_path / "devices.csv"
     if lines is not None:
         write_csv(path, lines)
-    run = write_config(tmp_path / "run.csv", OUTPUT_DIR=tmp_path / "out",
-                       DEVICE_HETEROGENEITY=str(path))
-    assert Main.main(["-c", "-f", str(run)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and message.format(path=path) in error, error
-    assert not (tmp_path / "out").exists()
+    assert_refused(tmp_path, capsys, message.format(path=path),
+                   DEVICE_HETEROGENEITY=str(path))
 
 
 @pytest.mark.parametrize("constants, message", [
@@ -106,10 +102,7 @@ def test_a_bad_profiles_file_is_named_with_its_line_and_exit_two(tmp_path, capsy
     ({"DEVICE_BANDWIDTH_SIGMA": -0.5}, "DEVICE_BANDWIDTH_SIGMA must be a number >= 0"),
 ])
 def test_bad_device_constants_give_one_line_and_exit_two(tmp_path, capsys, constants, message):
-    run = write_config(tmp_path / "run.csv", OUTPUT_DIR=tmp_path / "out", **constants)
-    assert Main.main(["-c", "-f", str(run)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and message in error, error
+    assert_refused(tmp_path, capsys, message, **constants)
 
 
 def test_without_devices_the_history_has_no_clock_columns():
@@ -210,10 +203,7 @@ def test_fednova_with_uneven_steps_stays_near_the_optimum_where_fedavg_drifts():
      "DP_CLIP_NORM > 0 cannot combine with ROUND_DEADLINE or OVER_SELECTION"),
 ])
 def test_bad_clock_constants_give_one_line_and_exit_two(tmp_path, capsys, constants, message):
-    run = write_config(tmp_path / "run.csv", OUTPUT_DIR=tmp_path / "out", **constants)
-    assert Main.main(["-c", "-f", str(run)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and message in error, error
+    assert_refused(tmp_path, capsys, message, **constants)
 
 
 @pytest.mark.slow
@@ -340,10 +330,7 @@ def test_fedbuff_runs_and_a_resumed_run_continues_its_event_queue_bit_for_bit(
      "MAX_CONCURRENCY must be at most the 100 clients that train, got 101"),
 ])
 def test_bad_fedbuff_constants_give_one_line_and_exit_two(tmp_path, capsys, constants, message):
-    run = write_config(tmp_path / "run.csv", OUTPUT_DIR=tmp_path / "out", **constants)
-    assert Main.main(["-c", "-f", str(run)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and message in error, error
+    assert_refused(tmp_path, capsys, message, **constants)
 
 
 def test_fedbuff_is_refused_on_flower_with_the_reason():

@@ -21,18 +21,12 @@ import flower_records
 import Main
 import Server_side
 import upload_format
-from conftest import round_clients
+from conftest import round_clients, write_config
 from flower_cluster import Cluster, make_node_key, make_tls_files
 
 # 20 iid clients of 3,000 samples, 4 a round: a few seconds of training a round.
 TINY = {"NUM_CLIENTS": 20, "CLIENT_FRACTION": 0.2, "DISTRIBUTION": "iid", "ROUNDS": 2,
         "SEED": 3}
-
-
-def write_config(path, **constants):
-    lines = ["param,val"] + [f"{name},{value}" for name, value in constants.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def history_and_weights(output_dir):

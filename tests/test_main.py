@@ -15,6 +15,7 @@ import history_log
 import Main
 import comparison
 import Utils
+from conftest import serve_subset, write_config
 
 ROOT = pathlib.Path(Main.__file__).resolve().parent
 
@@ -40,12 +41,6 @@ def test_the_defaults_are_the_seeds_and_valid():
 def test_validate_config_names_the_bad_constant(name, value):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         configuration.validate_config(config_with(**{name: value}))
-
-
-def write_config(path, **constants):
-    lines = ["param,val"] + [f"{name},{value}" for name, value in constants.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.mark.parametrize("constants, message", [
@@ -324,12 +319,7 @@ def test_attacks_and_robust_rules_run_and_are_counted(tmp_path, real_data_once, 
 @pytest.fixture
 def first_tenth_of_the_data(monkeypatch, fashion_mnist):
     """The first 6,000 training images (about 600 a class) and 2,000 test images."""
-    import Data_Preprocessing
-
-    subset = fashion_mnist._replace(
-        x_train=fashion_mnist.x_train[:6000], y_train=fashion_mnist.y_train[:6000],
-        x_test=fashion_mnist.x_test[:2000], y_test=fashion_mnist.y_test[:2000])
-    monkeypatch.setattr(Data_Preprocessing, "load_fashion_mnist", lambda data_dir: subset)
+    serve_subset(monkeypatch, fashion_mnist, 6000, 2000)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import personalization
 import Server_side
 import upload_format
 from client_evaluation import ClientScore
-from conftest import round_clients, run_whole_and_resumed, write_config
+from conftest import assert_refused, round_clients, run_whole_and_resumed, write_config
 
 # 6 clients holding 2 classes each of a tenth of the data, all trained every round.
 SMALL = {"NUM_CLIENTS": 6, "CLIENT_FRACTION": 1.0, "DISTRIBUTION": "noniid_bi",
@@ -255,11 +255,7 @@ def test_a_memory_hungry_configuration_is_refused_up_front(monkeypatch):
      "PERSONALIZATION local uploads nothing, so COMPRESSION int8 has nothing to act on"),
 ])
 def test_bad_new_constants_give_one_line_and_exit_two(tmp_path, capsys, constants, message):
-    path = write_config(tmp_path / "bad.csv", OUTPUT_DIR=tmp_path / "out", **constants)
-    assert Main.main(["-c", "-f", str(path)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and message in error, error
-    assert not (tmp_path / "out").exists()
+    assert_refused(tmp_path, capsys, message, **constants)
 
 
 # --- Whole runs ---------------------------------------------------------------------------------

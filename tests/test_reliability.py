@@ -20,17 +20,11 @@ import Data_Preprocessing
 import divergence
 import history_log
 import Main
-from conftest import round_clients
+from conftest import assert_one_clear_line, round_clients, write_config
 
 MAIN_PY = pathlib.Path(Main.__file__).resolve()
 # 50 iid clients of 1,200 samples, 5 a round: about a second a round on 2 cores.
 SMALL_RUN = {"NUM_CLIENTS": 50, "CLIENT_FRACTION": 0.1, "DISTRIBUTION": "iid", "SEED": 4}
-
-
-def write_config(path, **constants):
-    lines = ["param,val"] + [f"{name},{value}" for name, value in constants.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def snapshot(folder):
@@ -128,11 +122,6 @@ def test_bad_constant_gives_one_line_exit_two_and_writes_nothing(
     assert Main.main(["-c", "-f", str(path)]) == Main.EXIT_BAD_INPUT
     assert_one_clear_line(capsys.readouterr().err, message)
     assert snapshot(output) == {}
-
-
-def assert_one_clear_line(stderr, message):
-    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
-    assert message in stderr and "Traceback" not in stderr, stderr
 
 
 @pytest.mark.parametrize("content, message", [
