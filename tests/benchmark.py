@@ -36,6 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import configuration  # noqa: E402
 import Main  # noqa: E402
 import Server_side  # noqa: E402
+import upload_format  # noqa: E402
 import Utils  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -151,6 +152,29 @@ def client_evaluation_figures(federation, global_weights, config):
             "local_test_samples": int(sum(map(len, rows)))}
 
 
+def count_trained_samples(host, batch_size):
+    """Make host.train add to the returned list the samples its clients' steps took each round:
+    a straggler's partial work counts the steps it took, not its n x E."""
+    trained, train = [], host.train
+
+    def counting_train(*args, **kwargs):
+        uploads = train(*args, **kwargs)
+        trained.append(sum(samples_in_steps(upload.num_examples, batch_size, upload.num_steps)
+                           for upload in uploads))
+        return uploads
+
+    host.train = counting_train
+    return trained
+
+
+def samples_in_steps(num_examples, batch_size, num_steps):
+    """The samples of a client's first num_steps local steps (only an epoch's last batch is
+    short; batch size 0 is the full batch)."""
+    per_epoch = upload_format.num_local_steps(num_examples, batch_size, 1)
+    epochs, steps = divmod(num_steps, per_epoch)
+    return epochs * num_examples + steps * (batch_size or num_examples)
+
+
 def simulate(config, data, rounds):
     """Run Main.py's rounds 1..rounds after a warm-up round 0.
 
@@ -163,15 +187,15 @@ def simulate(config, data, rounds):
     global_weights, _, _ = Main.run_round(0, config, federation,
                                        federation.global_model.get_weights(),
                                        federation.host)
-    rss, seconds, samples = [], [], 0
+    trained = count_trained_samples(federation.host, config["BATCH_SIZE"])
+    rss, seconds = [], []
     start = time.perf_counter()
     for round_num in range(1, rounds + 1):
         global_weights, row, _ = Main.run_round(round_num, config, federation, global_weights,
                                              federation.host)
-        samples += row["samples"] * config["LOCAL_EPOCHS"]
         seconds.append(row["seconds"])
         rss.append(rss_mb())
-    rate = samples / (time.perf_counter() - start)
+    rate = sum(trained) / (time.perf_counter() - start)
     return rate, seconds, rss, federation, [len(indices) for indices in client_indices], \
         global_weights
 

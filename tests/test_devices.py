@@ -149,6 +149,16 @@ def test_over_selection_keeps_the_first_m_to_finish_ties_by_client_id():
     assert devices.steps_within(100, 0, 3, 250) == (2, 200)  # full batches (B = 0)
 
 
+@pytest.mark.parametrize("num_examples, batch_size, epochs, budget", [
+    (100, 32, 2, 150), (100, 32, 3, 10**6), (100, 0, 3, 250), (7, 32, 2, 1), (96, 32, 1, 95)])
+def test_the_benchmark_counts_the_samples_a_plans_steps_take(num_examples, batch_size, epochs,
+                                                             budget):
+    import benchmark
+
+    steps, used = devices.steps_within(num_examples, batch_size, epochs, budget)
+    assert benchmark.samples_in_steps(num_examples, batch_size, steps) == used
+
+
 def test_partial_work_equals_training_on_the_first_batches_alone(fashion_mnist):
     import Client_side
     import Server_side
