@@ -24,13 +24,16 @@ def rounds_to_reach(rows, target):
                 None)
 
 
+# Per-round means of the virtual clock's history columns (devices.py, fedbuff.py).
+CLOCK_FIGURES = ("deadline_dropped", "partial", "over_selection_cut", "staleness_mean")
 # The per-client figures (client_evaluation) comparisons carry, from each seed's last round.
 CLIENT_FIGURES = ("local_pooled", "local_mean", "local_worst10", "personal_pooled",
                   "personal_mean", "personal_std", "personal_worst10", "personal_best10",
                   "unseen_local_pooled", "unseen_personal_pooled", "unseen_personal_worst10")
 SEED_COLUMNS = ("run", "seed", "rounds", "diverged_in_round", "final_accuracy", "best_accuracy",
                 "rounds_to_target", "mb_up", "wall_seconds", "baseline_accuracy",
-                "epsilon") + CLIENT_FIGURES + ("virtual_hours", "virtual_hours_to_target")
+                "epsilon") + CLIENT_FIGURES + ("virtual_hours", "virtual_hours_to_target"
+                                               ) + CLOCK_FIGURES
 
 
 def seed_summary(config, rows, target):
@@ -49,7 +52,15 @@ def seed_summary(config, rows, target):
             **{name: last.get(name) if last.get(name) != "" else None
                for name in CLIENT_FIGURES},
             "virtual_hours": last.get("virtual_hours_total"),
-            "virtual_hours_to_target": virtual_hours_to_reach(rows, target) if last else None}
+            "virtual_hours_to_target": virtual_hours_to_reach(rows, target) if last else None,
+            **{name: per_round_mean(rows, name) if last else None for name in CLOCK_FIGURES}}
+
+
+def per_round_mean(rows, column):
+    """The mean of a history column over the rounds, or None when the run does not log it."""
+    if column not in rows[0]:
+        return None
+    return float(np.mean([float(row[column]) for row in rows]))
 
 
 def virtual_hours_to_reach(rows, target):
@@ -149,19 +160,25 @@ def write_comparison(output_dir, labels, configs, histories, run_dirs=None):
 
 def clock_table(groups, target):
     """Each configuration's virtual time (devices.py), mean ± std over its finished seeds."""
-    lines = [f"| run | devices | seeds | final acc | virtual hours | virtual hours to {target} |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| run | devices | seeds | final acc | virtual hours | virtual hours to {target} "
+             "| MB up | dropped / partial / cut per round | staleness (mean) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, runs in groups.items():
         summaries = [seed_summary(config, rows, target) for config, rows in runs]
         finished = [summary for summary in summaries if not summary["diverged_in_round"]]
-        reached = [summary["virtual_hours_to_target"] for summary in finished
-                   if summary["virtual_hours_to_target"] is not None]
+        column = {name: [summary[name] for summary in finished] for name in SEED_COLUMNS[1:]}
+        reached = [hours for hours in column["virtual_hours_to_target"] if hours is not None]
+        stragglers = " / ".join(mean_and_spread(column[name], 1)
+                                for name in CLOCK_FIGURES[:3]) if finished else ""
         lines.append(
             f"| {label} | {runs[0][0]['DEVICE_HETEROGENEITY']} | {len(finished)} | "
-            f"{mean_and_spread([summary['final_accuracy'] for summary in finished], 4)} | "
-            f"{mean_and_spread([summary['virtual_hours'] for summary in finished], 2)} | "
+            f"{mean_and_spread(column['final_accuracy'], 4)} | "
+            f"{mean_and_spread(column['virtual_hours'], 2)} | "
             + (f"{mean_and_spread(reached, 2)} ({len(reached)}/{len(finished)})"
-               if reached else "not reached") + " |")
+               if reached else "not reached")
+            + f" | {mean_and_spread(column['mb_up'], 1)} | "
+            + (stragglers if stragglers.strip(" /") else "")
+            + f" | {mean_and_spread(column['staleness_mean'], 2)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -348,3 +348,33 @@ def test_fedbuff_is_refused_on_flower_with_the_reason():
 
     with pytest.raises(ValueError, match="ASYNC_BUFFER > 0 \\(FedBuff\\) runs in process only"):
         flower_app.refuse_unsupported({**clock_config(ASYNC_BUFFER=5), "OUTPUT_DIR": "/tmp"})
+
+
+def clock_rows(accuracies, hours, **columns):
+    """History rows of a run on the virtual clock: accuracy and running hours per round, 2 MB
+    up a round, and the given per-round columns."""
+    return [{"round": index + 1, "test_accuracy": accuracy, "mb_up_total": 2.0 * (index + 1),
+             "seconds": 1.0, "virtual_hours_total": hour,
+             **{name: values[index] for name, values in columns.items()}}
+            for index, (accuracy, hour) in enumerate(zip(accuracies, hours))]
+
+
+def test_the_clock_table_reports_hours_to_target_megabytes_and_stragglers_per_round():
+    import comparison
+
+    def config(seed):
+        return {"ROUNDS": 2, "SEED": seed, "DEVICE_HETEROGENEITY": "lognormal"}
+
+    groups = {
+        "partial": [(config(0), clock_rows([0.7, 0.85], [0.5, 1.0], deadline_dropped=[0, 0],
+                                           partial=[3, 5], over_selection_cut=[0, 0])),
+                    (config(1), clock_rows([0.82, 0.9], [0.25, 0.5], deadline_dropped=[0, 0],
+                                           partial=[2, 2], over_selection_cut=[0, 0]))],
+        "fedbuff": [(config(0), clock_rows([0.6, 0.7], [0.1, 0.2], staleness_mean=[1.0, 3.0]))],
+    }
+    _, _, partial, fedbuff = comparison.clock_table(groups, 0.8).splitlines()
+    # Hours to 0.8: 1.0 (round 2) and 0.25 (round 1); partial per round: 4 and 2.
+    assert partial == ("| partial | lognormal | 2 | 0.8750 ± 0.0354 | 0.75 ± 0.35 | "
+                       "0.62 ± 0.53 (2/2) | 4.0 ± 0.0 | 0.0 ± 0.0 / 3.0 ± 1.4 / 0.0 ± 0.0 |  |")
+    assert fedbuff == ("| fedbuff | lognormal | 1 | 0.7000 | 0.20 | not reached | 4.0 |  | "
+                       "2.00 |")
