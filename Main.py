@@ -35,6 +35,7 @@ import divergence  # noqa: E402
 import fedbuff  # noqa: E402
 import history_log  # noqa: E402
 import Server_side  # noqa: E402
+import upload_format  # noqa: E402
 import Utils  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -261,8 +262,11 @@ def run_round(round_num, config, federation, global_weights, engine):
     row.update(figures)
     row.update(clock)
     if federation.baseline is not None:
-        row.update(baseline_columns(federation, row["samples"] * config["LOCAL_EPOCHS"],
-                                    evaluated))
+        # As many samples as the clients' steps took (a straggler's partial work: fewer).
+        trained = sum(upload_format.samples_in_steps(upload.num_examples, config["BATCH_SIZE"],
+                                                     upload.num_steps)
+                      for upload in report.accepted)
+        row.update(baseline_columns(federation, trained, evaluated))
     return global_weights, row, client_rows
 
 

@@ -236,6 +236,13 @@ def num_local_steps(num_examples, batch_size, local_epochs):
     return local_epochs * -(-num_examples // (batch_size or num_examples))
 
 
+def samples_in_steps(num_examples, batch_size, num_steps):
+    """Return the samples of a client's first num_steps local steps (only an epoch's last batch
+    is short; B = 0 is one full batch): its partial work, or E n for all its steps."""
+    epochs, steps = divmod(num_steps, num_local_steps(num_examples, batch_size, 1))
+    return epochs * num_examples + steps * (batch_size or num_examples)
+
+
 def effective_steps(num_steps, momentum):
     """Return a_i = ||a_i||_1, how far tau local steps move the weights, in units of eta * g.
 

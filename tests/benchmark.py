@@ -159,20 +159,13 @@ def count_trained_samples(host, batch_size):
 
     def counting_train(*args, **kwargs):
         uploads = train(*args, **kwargs)
-        trained.append(sum(samples_in_steps(upload.num_examples, batch_size, upload.num_steps)
+        trained.append(sum(upload_format.samples_in_steps(upload.num_examples, batch_size,
+                                                         upload.num_steps)
                            for upload in uploads))
         return uploads
 
     host.train = counting_train
     return trained
-
-
-def samples_in_steps(num_examples, batch_size, num_steps):
-    """The samples of a client's first num_steps local steps (only an epoch's last batch is
-    short; batch size 0 is the full batch)."""
-    per_epoch = upload_format.num_local_steps(num_examples, batch_size, 1)
-    epochs, steps = divmod(num_steps, per_epoch)
-    return epochs * num_examples + steps * (batch_size or num_examples)
 
 
 def simulate(config, data, rounds):

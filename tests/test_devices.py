@@ -9,6 +9,7 @@ import configuration
 import devices
 import history_log
 import Main
+import upload_format
 from conftest import assert_refused, run_whole_and_resumed, write_config
 
 # 5 clients of a tenth of the data, all trained every round.
@@ -151,12 +152,10 @@ def test_over_selection_keeps_the_first_m_to_finish_ties_by_client_id():
 
 @pytest.mark.parametrize("num_examples, batch_size, epochs, budget", [
     (100, 32, 2, 150), (100, 32, 3, 10**6), (100, 0, 3, 250), (7, 32, 2, 1), (96, 32, 1, 95)])
-def test_the_benchmark_counts_the_samples_a_plans_steps_take(num_examples, batch_size, epochs,
+def test_samples_in_steps_are_the_samples_a_plans_steps_take(num_examples, batch_size, epochs,
                                                              budget):
-    import benchmark
-
     steps, used = devices.steps_within(num_examples, batch_size, epochs, budget)
-    assert benchmark.samples_in_steps(num_examples, batch_size, steps) == used
+    assert upload_format.samples_in_steps(num_examples, batch_size, steps) == used
 
 
 def test_partial_work_equals_training_on_the_first_batches_alone(fashion_mnist):
@@ -378,3 +377,41 @@ def test_the_clock_table_reports_hours_to_target_megabytes_and_stragglers_per_ro
                        "0.62 ± 0.53 (2/2) | 4.0 ± 0.0 | 0.0 ± 0.0 / 3.0 ± 1.4 / 0.0 ± 0.0 |  |")
     assert fedbuff == ("| fedbuff | lognormal | 1 | 0.7000 | 0.20 | not reached | 4.0 |  | "
                        "2.00 |")
+
+
+def test_the_baseline_trains_as_many_samples_as_partial_clients_did(tmp_path, monkeypatch,
+                                                                    tenth_of_the_data):
+    """The centralized baseline trains after each round on as many samples as the federation
+    trained: a straggler's partial work counts its steps' samples, not its n x E."""
+    import centralized_baseline
+    import client_host
+
+    asked, trained = [], []
+    baseline_train = centralized_baseline.CentralizedBaseline.train
+    host_train = client_host.ClientHost.train
+
+    def record_baseline(self, num_samples):
+        asked.append(num_samples)
+        return baseline_train(self, num_samples)
+
+    def record_clients(self, round_num, clients, global_weights, variate=None, limits=None):
+        uploads = host_train(self, round_num, clients, global_weights, variate, limits)
+        trained.append(sum(2 * upload.num_examples if upload.client not in (limits or {}) else
+                           devices.steps_within(upload.num_examples, 32, 2,
+                                                32 * limits[upload.client])[1]
+                           for upload in uploads))
+        return uploads
+
+    monkeypatch.setattr(centralized_baseline.CentralizedBaseline, "train", record_baseline)
+    monkeypatch.setattr(client_host.ClientHost, "train", record_clients)
+    run = write_config(tmp_path / "run.csv", OUTPUT_DIR=tmp_path / "out", NUM_CLIENTS=10,
+                       CLIENT_FRACTION=1.0, LOCAL_EPOCHS=2, ROUNDS=2,
+                       CENTRALIZED_BASELINE=True, DEVICE_HETEROGENEITY="lognormal",
+                       ROUND_DEADLINE=4, STRAGGLER_POLICY="partial")
+    assert Main.main(["-c", "-f", str(run)]) == 0
+    (run_dir,) = (tmp_path / "out").iterdir()
+    with open(run_dir / "history.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert all(int(row["partial"]) > 0 for row in rows), rows
+    assert asked == trained and all(0 < count < 2 * int(row["samples"])
+                                    for count, row in zip(asked, rows)), (asked, rows)
