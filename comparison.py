@@ -168,17 +168,17 @@ def clock_table(groups, target):
         finished = [summary for summary in summaries if not summary["diverged_in_round"]]
         column = {name: [summary[name] for summary in finished] for name in SEED_COLUMNS[1:]}
         reached = [hours for hours in column["virtual_hours_to_target"] if hours is not None]
-        stragglers = " / ".join(mean_and_spread(column[name], 1)
-                                for name in CLOCK_FIGURES[:3]) if finished else ""
+        rounds_logged = any(value is not None for value in column["partial"])  # not FedBuff
+        stragglers = (" / ".join(mean_and_spread(column[name], 1) for name in CLOCK_FIGURES[:3])
+                      if rounds_logged else "")
         lines.append(
             f"| {label} | {runs[0][0]['DEVICE_HETEROGENEITY']} | {len(finished)} | "
             f"{mean_and_spread(column['final_accuracy'], 4)} | "
             f"{mean_and_spread(column['virtual_hours'], 2)} | "
             + (f"{mean_and_spread(reached, 2)} ({len(reached)}/{len(finished)})"
                if reached else "not reached")
-            + f" | {mean_and_spread(column['mb_up'], 1)} | "
-            + (stragglers if stragglers.strip(" /") else "")
-            + f" | {mean_and_spread(column['staleness_mean'], 2)} |")
+            + f" | {mean_and_spread(column['mb_up'], 1)} | {stragglers} | "
+            f"{mean_and_spread(column['staleness_mean'], 2)} |")
     return "\n".join(lines) + "\n"
 
 

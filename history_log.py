@@ -25,9 +25,8 @@ def history_columns(config):
                if config["LOCAL_TEST_SHARE"] > 0 else ())
             + (PRIVACY_COLUMNS if config["DP_CLIP_NORM"] > 0 else ())
             + (KRUM_COLUMNS if config["AGGREGATION"] in robust_rules.KRUM_RULES else ())
-            + (CLOCK_COLUMNS if clock else ())
-            + (() if not clock else ASYNC_COLUMNS if config["ASYNC_BUFFER"]
-               else ROUND_CLOCK_COLUMNS))
+            + (CLOCK_COLUMNS + (ASYNC_COLUMNS if config["ASYNC_BUFFER"] else ROUND_CLOCK_COLUMNS)
+               if clock else ()))
 
 
 def round_row(round_num, report, evaluation, num_selected, malicious, seconds):
