@@ -13,7 +13,8 @@ and samples trained are its local steps' samples (with FedRep's head epochs and 
 epochs). All of it is known before the round trains, so the server plans it (`plan_round`):
 which clients count (ROUND_DEADLINE, STRAGGLER_POLICY, OVER_SELECTION), how many steps a
 straggler takes, and how long the round lasts: until its slowest counted client (a client that
-drops out is known not to return), or the deadline when it dropped someone.
+drops out is known not to return), or the deadline when it dropped someone and fewer than the
+m clients it wants arrived in time.
 
 "lognormal": speed and bandwidths are log-normal around the DEVICE_* medians with log-space
 spread DEVICE_*_SIGMA (sigma 1: the middle 90 % of devices span a factor of 27). The defaults
@@ -134,9 +135,10 @@ def plan_round(profiles, config, returning, sizes, bytes_down, bytes_up, wanted)
 
     Every time is known in advance: the server knows each client's device, its sample count
     and what the configured encoding sends. With a deadline (ROUND_DEADLINE > 0) a client that
-    cannot finish by it sends nothing ("drop") or the local steps that fit, at least one
-    ("partial"); with over-selection the first `wanted` clients to finish count (ties by
-    client id) and the rest are cut.
+    cannot finish by it sends nothing ("drop") or the local steps that fit ("partial"; a client
+    that cannot finish one step in time is dropped), so a round never outlasts the deadline;
+    with over-selection the first `wanted` clients to finish count (ties by client id), the
+    rest are cut, and the round closes at the m-th arrival.
 
     Args:
         returning: the selected clients that do not drop out; sizes: every client's n.
@@ -152,20 +154,22 @@ def plan_round(profiles, config, returning, sizes, bytes_down, bytes_up, wanted)
         finish[client] = transfer + samples / profiles.speed[client]
         if deadline == 0 or finish[client] <= deadline:
             continue
-        if policy == "drop":
-            del finish[client]
-            dropped += 1
-            continue
         budget = max(0.0, (deadline - transfer) * profiles.speed[client])
         steps, used = steps_within(sizes[client], config["BATCH_SIZE"], config["LOCAL_EPOCHS"],
                                    budget)
+        if policy == "drop" or steps == 0:  # not even one step fits: nothing arrives in time
+            del finish[client]
+            dropped += 1
+            continue
         limits[client] = steps
         finish[client] = transfer + used / profiles.speed[client]
     order = sorted(finish, key=lambda client: (finish[client], client))
     kept = sorted(order[:wanted])
     seconds = max((finish[client] for client in kept), default=0.0)
-    if dropped:
-        seconds = max(seconds, deadline)  # the server waited until the deadline for them
+    if dropped and len(kept) < wanted:
+        # Fewer than m arrived: the server waited until the deadline for the dropped ones.
+        # With enough in time (over-selection), the round closes at the m-th arrival.
+        seconds = max(seconds, deadline)
     return RoundPlan(np.array(kept, np.int64), {client: limits[client] for client in kept
                                                  if client in limits},
                      dropped, sum(client in limits for client in kept), len(order) - len(kept),
@@ -173,8 +177,8 @@ def plan_round(profiles, config, returning, sizes, bytes_down, bytes_up, wanted)
 
 
 def steps_within(num_examples, batch_size, local_epochs, budget):
-    """The SGD steps (in epoch order, at least one) whose samples fit in `budget`, and the
-    samples they take."""
+    """The SGD steps (in epoch order) whose samples fit in `budget`, and the samples they
+    take; (0, 0) when not even the first step fits."""
     batch_size = batch_size or num_examples
     per_epoch = -(-num_examples // batch_size)
     last = num_examples - (per_epoch - 1) * batch_size
@@ -183,6 +187,6 @@ def steps_within(num_examples, batch_size, local_epochs, budget):
         for step in range(per_epoch):
             size = batch_size if step < per_epoch - 1 else last
             if used + size > budget:
-                return (steps, used) if steps else (1, size if per_epoch > 1 else last)
+                return steps, used
             steps, used = steps + 1, used + size
     return steps, used

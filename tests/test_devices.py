@@ -133,11 +133,11 @@ def test_a_deadline_drops_or_cuts_the_work_of_stragglers_as_computed_by_hand():
     assert plan.seconds == 4.5 and plan.step_limits == {}
     partial = devices.plan_round(hand_profiles(), {**config, "STRAGGLER_POLICY": "partial"},
                                  np.arange(4), sizes, 10**6, 10**6, 4)
-    # Client 2 has 2.5 s of compute: 25 samples, less than a batch: at least one step (32).
+    # Client 2 has 2.5 s of compute: 25 samples, less than one batch: dropped, as with "drop".
     # Client 3 has 2.5 s: 250 samples: 7 steps of 32 (224); the 8th would need 256.
-    assert partial.clients.tolist() == [0, 1, 2, 3]
-    assert partial.step_limits == {2: 1, 3: 7} and partial.partial == 2
-    assert partial.seconds == pytest.approx(2 + 32 / 10)  # client 2's one step runs late
+    assert partial.clients.tolist() == [0, 1, 3] and partial.dropped == 1
+    assert partial.step_limits == {3: 7} and partial.partial == 1
+    assert partial.seconds == 4.5  # the server waited for client 2 until the deadline
 
 
 def test_over_selection_keeps_the_first_m_to_finish_ties_by_client_id():
@@ -148,6 +148,39 @@ def test_over_selection_keeps_the_first_m_to_finish_ties_by_client_id():
     steps = devices.steps_within(100, 32, 2, 150)
     assert steps == (5, 132)  # epoch 1: 32, 32, 32, 4 = 100, then 32; 164 would exceed 150
     assert devices.steps_within(100, 0, 3, 250) == (2, 200)  # full batches (B = 0)
+
+
+def test_over_selection_with_a_drop_deadline_closes_at_the_mth_arrival():
+    """Bonawitz et al. 2019: the round closes when m clients have arrived. By hand: 4 clients,
+    m = 2, deadline 4.5, finish times 3, 4, 12, 5: clients 2 and 3 are late, but 0 and 1 are
+    the two wanted, in by 4 s; the round lasts 4.0 s, not the deadline."""
+    sizes = [100, 100, 100, 200]  # training 1, 2, 10, 2 s; transfer 1 + 1
+    profiles = devices.DeviceProfiles(np.array([100.0, 50.0, 10.0, 66.66666666666667]),
+                                      np.full(4, 8.0), np.full(4, 8.0))
+    config = clock_config(ROUND_DEADLINE=4.5, OVER_SELECTION=2.0)
+    plan = devices.plan_round(profiles, config, np.arange(4), sizes, 10**6, 10**6, 2)
+    assert plan.clients.tolist() == [0, 1] and plan.dropped == 2
+    assert plan.seconds == pytest.approx(4.0)
+    # Fewer than m in time: the server waits until the deadline for the rest.
+    short = devices.plan_round(profiles, config, np.arange(4), sizes, 10**6, 10**6, 3)
+    assert short.clients.tolist() == [0, 1] and short.seconds == 4.5
+
+
+@pytest.mark.parametrize("policy", ["drop", "partial"])
+def test_a_round_never_outlasts_its_deadline(policy):
+    """A client whose transfers alone take longer than the deadline cannot do one step in time:
+    it is dropped whatever the policy (it was given one step and ran 160 s past 4.5 s)."""
+    sizes = [100, 100]
+    profiles = devices.DeviceProfiles(np.array([100.0, 100.0]), np.array([8.0, 0.1]),
+                                      np.array([8.0, 0.1]))  # client 1: 80 s each way
+    config = clock_config(ROUND_DEADLINE=4.5, STRAGGLER_POLICY=policy)
+    plan = devices.plan_round(profiles, config, np.arange(2), sizes, 10**6, 10**6, 2)
+    assert plan.clients.tolist() == [0] and plan.dropped == 1 and plan.step_limits == {}
+    assert plan.seconds == 4.5
+    # Transfers of 3 s leave 1.5 s: 15 samples at 10 samples/s, not one batch of 32.
+    slow = devices.DeviceProfiles(np.array([100.0, 10.0]), np.full(2, 8.0), np.full(2, 4.0))
+    plan = devices.plan_round(slow, config, np.arange(2), sizes, 10**6, 10**6, 2)
+    assert plan.clients.tolist() == [0] and plan.dropped == 1 and plan.seconds == 4.5
 
 
 @pytest.mark.parametrize("num_examples, batch_size, epochs, budget", [
