@@ -261,6 +261,8 @@ def run_round(round_num, config, federation, global_weights, engine):
                                 federation.malicious, time.perf_counter() - start)
     row.update(figures)
     row.update(clock)
+    if federation.devices is not None:
+        row["samples_trained"] = devices.samples_trained(config, report.accepted)
     if federation.baseline is not None:
         # As many samples as the clients' steps took (a straggler's partial work: fewer).
         trained = sum(upload_format.samples_in_steps(upload.num_examples, config["BATCH_SIZE"],

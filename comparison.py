@@ -32,8 +32,8 @@ CLIENT_FIGURES = ("local_pooled", "local_mean", "local_worst10", "personal_poole
                   "unseen_local_pooled", "unseen_personal_pooled", "unseen_personal_worst10")
 SEED_COLUMNS = ("run", "seed", "rounds", "diverged_in_round", "final_accuracy", "best_accuracy",
                 "rounds_to_target", "mb_up", "wall_seconds", "baseline_accuracy",
-                "epsilon") + CLIENT_FIGURES + ("virtual_hours", "virtual_hours_to_target"
-                                               ) + CLOCK_FIGURES
+                "epsilon") + CLIENT_FIGURES + ("virtual_hours", "virtual_hours_to_target",
+                                               "samples_trained") + CLOCK_FIGURES
 
 
 def seed_summary(config, rows, target):
@@ -53,6 +53,8 @@ def seed_summary(config, rows, target):
                for name in CLIENT_FIGURES},
             "virtual_hours": last.get("virtual_hours_total"),
             "virtual_hours_to_target": virtual_hours_to_reach(rows, target) if last else None,
+            "samples_trained": (sum(int(row["samples_trained"]) for row in rows)
+                                if last and "samples_trained" in last else None),
             **{name: per_round_mean(rows, name) if last else None for name in CLOCK_FIGURES}}
 
 
@@ -161,8 +163,9 @@ def write_comparison(output_dir, labels, configs, histories, run_dirs=None):
 def clock_table(groups, target):
     """Each configuration's virtual time (devices.py), mean ± std over its finished seeds."""
     lines = [f"| run | devices | seeds | final acc | virtual hours | virtual hours to {target} "
-             "| MB up | dropped / partial / cut per round | staleness (mean) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| M samples trained | MB up | dropped / partial / cut per round | "
+             "staleness (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, runs in groups.items():
         summaries = [seed_summary(config, rows, target) for config, rows in runs]
         finished = [summary for summary in summaries if not summary["diverged_in_round"]]
@@ -177,9 +180,15 @@ def clock_table(groups, target):
             f"{mean_and_spread(column['virtual_hours'], 2)} | "
             + (f"{mean_and_spread(reached, 2)} ({len(reached)}/{len(finished)})"
                if reached else "not reached")
-            + f" | {mean_and_spread(column['mb_up'], 1)} | {stragglers} | "
+            + f" | {mean_and_spread(millions(column['samples_trained']), 2)} | "
+            f"{mean_and_spread(column['mb_up'], 1)} | {stragglers} | "
             f"{mean_and_spread(column['staleness_mean'], 2)} |")
     return "\n".join(lines) + "\n"
+
+
+def millions(values):
+    """Counts in millions (None stays None)."""
+    return [None if value is None else value / 1e6 for value in values]
 
 
 def plot_virtual_time(path, groups, target):

@@ -264,9 +264,15 @@ def run_dir(config):
     """Return the run's output folder: OUTPUT_DIR/<readable name>_<hash of every constant>.
 
     The hash covers every constant that can change results, so two different configurations
-    never share a folder, while a resumed run (more ROUNDS) finds its own.
+    never share a folder, while a resumed run (more ROUNDS) finds its own. A device profiles
+    file counts by its content too: an edited file is another configuration.
     """
-    digest = Utils.config_hash(config, checkpoints.RESUMABLE_CHANGES)
+    hashed = config
+    if config["DEVICE_HETEROGENEITY"] not in devices.MODELS:
+        hashed = {**config, "DEVICE_HETEROGENEITY": (
+            f"{config['DEVICE_HETEROGENEITY']} "
+            f"sha256:{devices.profiles_digest(config['DEVICE_HETEROGENEITY'])}")}
+    digest = Utils.config_hash(hashed, checkpoints.RESUMABLE_CHANGES)
     return pathlib.Path(config["OUTPUT_DIR"]).expanduser() / f"{Utils.run_name(config)}_{digest}"
 
 

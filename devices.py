@@ -25,11 +25,13 @@ client drawing one row at random from SEED.
 """
 
 import csv
+import hashlib
 import pathlib
 import typing
 
 import numpy as np
 
+import upload_format
 import Utils
 
 MODELS = ("none", "lognormal")
@@ -96,6 +98,12 @@ def read_profiles(path):
     return np.array(rows, np.float64)
 
 
+def profiles_digest(path):
+    """SHA-256 of a device profiles file's bytes (hex): its content names the run, not its
+    path alone."""
+    return hashlib.sha256(pathlib.Path(path).expanduser().read_bytes()).hexdigest()
+
+
 def trained_samples(config, num_examples):
     """Samples a client's round passes through its model: its epochs over its n samples, with
     FedRep's head epochs and Ditto's personal epochs."""
@@ -105,6 +113,17 @@ def trained_samples(config, num_examples):
     elif config["PERSONALIZATION"] == "ditto":
         epochs += config["PERSONAL_EPOCHS"]
     return num_examples * epochs
+
+
+def samples_trained(config, uploads):
+    """The samples the uploads' local steps took in all: a straggler's partial work counts its
+    steps only, and FedRep's head and Ditto's personal epochs count too (what `samples`,
+    the clients' n that FedAvg weights by, does not say)."""
+    extra = {"fedrep": config["HEAD_EPOCHS"], "ditto": config["PERSONAL_EPOCHS"]}.get(
+        config["PERSONALIZATION"], 0)
+    return sum(upload_format.samples_in_steps(upload.num_examples, config["BATCH_SIZE"],
+                                              upload.num_steps)
+               + extra * upload.num_examples for upload in uploads)
 
 
 def client_seconds(profiles, client, bytes_down, samples, bytes_up):

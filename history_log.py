@@ -12,7 +12,7 @@ HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients
 BASELINE_COLUMNS = ("baseline_accuracy", "baseline_loss")
 PRIVACY_COLUMNS = ("epsilon",)
 KRUM_COLUMNS = ("krum_skipped",)
-CLOCK_COLUMNS = ("virtual_seconds", "virtual_hours_total")
+CLOCK_COLUMNS = ("virtual_seconds", "virtual_hours_total", "samples_trained")
 ROUND_CLOCK_COLUMNS = ("deadline_dropped", "partial", "over_selection_cut")
 ASYNC_COLUMNS = ("staleness_mean", "staleness_max")
 

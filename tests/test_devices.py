@@ -5,11 +5,13 @@ import csv
 import numpy as np
 import pytest
 
+import checkpoints
 import configuration
 import devices
 import history_log
 import Main
 import upload_format
+import Utils
 from conftest import assert_refused, run_whole_and_resumed, write_config
 
 # 5 clients of a tenth of the data, all trained every round.
@@ -106,6 +108,19 @@ def test_bad_device_constants_give_one_line_and_exit_two(tmp_path, capsys, const
     assert_refused(tmp_path, capsys, message, **constants)
 
 
+def test_an_edited_profiles_file_names_another_run_folder(tmp_path):
+    """The run's folder hashes the profiles file's content: an edited file with the same path
+    must not resume a run made with other devices."""
+    path = write_csv(tmp_path / "devices.csv", PROFILES)
+    config = {**Main.default_config(), "DEVICE_HETEROGENEITY": str(path)}
+    before = configuration.run_dir(config)
+    assert configuration.run_dir(config) == before
+    write_csv(path, PROFILES[:-1] + ["25,2,0.25"])
+    assert configuration.run_dir(config) != before
+    assert configuration.run_dir(Main.default_config()).name.endswith(
+        Utils.config_hash(Main.default_config(), checkpoints.RESUMABLE_CHANGES))
+
+
 def test_without_devices_the_history_has_no_clock_columns():
     config = Main.default_config()
     assert not set(history_log.CLOCK_COLUMNS) & set(history_log.history_columns(config))
@@ -181,6 +196,18 @@ def test_a_round_never_outlasts_its_deadline(policy):
     slow = devices.DeviceProfiles(np.array([100.0, 10.0]), np.full(2, 8.0), np.full(2, 4.0))
     plan = devices.plan_round(slow, config, np.arange(2), sizes, 10**6, 10**6, 2)
     assert plan.clients.tolist() == [0] and plan.dropped == 1 and plan.seconds == 4.5
+
+
+def test_samples_trained_count_the_steps_taken_and_the_extra_epochs_by_hand():
+    """100 samples, B 32, E 2: all 8 steps take 200; 5 steps 132 (32, 32, 32, 4, 32); FedRep
+    adds HEAD_EPOCHS x n (3 x 100), Ditto PERSONAL_EPOCHS x n; `samples` would say 100."""
+    def upload(steps):
+        return upload_format.Upload(0, 1, [], 100, steps, 0.0)
+
+    config = clock_config(BATCH_SIZE=32, LOCAL_EPOCHS=2, HEAD_EPOCHS=3, PERSONAL_EPOCHS=2)
+    assert devices.samples_trained(config, [upload(8), upload(5)]) == 200 + 132
+    assert devices.samples_trained({**config, "PERSONALIZATION": "fedrep"}, [upload(8)]) == 500
+    assert devices.samples_trained({**config, "PERSONALIZATION": "ditto"}, [upload(8)]) == 400
 
 
 @pytest.mark.parametrize("num_examples, batch_size, epochs, budget", [
@@ -384,9 +411,9 @@ def test_fedbuff_is_refused_on_flower_with_the_reason():
 
 def clock_rows(accuracies, hours, **columns):
     """History rows of a run on the virtual clock: accuracy and running hours per round, 2 MB
-    up a round, and the given per-round columns."""
+    up and 0.5 M samples trained a round, and the given per-round columns."""
     return [{"round": index + 1, "test_accuracy": accuracy, "mb_up_total": 2.0 * (index + 1),
-             "seconds": 1.0, "virtual_hours_total": hour,
+             "seconds": 1.0, "virtual_hours_total": hour, "samples_trained": 500_000,
              **{name: values[index] for name, values in columns.items()}}
             for index, (accuracy, hour) in enumerate(zip(accuracies, hours))]
 
@@ -407,9 +434,10 @@ def test_the_clock_table_reports_hours_to_target_megabytes_and_stragglers_per_ro
     _, _, partial, fedbuff = comparison.clock_table(groups, 0.8).splitlines()
     # Hours to 0.8: 1.0 (round 2) and 0.25 (round 1); partial per round: 4 and 2.
     assert partial == ("| partial | lognormal | 2 | 0.8750 ± 0.0354 | 0.75 ± 0.35 | "
-                       "0.62 ± 0.53 (2/2) | 4.0 ± 0.0 | 0.0 ± 0.0 / 3.0 ± 1.4 / 0.0 ± 0.0 |  |")
-    assert fedbuff == ("| fedbuff | lognormal | 1 | 0.7000 | 0.20 | not reached | 4.0 |  | "
-                       "2.00 |")
+                       "0.62 ± 0.53 (2/2) | 1.00 ± 0.00 | 4.0 ± 0.0 | "
+                       "0.0 ± 0.0 / 3.0 ± 1.4 / 0.0 ± 0.0 |  |")
+    assert fedbuff == ("| fedbuff | lognormal | 1 | 0.7000 | 0.20 | not reached | 1.00 | 4.0 "
+                       "|  | 2.00 |")
 
 
 def test_the_baseline_trains_as_many_samples_as_partial_clients_did(tmp_path, monkeypatch,
@@ -448,3 +476,5 @@ def test_the_baseline_trains_as_many_samples_as_partial_clients_did(tmp_path, mo
     assert all(int(row["partial"]) > 0 for row in rows), rows
     assert asked == trained and all(0 < count < 2 * int(row["samples"])
                                     for count, row in zip(asked, rows)), (asked, rows)
+    # `samples` is the returned clients' n (FedAvg's weights); `samples_trained` their steps'.
+    assert [int(row["samples_trained"]) for row in rows] == trained
