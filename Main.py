@@ -72,7 +72,7 @@ DATA_DIR = None  # folder with the four Fashion-MNIST .gz files; None = search t
 LOCAL_TEST_SHARE = 0.0  # share of each client's samples kept as its test data, [0, 1); 0 = off
 HELD_OUT_CLIENTS = 0.0  # share of clients never trained, only evaluated (unseen_*), [0, 1)
 PERSONALIZATION = "none"  # none | finetune | fedper | fedrep | ditto | local
-FINETUNE_EPOCHS = 1  # finetune, and a new client under any method: adaptation epochs, int >= 1
+FINETUNE_EPOCHS = 1  # finetune; new clients of local, fedper, fedrep: adaptation epochs, int >= 1
 HEAD_EPOCHS = 1  # fedrep: epochs on the head (body frozen) before the body's, int >= 1
 PERSONAL_EPOCHS = 1  # ditto: epochs of each selected client's own model a round, int >= 1
 DITTO_LAMBDA = 0.1  # ditto: lambda of (lambda/2)||v_i - w_global||^2, >= 0
@@ -309,9 +309,11 @@ def plan_round(config, federation, returning):
 def evaluate_clients(round_num, config, federation, global_weights, engine):
     """Every client's accuracy on its local test data (LOCAL_TEST_SHARE): the round's figures
     for history.csv and its rows of clients.csv; refused reports are printed."""
-    scores = engine.evaluate(round_num, range(config["NUM_CLIENTS"]), global_weights)
+    # Clients without local test data are not asked: a score of theirs is refused.
+    scores = engine.evaluate(round_num, [client for client, rows in enumerate(federation.split.test)
+                                         if len(rows)], global_weights)
     figures, client_rows, refused = client_evaluation.round_figures(
-        round_num, scores, federation.split.test, federation.held_out)
+        round_num, scores, federation.split.test, federation.held_out, federation.malicious)
     for text in refused:
         print(text, file=sys.stderr, flush=True)
     return figures, client_rows

@@ -299,6 +299,14 @@ def print_setup(config, source, client_indices, output_dir, training):
         print(f"per-client evaluation: {config['LOCAL_TEST_SHARE']:g} of each client's samples "
               f"test it; clients held out: {len(sizes) - training}  personalization: "
               f"{config['PERSONALIZATION']}")
+        if config["DP_CLIP_NORM"] > 0:
+            print(EPSILON_DOES_NOT_COVER)
+
+
+# With DP and per-client evaluation: what the (epsilon, delta) guarantee leaves out.
+EPSILON_DOES_NOT_COVER = (
+    "note: epsilon covers the global model only; local_*, personal_*, unseen_* and clients.csv "
+    "are exact accuracies on clients' own data, released without noise")
 
 
 def print_summary(config, rows, output_dir):
@@ -411,7 +419,7 @@ def plot_client_accuracies(path, client_rows, title):
     """Save the CDF of the clients' accuracies (clients.csv rows of one evaluation): the global
     model and each client's own, for trained and unseen clients."""
     figure, axis = plt.subplots(figsize=(6, 4))
-    for group in ("trained", "unseen"):
+    for group in ("eligible", "attacker", "unseen"):
         rows = [row for row in client_rows if row["group"] == group]
         for model, style in (("local", "--"), ("personal", "-")):
             if not rows:

@@ -4,7 +4,9 @@ With LOCAL_TEST_SHARE > 0 every client keeps part of its samples as a local test
 (Data_Preprocessing.split_local_test). At every evaluation each client counts how many of its
 local test samples the global model and its own model (personalization.personal_models) get
 right; the server checks those counts like any upload (`score_problem`) and summarises them per
-group of clients (trained, or held out: `unseen`) into the figures of history.csv:
+group of clients into the figures of history.csv: the eligible clients (those selection draws
+from, trained yet or not; with attackers, the honest ones only, as Ditto's paper reports benign
+devices) and the held-out ones (`unseen_`):
 
   pooled   correct over all local test samples of the group
   mean     mean over clients of each client's accuracy
@@ -13,8 +15,9 @@ group of clients (trained, or held out: `unseen`) into the figures of history.cs
            measure of q-FFL, Li et al. 2020)
   best10   mean of the highest tenth
 
-for `local_` (the global model) and `personal_` (each client's own; equal with "none").
-Clients without local test samples (a client of one sample) are not evaluated.
+for `local_` (the global model) and `personal_` (each client's own; equal with "none"), and
+`evaluated`, the clients the group's figures cover. Clients without local test samples
+(floor(s n) = 0: n <= 3 at s = 0.25) are neither asked nor evaluated.
 """
 
 import csv
@@ -33,8 +36,10 @@ CLIENT_COLUMNS = ("round", "client", "group", "samples", "local_accuracy", "pers
 
 
 def history_columns(held_out):
-    """history.csv's per-client columns: local_pooled, ..., personal_best10 (and unseen_*)."""
-    columns = tuple(f"{model}_{figure}" for model in MODELS for figure in FIGURES)
+    """history.csv's per-client columns: local_pooled, ..., personal_best10, evaluated (and
+    unseen_*)."""
+    columns = tuple(f"{model}_{figure}" for model in MODELS for figure in FIGURES) + (
+        "evaluated",)
     return columns + (tuple(f"unseen_{column}" for column in columns) if held_out else ())
 
 
@@ -99,6 +104,8 @@ def score_problem(score, test_sizes):
     if not (isinstance(score.client, (int, np.integer)) and 0 <= score.client < len(test_sizes)):
         return f"{score.client!r} is not a client of this run"
     samples = test_sizes[score.client]
+    if samples == 0:
+        return f"client {score.client} holds no local test data; it was not asked for a score"
     if score.samples != samples:
         return (f"client {score.client} reports {score.samples} local test samples, "
                 f"it holds {samples}")
@@ -117,6 +124,7 @@ def summarize(scores, prefix=""):
         samples = np.array([score.samples for score in scores], np.float64)
         for figure, value in group_figures(correct, samples).items():
             figures[f"{prefix}{model}_{figure}"] = round(value, 6)
+    figures[f"{prefix}evaluated"] = len(scores)
     return figures
 
 
@@ -129,23 +137,32 @@ def group_figures(correct, samples):
             "best10": float(accuracies[-tenth:].mean())}
 
 
-def client_rows(round_num, scores, held_out):
+def client_group(client, held_out, attackers):
+    """A client's group in clients.csv: unseen (held out), attacker, or eligible (selection
+    draws from it, whether it has trained yet or not)."""
+    if client in held_out:
+        return "unseen"
+    return "attacker" if client in attackers else "eligible"
+
+
+def client_rows(round_num, scores, held_out, attackers=()):
     """clients.csv's rows of one evaluation: one per client."""
     return [{"round": round_num, "client": score.client,
-             "group": "unseen" if score.client in held_out else "trained",
+             "group": client_group(score.client, held_out, attackers),
              "samples": score.samples,
              "local_accuracy": round(score.global_correct / score.samples, 6),
              "personal_accuracy": round(score.personal_correct / score.samples, 6)}
             for score in scores]
 
 
-def round_figures(round_num, scores, test_indices, held_out):
+def round_figures(round_num, scores, test_indices, held_out, attackers=()):
     """Check the clients' reported scores and summarise them.
 
     Args:
         scores: what the engine delivered (ClientScore objects; anything else is refused).
         test_indices: every client's local test rows (the server knows the split).
-        held_out: the held-out clients, reported as unseen_*.
+        held_out: the held-out clients, reported as unseen_*; attackers: the malicious
+            clients, left out of the figures (their rows in clients.csv are marked).
     Returns:
         (history figures, clients.csv rows, one line per refused or missing report).
     """
@@ -166,12 +183,14 @@ def round_figures(round_num, scores, test_indices, held_out):
         refused.append(f"round {round_num}: no evaluation from clients {missing}; the "
                        "per-client figures leave them out")
     ordered = [accepted[client] for client in sorted(accepted)]
+    groups = {"eligible": "", "unseen": "unseen_"}
     figures = {}
-    for prefix, group in (("", [score for score in ordered if score.client not in held_out]),
-                          ("unseen_", [score for score in ordered if score.client in held_out])):
-        if group:
-            figures.update(summarize(group, prefix))
-    return figures, client_rows(round_num, ordered, held_out), refused
+    for group, prefix in groups.items():
+        members = [score for score in ordered
+                   if client_group(score.client, held_out, attackers) == group]
+        if members:
+            figures.update(summarize(members, prefix))
+    return figures, client_rows(round_num, ordered, held_out, attackers), refused
 
 
 class ClientsLog:

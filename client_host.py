@@ -101,10 +101,11 @@ class ClientHost:
         self.malicious = attacks.malicious_clients(settings.num_clients,
                                                    settings.malicious_fraction, settings.seed)
         # Label-flipping attackers make their global update on labels 9 - y; their own models
-        # and adaptations use the true labels.
+        # (FedRep's head phase, FedPer's head: "honest") and adaptations use the true labels.
         self.flipped_trainers = (
             {**self.trainers, **self._make_trainers(model, x_train, 9 - np.asarray(y_train),
-                                                    only=("main", "head"))}
+                                                    only=("main",)),
+             "honest": self.trainers["main"]}
             if self.malicious and settings.attack == "label_flip" else None)
         self.scorer = (client_evaluation.Scorer(model, x_train, y_train)
                        if test_indices is not None else None)

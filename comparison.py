@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 import numpy as np  # noqa: E402
 
+import personalization  # noqa: E402
 import Utils  # noqa: E402
 
 
@@ -214,30 +215,32 @@ def plot_virtual_time(path, groups, target):
 def client_table(groups, target):
     """Each configuration's clients' accuracy on their local test data at the last round,
     mean ± std over its finished seeds (client_evaluation's figures)."""
-    lines = ["| run | personalization | seeds | global model: pooled | mean | worst 10 % | "
-             "own models: pooled | mean | std | worst 10 % | best 10 % | unseen: global pooled | "
-             "unseen: own pooled | unseen: own worst 10 % | MB up | global test acc |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | personalization | epochs a round | seeds | global model: pooled | mean | "
+             "worst 10 % | own models: pooled | mean | std | worst 10 % | best 10 % | "
+             "unseen: global pooled | unseen: own pooled | unseen: own worst 10 % | MB up | "
+             "global test acc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, runs in groups.items():
         summaries = [seed_summary(config, rows, target) for config, rows in runs]
         finished = [summary for summary in summaries if not summary["diverged_in_round"]]
         cells = [mean_and_spread([summary[name] for summary in finished], 4)
                  for name in CLIENT_FIGURES + ("mb_up", "final_accuracy")]
         cells[-2] = mean_and_spread([summary["mb_up"] for summary in finished], 1)
-        lines.append(f"| {label} | {runs[0][0]['PERSONALIZATION']} | {len(finished)} | "
+        lines.append(f"| {label} | {runs[0][0]['PERSONALIZATION']} | "
+                     f"{personalization.epochs_per_round(runs[0][0])} | {len(finished)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_client_accuracies(path, run_dirs_by_label):
     """A box per configuration of its clients' accuracies at the last round (every seed's
-    trained clients in one box): the global model's beside the clients' own models'."""
+    eligible honest clients in one box): the global model's beside the clients' own models'."""
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(run_dirs_by_label)), 4.5))
     labels = list(run_dirs_by_label)
     for offset, (model, color) in enumerate((("local", "tab:grey"), ("personal", "tab:blue"))):
         values = [[float(row[f"{model}_accuracy"]) for run_dir in run_dirs
                    for row in Utils.last_client_rows(pathlib.Path(run_dir) / "clients.csv")
-                   if row["group"] == "trained"]
+                   if row["group"] == "eligible"]
                   for run_dirs in (run_dirs_by_label[label] for label in labels)]
         boxes = axis.boxplot(values, positions=np.arange(len(labels)) * 3 + offset,
                              widths=0.8, patch_artist=True)

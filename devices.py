@@ -31,6 +31,7 @@ import typing
 
 import numpy as np
 
+import personalization
 import upload_format
 import Utils
 
@@ -107,20 +108,14 @@ def profiles_digest(path):
 def trained_samples(config, num_examples):
     """Samples a client's round passes through its model: its epochs over its n samples, with
     FedRep's head epochs and Ditto's personal epochs."""
-    epochs = config["LOCAL_EPOCHS"]
-    if config["PERSONALIZATION"] == "fedrep":
-        epochs += config["HEAD_EPOCHS"]
-    elif config["PERSONALIZATION"] == "ditto":
-        epochs += config["PERSONAL_EPOCHS"]
-    return num_examples * epochs
+    return num_examples * (config["LOCAL_EPOCHS"] + personalization.extra_epochs(config))
 
 
 def samples_trained(config, uploads):
     """The samples the uploads' local steps took in all: a straggler's partial work counts its
     steps only, and FedRep's head and Ditto's personal epochs count too (what `samples`,
     the clients' n that FedAvg weights by, does not say)."""
-    extra = {"fedrep": config["HEAD_EPOCHS"], "ditto": config["PERSONAL_EPOCHS"]}.get(
-        config["PERSONALIZATION"], 0)
+    extra = personalization.extra_epochs(config)
     return sum(upload_format.samples_in_steps(upload.num_examples, config["BATCH_SIZE"],
                                               upload.num_steps)
                + extra * upload.num_examples for upload in uploads)

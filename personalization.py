@@ -38,6 +38,22 @@ HEAD_LAYERS = 2
 KEEPING = ("fedper", "fedrep", "ditto", "local")
 
 
+def extra_epochs(config):
+    """Epochs a selected client trains a round beyond LOCAL_EPOCHS: FedRep's head phase,
+    Ditto's personal model (the others: 0)."""
+    return {"fedrep": config["HEAD_EPOCHS"], "ditto": config["PERSONAL_EPOCHS"]}.get(
+        config["PERSONALIZATION"], 0)
+
+
+def epochs_per_round(config):
+    """What a selected client trains a round, as the comparisons print it: '2', or for
+    FedAvg-FT '1 + 1 per evaluation' (its fine-tuning before each evaluation)."""
+    epochs = f"{config['LOCAL_EPOCHS'] + extra_epochs(config)}"
+    if config["PERSONALIZATION"] == "finetune":
+        epochs += f" + {config['FINETUNE_EPOCHS']} per evaluation"
+    return epochs
+
+
 def own_layers(method, num_layers):
     """Indices of the layer arrays a client keeps as its own (its personal state)."""
     if method in ("fedper", "fedrep"):
@@ -94,7 +110,8 @@ def train_round(settings, trainers, global_weights, clients, indices, own, round
     """Train clients for a round as the method does.
 
     Args:
-        trainers: {"main": the group's local trainer, and the method's (trainer_recipes)}.
+        trainers: {"main": the group's local trainer, and the method's (trainer_recipes); for
+            label-flipping attackers "main" trains on flipped labels and "honest" on true ones}.
         clients: the client ids; indices: their training rows; own: each client's kept arrays
             (own_layers), or None for a client without.
         corrections: SCAFFOLD's per-client corrections, or None.
@@ -119,7 +136,15 @@ def train_round(settings, trainers, global_weights, clients, indices, own, round
             trainers["personal"], global_weights, indices, own,
             [Utils.rng(seed, "personal", round_num, client) for client in clients])]
     elif method in KEEPING:
-        kept = [[result.new_weights[index] for index in layers] for result in results]
+        if method == "fedper" and "honest" in trainers:
+            # A label-flipping attacker's own head: the same training on its true labels.
+            results_for_own = trainers["honest"].train_many(
+                global_weights, indices,
+                [Utils.rng(seed, "training", round_num, client) for client in clients],
+                corrections, starts, max_steps=max_steps)
+        else:
+            results_for_own = results
+        kept = [[result.new_weights[index] for index in layers] for result in results_for_own]
     else:
         kept = [None] * len(clients)
     return results, kept

@@ -18,6 +18,7 @@ import node_cache
 import personalization
 import Server_side
 import upload_format
+import Utils
 from client_evaluation import ClientScore
 from conftest import assert_refused, round_clients, run_whole_and_resumed, write_config
 
@@ -102,6 +103,47 @@ def test_client_reports_outside_what_a_client_holds_are_refused():
     assert "no evaluation from clients [1, 3]" in refused[-1]
     assert [row["client"] for row in rows] == [0]
     assert figures["local_pooled"] == 0.7 and figures["personal_pooled"] == 0.8
+
+
+def test_the_epochs_a_round_count_each_methods_extra_training():
+    config = {**Main.default_config(), "LOCAL_EPOCHS": 2, "HEAD_EPOCHS": 10,
+              "PERSONAL_EPOCHS": 3, "FINETUNE_EPOCHS": 4}
+    expected = {"none": "2", "fedper": "2", "local": "2", "fedrep": "12", "ditto": "5",
+                "finetune": "2 + 4 per evaluation"}
+    for method, epochs in expected.items():
+        assert personalization.epochs_per_round({**config, "PERSONALIZATION": method}) == epochs
+
+
+def test_a_report_for_a_client_without_local_test_data_is_refused():
+    """A node could stop the server: a score of 0 samples for a client with no local test data
+    passed as counts in 0..0 and then divided by zero. The server never asks such a client."""
+    test_indices = [np.arange(4), np.arange(0), np.arange(2)]
+    reports = [ClientScore(0, 4, 3, 4), ClientScore(1, 0, 0, 0), ClientScore(2, 2, 1, 2)]
+    figures, rows, refused = client_evaluation.round_figures(3, reports, test_indices, set())
+    assert refused == ["round 3: refused a client evaluation: client 1 holds no local test "
+                       "data; it was not asked for a score"]
+    assert [row["client"] for row in rows] == [0, 2]
+    assert figures["local_pooled"] == round(4 / 6, 6) and figures["evaluated"] == 2
+
+
+def test_attackers_and_held_out_clients_are_reported_apart_with_their_counts():
+    """Ditto's paper reports benign devices: with attackers, local_* and personal_* are over
+    the honest eligible clients; attackers are marked in clients.csv; each group says how many
+    clients it holds, so a missing report shows in the data."""
+    test_indices = [np.arange(10)] * 4 + [np.arange(0)]
+    reports = [ClientScore(0, 10, 9, 9), ClientScore(1, 10, 1, 2), ClientScore(2, 10, 5, 6),
+               ClientScore(3, 10, 7, 7)]
+    figures, rows, refused = client_evaluation.round_figures(
+        1, reports, test_indices, held_out={3}, attackers={1})
+    assert figures["local_pooled"] == 0.7 and figures["personal_pooled"] == 0.75
+    assert figures["evaluated"] == 2 and figures["unseen_evaluated"] == 1
+    assert figures["unseen_local_pooled"] == 0.7
+    assert [row["group"] for row in rows] == ["eligible", "attacker", "eligible", "unseen"]
+    assert refused == []
+    # Client 0's report is missing: the count says so.
+    figures, _, refused = client_evaluation.round_figures(
+        2, reports[1:], test_indices, held_out={3}, attackers={1})
+    assert figures["evaluated"] == 1 and "no evaluation from clients [0]" in refused[0]
 
 
 def test_the_scorer_counts_what_keras_predicts(fashion_mnist):
@@ -258,6 +300,38 @@ def test_bad_new_constants_give_one_line_and_exit_two(tmp_path, capsys, constant
     assert_refused(tmp_path, capsys, message, **constants)
 
 
+@pytest.mark.parametrize("method", ["fedper", "fedrep"])
+def test_label_flipping_attackers_keep_honest_own_heads(tenth_of_the_data, method):
+    """By hand: 2 clients of 2 classes, one flips its labels (9 - y), 3 rounds. Its upload is
+    trained on flipped labels, but its own head is trained on its true ones: before the fix its
+    own model scored 0.0 on its true test labels (the head predicted the flipped classes)."""
+    config, federation = federation_for(tenth_of_the_data, PERSONALIZATION=method,
+                                        NUM_CLIENTS=2, MALICIOUS_FRACTION=0.5,
+                                        ATTACK="label_flip")
+    (attacker,) = federation.malicious
+    # Its upload still attacks: in round 1 it differs from the same client's honest upload,
+    # while the honest client's is the same with or without an attacker beside it.
+    _, honest_federation = federation_for(tenth_of_the_data, PERSONALIZATION=method,
+                                          NUM_CLIENTS=2)
+    start = honest_federation.global_model.get_weights()
+    clients = [0, 1]
+    attacked = federation.host.train(1, clients, start)
+    honest = honest_federation.host.train(1, clients, start)
+    body_shapes = [layer.shape for layer in start[:4]]
+    for attacked_upload, honest_upload in zip(attacked, honest):
+        same = all(np.array_equal(a, b) for a, b in zip(
+            upload_format.decode_update(attacked_upload.update, body_shapes),
+            upload_format.decode_update(honest_upload.update, body_shapes)))
+        assert same == (attacked_upload.client != attacker)
+    weights = federation.global_model.get_weights()
+    for round_num in (1, 2, 3):
+        uploads = federation.host.train(round_num, clients, weights)
+        weights, report = federation.server.round(round_num, weights, uploads, clients, 2)
+        federation.host.settle(round_num, [upload.client for upload in report.accepted])
+    scores = {score.client: score for score in federation.host.evaluate(4, clients, weights)}
+    assert scores[attacker].personal_correct / scores[attacker].samples > 0.8, scores
+
+
 # --- Whole runs ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -272,7 +346,7 @@ def test_every_client_is_evaluated_and_unseen_clients_are_reported_apart(tmp_pat
     assert [row["round"] for row in client_rows] == ["1"] * 6 + ["2"] * 6
     assert {int(row["client"]) for row in client_rows if row["group"] == "unseen"} == held_out
     last = rows[-1]
-    trained = [row for row in client_rows[6:] if row["group"] == "trained"]
+    trained = [row for row in client_rows[6:] if row["group"] == "eligible"]
     assert float(last["personal_mean"]) == pytest.approx(
         np.mean([float(row["personal_accuracy"]) for row in trained]), abs=1e-6)
     # Own heads on 2-class clients beat the global model's untrained head by far.
@@ -301,7 +375,9 @@ def test_with_none_the_personal_figures_are_the_global_ones_and_ditto_keeps_feda
                                                              for row in none_rows]
     assert float(ditto_rows[-1]["personal_pooled"]) > float(ditto_rows[-1]["local_pooled"])
     table = (tmp_path / "runs" / "comparison.md").read_text()
-    ditto_line = next(line for line in table.splitlines() if line.startswith("| ditto | ditto |"))
+    # Ditto trains its own model an epoch beside its global update: 2 epochs a round.
+    ditto_line = next(line for line in table.splitlines()
+                      if line.startswith("| ditto | ditto | 2 |"))
     assert f"| {float(ditto_rows[-1]['personal_pooled']):.4f} |" in ditto_line
     assert (tmp_path / "runs" / "comparison_clients.png").exists()
 
@@ -367,13 +443,16 @@ def test_personalization_on_the_flower_engine_equals_the_in_process_run(
 ], ids=["fedper_prox_int8", "fedrep_nova_adam_dropout", "fedper_dp_held_out",
         "fedrep_topk_median_label_flip", "ditto_scaffold", "ditto_krum_sign_flip",
         "finetune_scaffold_topk_baseline", "local_fedsgd_held_out"])
-def test_personalization_combines_with_the_other_options(tmp_path, tenth_of_the_data,
+def test_personalization_combines_with_the_other_options(tmp_path, capsys, tenth_of_the_data,
                                                          constants):
     """Two rounds of each combination run through, every client is scored every round, and
-    the layers a method keeps on the clients never move in the global model."""
+    the layers a method keeps on the clients never move in the global model. With DP the run
+    says that epsilon does not cover the per-client figures."""
     setting = {**SMALL, "NUM_CLIENTS": 10, **constants}
     path = write_config(tmp_path / "run.csv", OUTPUT_DIR=tmp_path / "run", **setting)
     assert Main.main(["-c", "-f", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert (Utils.EPSILON_DOES_NOT_COVER in printed) == ("DP_CLIP_NORM" in constants)
     rows, weights, client_rows = run_outputs(tmp_path / "run")
     assert len(client_rows) == 2 * 10 and all(rows[-1][f"personal_{figure}"] != ""
                                              for figure in client_evaluation.FIGURES)
