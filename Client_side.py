@@ -70,6 +70,7 @@ class ClientSettings(Utils.Settings):
     head_epochs: int
     personal_epochs: int
     ditto_lambda: float
+    model: str
 
 
 # A dropout seed that tells the compiled call to continue the model's dropout state.

@@ -49,6 +49,7 @@ LOCAL_EPOCHS = 1  # E: passes over its data each selected client makes, an integ
 BATCH_SIZE = 32  # B: local minibatch size, integer >= 0; 0 = all local data (B = inf, FedSGD)
 LEARNING_RATE = 0.01  # eta: local SGD learning rate, > 0
 LOCAL_MOMENTUM = 0.0  # local SGD momentum, in [0, 1); its buffer restarts for every client
+MODEL = "seed_cnn"  # seed_cnn | mcmahan_cnn | mcmahan_2nn | niid_bench_cnn | pflib_fedavgcnn
 # Algorithm
 ALGORITHM = "fedavg"  # fedavg | fedprox | scaffold | fednova: local update and aggregation
 PROX_MU = 0.01  # fedprox: mu, weight of (mu/2)||w - w_global||^2 in the local loss, >= 0
@@ -374,7 +375,7 @@ def build_federation(config, data, client_indices, in_process=True):
     client_settings = Client_side.ClientSettings.from_config(config)
     split = configuration.client_split(config, client_indices)
     Utils.seed_everything(config["SEED"])
-    global_model = Server_side.create_model()
+    global_model = Server_side.create_model(config["MODEL"])
     initial_weights = global_model.get_weights()
     shapes = [layer.shape for layer in initial_weights]
     server_settings = Server_side.ServerSettings.from_config(config)
@@ -386,14 +387,15 @@ def build_federation(config, data, client_indices, in_process=True):
         async_queue = components["async"] = fedbuff.EventQueue(server.upload_shapes)
     host = None
     if in_process:
-        host = client_host.ClientHost(client_settings, Server_side.create_model(), data.x_train,
-                                      data.y_train, split.train,
+        host = client_host.ClientHost(client_settings, Server_side.create_model(config["MODEL"]),
+                                      data.x_train, data.y_train, split.train,
                                       split.test if config["LOCAL_TEST_SHARE"] > 0 else None)
         components.update({f"client_{name}": memory for name, memory in host.memory.items()})
     baseline = None
     if config["CENTRALIZED_BASELINE"]:
         baseline_trainer = Client_side.LocalTrainer.for_baseline(
-            Server_side.create_model(), data.x_train, data.y_train, client_settings)
+            Server_side.create_model(config["MODEL"]), data.x_train, data.y_train,
+            client_settings)
         baseline = centralized_baseline.CentralizedBaseline(
             baseline_trainer, initial_weights, len(data.y_train), config["SEED"])
         components["baseline"] = baseline

@@ -21,8 +21,8 @@ import math
 
 import numpy as np
 import tensorflow as tf
-import keras
 
+import models
 import personalization
 import privacy
 import robust_rules
@@ -37,18 +37,9 @@ EVAL_BATCH_SIZE = 5000
 PROBABILITY_EPSILON = 1e-7
 
 
-def create_model():
-    """Build the seed's CNN; the only place the architecture is defined."""
-    return keras.Sequential([
-        keras.Input(shape=(28, 28, 1)),
-        keras.layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
-        keras.layers.MaxPooling2D(pool_size=(2, 2)),
-        keras.layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
-        keras.layers.MaxPooling2D(pool_size=(2, 2)),
-        keras.layers.Flatten(),
-        keras.layers.Dropout(0.5),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
+def create_model(model_name=models.DEFAULT):
+    """Build the global model: MODEL's architecture, from its plug-in in models/."""
+    return models.build(model_name)
 
 
 CLIENT_SAMPLINGS = ("fixed", "poisson")
@@ -238,6 +229,7 @@ class ServerSettings(Utils.Settings):
     held_out_clients: float
     personalization: str
     over_selection: float
+    model: str
 
 
 def held_out_clients(num_clients, share, seed):
@@ -308,7 +300,8 @@ class Server:
         self.settings, self.shapes = settings, [tuple(shape) for shape in shapes]
         self.client_sizes = client_sizes
         self.uploaded = personalization.uploaded_layers(settings.personalization,
-                                                        len(self.shapes))
+                                                        len(self.shapes),
+                                                        models.head_layers(settings.model))
         self.upload_shapes = [self.shapes[index] for index in self.uploaded]
         # What travels: float32 arrays of the uploaded layers.
         self.model_bytes = sum(4 * int(np.prod(shape)) for shape in self.upload_shapes)

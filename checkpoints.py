@@ -12,12 +12,26 @@ import pathlib
 
 import numpy as np
 
+import models
 import Utils
 
 CHECKPOINT_NAME = "checkpoint.npz"
 # Constants that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT_DIR",
                      "TARGET_ACCURACY", "REPEATS", "EVAL_EVERY")
+# Constants added after runs were first named by a hash of every constant, with the value that
+# gives the results of before they existed. At that value a constant is left out of the run
+# folder's hash, and a checkpoint saved without it counts it as that value: adding a constant
+# (or a plug-in it chooses) renames no existing run's folder and breaks no RESUME.
+ADDED_CONSTANTS = {"MODEL": models.DEFAULT}
+
+
+def identity(config):
+    """The constants that name a run: all but RESUMABLE_CHANGES and the added constants at
+    their value of before (see ADDED_CONSTANTS)."""
+    return {name: value for name, value in config.items()
+            if name not in RESUMABLE_CHANGES
+            and not (name in ADDED_CONSTANTS and value == ADDED_CONSTANTS[name])}
 
 
 def save_checkpoint(path, arrays, metadata):
@@ -81,7 +95,9 @@ def restore_run_state(checkpoint, components):
 
 
 def config_differences(saved, current, ignored):
-    """Return the names of constants whose JSON form differs between two configs."""
+    """Return the names of constants whose JSON form differs between two configs; a constant
+    the saved config predates counts as its value of before (ADDED_CONSTANTS)."""
+    saved = {**ADDED_CONSTANTS, **saved}
     saved_json = json.loads(json.dumps(saved, default=str))
     current_json = json.loads(json.dumps(current, default=str))
     names = (set(saved_json) | set(current_json)) - set(ignored)

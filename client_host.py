@@ -18,6 +18,7 @@ import tensorflow as tf
 import attacks
 import client_evaluation
 import client_state
+import models
 import personalization
 import Utils
 import upload_format
@@ -109,9 +110,11 @@ class ClientHost:
             if self.malicious and settings.attack == "label_flip" else None)
         self.scorer = (client_evaluation.Scorer(model, x_train, y_train)
                        if test_indices is not None else None)
-        self.own_layers = personalization.own_layers(settings.personalization, len(self.shapes))
+        head_layers = models.head_layers(settings.model)
+        self.own_layers = personalization.own_layers(settings.personalization, len(self.shapes),
+                                                     head_layers)
         self.uploaded = personalization.uploaded_layers(settings.personalization,
-                                                        len(self.shapes))
+                                                        len(self.shapes), head_layers)
         self.memory = {name: client_state.ClientMemory(self._state_shapes(name))
                        for name in client_state.kept_state_names(settings.algorithm,
                                                                  settings.compression,

@@ -15,6 +15,7 @@ import attacks
 import checkpoints
 import Data_Preprocessing
 import devices
+import models
 import personalization
 import privacy
 import robust_rules
@@ -164,8 +165,10 @@ def validate_personalization(config):
                              f"{config[name]} has nothing to act on: set it to {value}")
     if method not in personalization.KEEPING:
         return num_clients - held_out
-    shapes = [tuple(variable.shape) for variable in Server_side.create_model().weights]
-    needed = num_clients * personalization.state_bytes_per_client(method, shapes)
+    shapes = [tuple(variable.shape)
+              for variable in Server_side.create_model(config["MODEL"]).weights]
+    needed = num_clients * personalization.state_bytes_per_client(
+        method, shapes, models.head_layers(config["MODEL"]))
     if needed > personal_state_budget():
         raise ValueError(f"PERSONALIZATION {method} would keep up to {needed / 2**30:.1f} GiB "
                          f"of personal state for {num_clients} clients, more than half of "
@@ -249,7 +252,7 @@ RULES = {
     "KRUM_F": _integer(0), "MALICIOUS_FRACTION": _number("[0, 1)"),
     "ATTACK": _one_of(attacks.ATTACKS), "ATTACK_SCALE": _number("> 0"),
     "LOCAL_TEST_SHARE": _number("[0, 1)"), "HELD_OUT_CLIENTS": _number("[0, 1)"),
-    "PERSONALIZATION": _one_of(personalization.METHODS), "FINETUNE_EPOCHS": _integer(1),
+    "PERSONALIZATION": _one_of(personalization.METHODS), "MODEL": _one_of(models.NAMES), "FINETUNE_EPOCHS": _integer(1),
     "HEAD_EPOCHS": _integer(1), "PERSONAL_EPOCHS": _integer(1), "DITTO_LAMBDA": _number(">= 0"),
     "DEVICE_HETEROGENEITY": _device_model(), "DEVICE_SPEED": _number("> 0"),
     "DEVICE_SPEED_SIGMA": _number(">= 0"), "DEVICE_DOWN_MBPS": _number("> 0"),
@@ -263,16 +266,17 @@ RULES = {
 def run_dir(config):
     """Return the run's output folder: OUTPUT_DIR/<readable name>_<hash of every constant>.
 
-    The hash covers every constant that can change results, so two different configurations
-    never share a folder, while a resumed run (more ROUNDS) finds its own. A device profiles
-    file counts by its content too: an edited file is another configuration.
+    The hash covers every constant that can change results (checkpoints.identity), so two
+    different configurations never share a folder, while a resumed run (more ROUNDS) finds its
+    own, and a constant added later at its value of before leaves the folder as it was. A
+    device profiles file counts by its content too: an edited file is another configuration.
     """
     hashed = config
     if config["DEVICE_HETEROGENEITY"] not in devices.MODELS:
         hashed = {**config, "DEVICE_HETEROGENEITY": (
             f"{config['DEVICE_HETEROGENEITY']} "
             f"sha256:{devices.profiles_digest(config['DEVICE_HETEROGENEITY'])}")}
-    digest = Utils.config_hash(hashed, checkpoints.RESUMABLE_CHANGES)
+    digest = Utils.config_hash(checkpoints.identity(hashed))
     return pathlib.Path(config["OUTPUT_DIR"]).expanduser() / f"{Utils.run_name(config)}_{digest}"
 
 

@@ -377,8 +377,8 @@ def node_host(settings, context):
     Utils.make_deterministic()
     Utils.seed_everything(config["SEED"])
     host = client_host.ClientHost(Client_side.ClientSettings.from_config(config),
-                                  Server_side.create_model(), data.x_train, data.y_train,
-                                  split.train,
+                                  Server_side.create_model(config["MODEL"]), data.x_train,
+                                  data.y_train, split.train,
                                   split.test if config["LOCAL_TEST_SHARE"] > 0 else None)
     flower_records.restore_client_state(host, context.state)
     return host

@@ -29,11 +29,10 @@ head, ditto and local from the global model.
 
 import numpy as np
 
+import models
 import Utils
 
 METHODS = ("none", "finetune", "fedper", "fedrep", "ditto", "local")
-# The head is the last Dense layer's kernel and bias (Server_side.create_model).
-HEAD_LAYERS = 2
 # Methods whose clients keep a part of the model as their own between rounds.
 KEEPING = ("fedper", "fedrep", "ditto", "local")
 
@@ -54,27 +53,29 @@ def epochs_per_round(config):
     return epochs
 
 
-def own_layers(method, num_layers):
-    """Indices of the layer arrays a client keeps as its own (its personal state)."""
+def own_layers(method, num_layers, head_layers):
+    """Indices of the layer arrays a client keeps as its own (its personal state); the head is
+    the model's last `head_layers` arrays (its plug-in's HEAD_LAYERS)."""
     if method in ("fedper", "fedrep"):
-        return tuple(range(num_layers - HEAD_LAYERS, num_layers))
+        return tuple(range(num_layers - head_layers, num_layers))
     return tuple(range(num_layers)) if method in ("ditto", "local") else ()
 
 
-def uploaded_layers(method, num_layers):
+def uploaded_layers(method, num_layers, head_layers):
     """Indices of the layer arrays a client uploads (and the server sends down)."""
     if method == "local":
         return ()
     if method in ("fedper", "fedrep"):
-        return tuple(range(num_layers - HEAD_LAYERS))
+        return tuple(range(num_layers - head_layers))
     return tuple(range(num_layers))
 
 
-def state_bytes_per_client(method, shapes):
+def state_bytes_per_client(method, shapes, head_layers):
     """Bytes of personal state one trained client keeps (float32), 0 for methods keeping none."""
     if method not in KEEPING:
         return 0
-    return sum(4 * int(np.prod(shapes[index])) for index in own_layers(method, len(shapes)))
+    return sum(4 * int(np.prod(shapes[index]))
+               for index in own_layers(method, len(shapes), head_layers))
 
 
 def trainer_recipes(settings, num_layers):
@@ -83,8 +84,9 @@ def trainer_recipes(settings, num_layers):
     "adapt" serves a new client (see the module's text); "head" is FedRep's first phase;
     "personal" is Ditto's step. The main trainer is Client_side's, with FedRep's head frozen.
     """
-    method, head = settings.personalization, own_layers("fedper", num_layers)
-    body = uploaded_layers("fedper", num_layers)
+    head_layers = models.head_layers(settings.model)
+    method, head = settings.personalization, own_layers("fedper", num_layers, head_layers)
+    body = uploaded_layers("fedper", num_layers, head_layers)
     recipes = {}
     if method in ("finetune", "local"):
         recipes["adapt"] = (settings.finetune_epochs, 0.0, ())
@@ -121,7 +123,7 @@ def train_round(settings, trainers, global_weights, clients, indices, own, round
         new_weights are the client's model after its global update (all layers).
     """
     method, seed = settings.personalization, settings.seed
-    layers = own_layers(method, len(global_weights))
+    layers = own_layers(method, len(global_weights), models.head_layers(settings.model))
     rngs = [Utils.rng(seed, "training", round_num, client) for client in clients]
     starts = (None if method not in ("fedper", "fedrep", "local") else
               [global_weights if mine is None else with_own(global_weights, mine, layers)
@@ -166,13 +168,13 @@ def personal_models(settings, trainers, global_weights, clients, indices, own, r
         one list of layer arrays per client; none and nothing to adapt return the global one.
     """
     method = settings.personalization
-    layers = own_layers(method, len(global_weights))
-    models = [None if mine is None else with_own(global_weights, mine, layers) for mine in own]
+    layers = own_layers(method, len(global_weights), models.head_layers(settings.model))
+    personal = [None if mine is None else with_own(global_weights, mine, layers) for mine in own]
     if method == "finetune":
-        models = [None] * len(clients)  # Fine-tuned afresh at every evaluation.
-    new = [position for position, model in enumerate(models) if model is None]
+        personal = [None] * len(clients)  # Fine-tuned afresh at every evaluation.
+    new = [position for position, model in enumerate(personal) if model is None]
     if method == "none" or not new:
-        return [global_weights if model is None else model for model in models]
+        return [global_weights if model is None else model for model in personal]
     rngs = [Utils.rng(settings.seed, "adaptation", round_num, clients[position])
             for position in new]
     new_indices = [indices[position] for position in new]
@@ -182,5 +184,5 @@ def personal_models(settings, trainers, global_weights, clients, indices, own, r
     else:
         adapted = trainers["adapt"].train_many(global_weights, new_indices, rngs)
     for position, result in zip(new, adapted):
-        models[position] = result.new_weights
-    return models
+        personal[position] = result.new_weights
+    return personal

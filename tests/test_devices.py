@@ -118,7 +118,7 @@ def test_an_edited_profiles_file_names_another_run_folder(tmp_path):
     write_csv(path, PROFILES[:-1] + ["25,2,0.25"])
     assert configuration.run_dir(config) != before
     assert configuration.run_dir(Main.default_config()).name.endswith(
-        Utils.config_hash(Main.default_config(), checkpoints.RESUMABLE_CHANGES))
+        Utils.config_hash(checkpoints.identity(Main.default_config())))
 
 
 def test_without_devices_the_history_has_no_clock_columns():

@@ -272,7 +272,7 @@ def test_a_memory_hungry_configuration_is_refused_up_front(monkeypatch):
     monkeypatch.setattr(configuration, "personal_state_budget", lambda: 10**6)
     config = {**Main.default_config(), "LOCAL_TEST_SHARE": 0.2, "PERSONALIZATION": "ditto"}
     per_client = personalization.state_bytes_per_client(
-        "ditto", [variable.shape for variable in Server_side.create_model().weights])
+        "ditto", [variable.shape for variable in Server_side.create_model().weights], 2)
     assert per_client == 4 * 34826
     with pytest.raises(ValueError, match="PERSONALIZATION ditto would keep up to 0.0 GiB"):
         configuration.validate_config(config)
@@ -460,5 +460,5 @@ def test_personalization_combines_with_the_other_options(tmp_path, capsys, tenth
     _, federation = federation_for(tenth_of_the_data, **setting)
     initial = federation.global_model.get_weights()
     for index in range(6):
-        kept = index not in personalization.uploaded_layers(config["PERSONALIZATION"], 6)
+        kept = index not in personalization.uploaded_layers(config["PERSONALIZATION"], 6, 2)
         assert np.array_equal(weights[index], initial[index]) == kept
