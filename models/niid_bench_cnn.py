@@ -1,7 +1,8 @@
-"""NIID-Bench's CNN (Li, Diao, Chen and He 2022, "Federated Learning on Non-IID Data Silos: An
-Experimental Study", section 5.1): two 5x5 convolutions of 6 and 16 channels, each followed by
-2x2 max pooling, then fully connected layers of 120 and 84 ReLU units and a softmax layer (a
-LeNet-5); 44,426 weights at 28x28 ("valid" padding, as their PyTorch code)."""
+"""NIID-Bench's CNN for MNIST-like data (Li, Diao, Chen and He 2022, "Federated Learning on
+Non-IID Data Silos: An Experimental Study"; SimpleCNNMNIST in their model.py): two 5x5
+convolutions of 6 and 16 channels, each followed by 2x2 max pooling, then fully connected
+layers of 120 and 84 ReLU units and a softmax layer (LeNet-5-style); 44,426 weights at 28x28
+("valid" padding, as their PyTorch code)."""
 
 import keras
 
