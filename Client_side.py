@@ -1,4 +1,4 @@
-"""The clients: retrain a copy of the global CNN on one client's data (ClientUpdate of FedAvg).
+"""The clients: retrain a copy of the global model on one client's data (ClientUpdate of FedAvg).
 
 A client starts from the global weights, runs E epochs of minibatch SGD (batch B, learning rate
 eta, optional momentum with a fresh buffer) over its own samples in a new random order each epoch,

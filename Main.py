@@ -59,7 +59,7 @@ SERVER_MOMENTUM = 0.9  # fedavgm: server momentum beta, in [0, 1)
 SERVER_BETA1 = 0.9  # fedadam, fedyogi, fedadagrad: first-moment decay, in [0, 1)
 SERVER_BETA2 = 0.99  # fedadam, fedyogi: second-moment decay, in [0, 1)
 SERVER_TAU = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity tau, > 0
-CENTRALIZED_BASELINE = False  # True: also train the CNN on the pooled data, sample for sample
+CENTRALIZED_BASELINE = False  # True: also train the model on the pooled data, sample for sample
 # Data
 DISTRIBUTION = "noniid_ib"  # iid | noniid_ib | noniid_bi | noniid_ii | dirichlet | shards
 MAX_SAMPLE_SHARE = 0.1  # noniid_ib: largest share of the rest a client gets per turn, in (0, 1]
