@@ -1,4 +1,4 @@
-"""The server: the global model (MODEL), client sampling, aggregation, server optimizers, evaluation.
+"""The server: the global model, client sampling, aggregation, server optimizers and evaluation.
 
 FedAvg is Algorithm 1 of McMahan et al. (2017), "Communication-Efficient Learning of Deep
 Networks from Decentralized Data": the next global model is the average of the returned client
