@@ -1,5 +1,5 @@
-"""The README's experiments: every shipped CSV loads and validates, and every results table names
-a folder of them that exists (no training)."""
+"""The documented experiments: every shipped CSV loads and validates, and every results table of
+the README and of the pages under docs/ names a folder of them that exists (no training)."""
 
 import pathlib
 import re
@@ -11,13 +11,25 @@ import Main
 
 ROOT = pathlib.Path(Main.__file__).resolve().parent
 EXPERIMENTS = ROOT / "experiments"
-README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```.*?^```[^\n]*$", re.DOTALL | re.MULTILINE)
 
 
 def results_sections():
-    """The README's '### Results' sections (and the default run's), by heading."""
-    return {match.group(1): match.group(2) for match in re.finditer(
-        r"^### (Results[^\n]*)\n(.*?)(?=^##)", README, re.DOTALL | re.MULTILINE)}
+    """The results sections, by file and heading: '### Results...' in the README, '## Results...'
+    in a page of docs/ (its sections sit a level higher), each up to the next heading of the same
+    or a higher level. Headings are looked for outside fenced code, whose '# -> ...' lines are
+    comments."""
+    sections = {}
+    for path in PAGES:
+        text = path.read_text()
+        hashes = "###" if path.name == "README.md" else "##"
+        # Blank out fenced code (keeping its length) so that only real headings bound a section.
+        bare = FENCE.sub(lambda match: re.sub(r"[^\n]", " ", match.group()), text)
+        for match in re.finditer(rf"^{hashes} (Results[^\n]*)\n", bare, re.MULTILINE):
+            end = re.compile(rf"^#{{1,{len(hashes)}}} ", re.MULTILINE).search(bare, match.end())
+            sections[f"{path.name}: {match.group(1)}"] = text[match.end():end.start() if end else None]
+    return sections
 
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*/*.csv")),
