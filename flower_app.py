@@ -10,7 +10,7 @@ hosts which partition is the server's decision (`NodeRoster`), and an upload is 
 from the node its client was sent to. A node loads its own copy of the data, partitions it from
 SEED and keeps its clients' state (SCAFFOLD's c_i, top-k residuals) between rounds in its context.
 
-Run on one machine (the README's "Across machines" section has TLS and authentication):
+Run on one machine (docs/across_machines.md has TLS and authentication):
     flower-superlink --insecure --disable-runtime-dependency-installation
     flower-supernode --insecure --superlink 127.0.0.1:8000 --port 9094 \
         --node-config "partition-id=0 num-partitions=2"        (and partition-id=1, port 9095)

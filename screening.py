@@ -69,8 +69,8 @@ def screen_uploads(settings, round_num, uploads, expected_clients, client_sizes,
 
 
 # SCAFFOLD's c moves by the plain mean of the variate changes, so one client could move it
-# anywhere. Honest changes of a round stay close in norm: over the 50 rounds of each of the
-# README's SCAFFOLD runs (seed 0) the largest was at most 2.2 (shards), 3.4 (dirichlet) and
+# anywhere. Honest changes of a round stay close in norm: over the 50 rounds of each SCAFFOLD
+# run of docs/algorithms.md (seed 0) the largest was at most 2.2 (shards), 3.4 (dirichlet) and
 # 1.7 (iid) times the round's median.
 VARIATE_OUTLIER_FACTOR = 10
 # Kinds of rejection the server adds to the upload format's own.
