@@ -266,9 +266,7 @@ def run_round(round_num, config, federation, global_weights, engine):
         row["samples_trained"] = devices.samples_trained(config, report.accepted)
     if federation.baseline is not None:
         # As many samples as the clients' steps took (a straggler's partial work: fewer).
-        trained = sum(upload_format.samples_in_steps(upload.num_examples, config["BATCH_SIZE"],
-                                                     upload.num_steps)
-                      for upload in report.accepted)
+        trained = upload_format.samples_in_uploads(report.accepted, config["BATCH_SIZE"])
         row.update(baseline_columns(federation, trained, evaluated))
     return global_weights, row, client_rows
 

@@ -115,10 +115,9 @@ def samples_trained(config, uploads):
     """The samples the uploads' local steps took in all: a straggler's partial work counts its
     steps only, and FedRep's head and Ditto's personal epochs count too (what `samples`,
     the clients' n that FedAvg weights by, does not say)."""
-    extra = personalization.extra_epochs(config)
-    return sum(upload_format.samples_in_steps(upload.num_examples, config["BATCH_SIZE"],
-                                              upload.num_steps)
-               + extra * upload.num_examples for upload in uploads)
+    return (upload_format.samples_in_uploads(uploads, config["BATCH_SIZE"])
+            + personalization.extra_epochs(config) * sum(upload.num_examples
+                                                         for upload in uploads))
 
 
 def client_seconds(profiles, client, bytes_down, samples, bytes_up):

@@ -243,6 +243,12 @@ def samples_in_steps(num_examples, batch_size, num_steps):
     return epochs * num_examples + steps * (batch_size or num_examples)
 
 
+def samples_in_uploads(uploads, batch_size):
+    """Return the samples the uploads' local steps took in all (`samples_in_steps` of each)."""
+    return sum(samples_in_steps(upload.num_examples, batch_size, upload.num_steps)
+               for upload in uploads)
+
+
 def effective_steps(num_steps, momentum):
     """Return a_i = ||a_i||_1, how far tau local steps move the weights, in units of eta * g.
 

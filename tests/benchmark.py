@@ -164,9 +164,7 @@ def count_trained_samples(host, batch_size):
 
     def counting_train(*args, **kwargs):
         uploads = train(*args, **kwargs)
-        trained.append(sum(upload_format.samples_in_steps(upload.num_examples, batch_size,
-                                                         upload.num_steps)
-                           for upload in uploads))
+        trained.append(upload_format.samples_in_uploads(uploads, batch_size))
         return uploads
 
     host.train = counting_train
