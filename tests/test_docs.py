@@ -81,12 +81,14 @@ def test_the_readme_links_every_docs_page():
 def test_github_anchors():
     assert anchor("Privacy: DP-FedAvg") == "privacy-dp-fedavg"
     assert anchor("Across machines (Flower)") == "across-machines-flower"
-    assert anchor("Results: 20% attackers against each rule") == "results-20-attackers-against-each-rule"
+    assert (anchor("Results: 20% attackers against each rule")
+            == "results-20-attackers-against-each-rule")
     assert anchor("The `MODEL` plug_ins") == "the-model-plug_ins"
 
 
 def test_a_broken_link_a_missing_heading_and_a_repeated_heading_are_told(tmp_path):
-    (tmp_path / "page.md").write_text("# Page\n\n## Twice\n\n## Twice\n\n```\n# not a heading\n```\n")
+    (tmp_path / "page.md").write_text(
+        "# Page\n\n## Twice\n\n## Twice\n\n```\n# not a heading\n```\n")
     readme = tmp_path / "README.md"
     readme.write_text(
         "# Title\n\n"

@@ -28,7 +28,8 @@ def results_sections():
         bare = FENCE.sub(lambda match: re.sub(r"[^\n]", " ", match.group()), text)
         for match in re.finditer(rf"^{hashes} (Results[^\n]*)\n", bare, re.MULTILINE):
             end = re.compile(rf"^#{{1,{len(hashes)}}} ", re.MULTILINE).search(bare, match.end())
-            sections[f"{path.name}: {match.group(1)}"] = text[match.end():end.start() if end else None]
+            body = text[match.end():end.start() if end else None]
+            sections[f"{path.name}: {match.group(1)}"] = body
     return sections
 
 
