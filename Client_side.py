@@ -22,6 +22,9 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+import algorithms
+import constant_rules
+import personalization
 import Utils
 import upload_format
 
@@ -56,7 +59,6 @@ class ClientSettings(Utils.Settings):
     local_momentum: float
     batch_size: int
     local_epochs: int
-    prox_mu: float
     compression: str
     topk_fraction: float
     stochastic_rounding: bool
@@ -66,11 +68,12 @@ class ClientSettings(Utils.Settings):
     attack: str
     attack_scale: float
     personalization: str
-    finetune_epochs: int
-    head_epochs: int
-    personal_epochs: int
-    ditto_lambda: float
     model: str
+    options: dict  # the plug-ins' constants by name (algorithms/, personalization/)
+
+    @classmethod
+    def option_names(cls):
+        return constant_rules.option_names(algorithms, personalization)
 
 
 # A dropout seed that tells the compiled call to continue the model's dropout state.
@@ -126,13 +129,11 @@ class LocalTrainer:
             tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32)])
 
     @classmethod
-    def for_clients(cls, model, x_train, y_train, settings, epochs=None, prox_mu=None,
+    def for_clients(cls, model, x_train, y_train, settings, epochs=None, prox_mu=0.0,
                     frozen=()):
-        """A clients' trainer from ClientSettings: by default their local training (E epochs,
-        FedProx's term only with fedprox); personalization's trainers change epochs, mu and
+        """A clients' trainer from ClientSettings: by default E epochs (LOCAL_EPOCHS); the
+        algorithm sets mu (FedProx's term), personalization's trainers change epochs, mu and
         the frozen layers."""
-        if prox_mu is None:
-            prox_mu = settings.prox_mu if settings.algorithm == "fedprox" else 0.0
         return cls(model, x_train, y_train, settings.learning_rate, settings.local_momentum,
                    settings.batch_size, epochs or settings.local_epochs, prox_mu, frozen)
 

@@ -174,7 +174,7 @@ def run(prepared, engine=None):
     Args:
         prepared: a PreparedRun.
         engine: what trains the clients, with engine.train(round_num, clients, global_weights,
-            server_variate) -> list of upload_format.Upload, engine.settle(round_num,
+            received) -> list of upload_format.Upload, engine.settle(round_num,
             accepted clients), which lets the clients keep the state of accepted uploads only,
             and engine.evaluate(round_num, clients, global_weights) -> list of
             client_evaluation.ClientScore (with LOCAL_TEST_SHARE); None trains every client
@@ -281,7 +281,7 @@ def synchronous_round(round_num, config, federation, global_weights, engine):
     training = returning if plan is None else plan.clients
     step_limits = {} if plan is None else plan.step_limits
     delivered = engine.train(round_num, training, global_weights,
-                             federation.server.server_variate(), step_limits)
+                             federation.server.sent_to_clients(), step_limits)
     global_weights, report = federation.server.round(round_num, global_weights, delivered,
                                                      training, len(selected), step_limits)
     # Clients keep their new state (SCAFFOLD's c_i, top-k residuals) only for what the server

@@ -22,6 +22,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+import algorithms
+import constant_rules
 import models
 import personalization
 import privacy
@@ -75,66 +77,6 @@ def surviving_clients(selected, dropout_probability, rng):
     if dropout_probability == 0:
         return selected
     return selected[rng.random(len(selected)) >= dropout_probability]
-
-
-def fedavg(client_weights, num_examples):
-    """Average client models weighted by their number of training examples.
-
-    Args:
-        client_weights: one list of layer arrays per client, all with the same shapes.
-        num_examples: one positive count per client.
-    Returns:
-        list of layer arrays: sum_k n_k * w_k / sum_k n_k, accumulated in float64 and returned in
-        the clients' dtype.
-    """
-    if len(client_weights) == 0 or len(client_weights) != len(num_examples):
-        raise ValueError("fedavg needs one example count per client and at least one client")
-    coefficients = np.asarray(num_examples, dtype=np.float64)
-    coefficients = coefficients / coefficients.sum()
-    return [
-        sum(coefficient * np.asarray(layers[layer], dtype=np.float64)
-            for coefficient, layers in zip(coefficients, client_weights))
-        .astype(np.asarray(client_weights[0][layer]).dtype)
-        for layer in range(len(client_weights[0]))
-    ]
-
-
-def uniform_mean(updates):
-    """Average updates with equal weights, as SCAFFOLD, DP-FedAvg and Multi-Krum do."""
-    return fedavg(updates, [1] * len(updates))
-
-
-def fednova_delta(deltas, num_examples, normalizers):
-    """FedNova's pseudo-gradient: tau_eff * sum_i p_i * Delta_i / a_i, with tau_eff = sum p_i a_i.
-
-    Normalizing each update by its step count removes the objective inconsistency that plain
-    averaging has when clients take different numbers of local steps.
-    """
-    weights = np.asarray(num_examples, np.float64) / np.sum(num_examples)
-    tau_eff = float(np.dot(weights, normalizers))
-    normalized = [[layer / normalizer for layer in delta]
-                  for delta, normalizer in zip(deltas, normalizers)]
-    return [tau_eff * layer for layer in fedavg(normalized, num_examples)]
-
-
-class ScaffoldServerVariate:
-    """SCAFFOLD's server control variate c, updated with the participating fraction |S|/N."""
-
-    def __init__(self, shapes):
-        self.arrays = [np.zeros(shape, np.float32) for shape in shapes]
-
-    def update(self, variate_deltas, num_clients):
-        """c <- c + (|S| / N) * mean_i (c_i+ - c_i), over the |S| clients that returned."""
-        mean_delta = uniform_mean(variate_deltas)
-        share = len(variate_deltas) / num_clients
-        self.arrays = [(np.float64(variate) + share * delta).astype(np.float32)
-                       for variate, delta in zip(self.arrays, mean_delta)]
-
-    def get_state(self):
-        return list(self.arrays)
-
-    def set_state(self, arrays):
-        self.arrays = [np.array(array, np.float32) for array in arrays]
 
 
 SERVER_OPTIMIZERS = ("sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
@@ -194,7 +136,9 @@ class ServerOptimizer:
         self.second_moment = [np.array(array) for array in arrays[half:]]
 
 
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova")
+# The n-weighted mean, FedAvg's aggregation, and the uniform one (robust rules, DP): the
+# algorithms' own maths, used here too.
+fedavg, uniform_mean = algorithms.weighted_mean, algorithms.uniform_mean
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
 
 
@@ -230,6 +174,11 @@ class ServerSettings(Utils.Settings):
     personalization: str
     over_selection: float
     model: str
+    options: dict  # the plug-ins' constants by name (algorithms/, personalization/)
+
+    @classmethod
+    def option_names(cls):
+        return constant_rules.option_names(algorithms, personalization)
 
 
 def held_out_clients(num_clients, share, seed):
@@ -294,14 +243,11 @@ class Server:
     """
 
     def __init__(self, settings, shapes, client_sizes=None):
-        if settings.algorithm not in ALGORITHMS or settings.aggregation not in AGGREGATIONS:
-            raise ValueError(f"ALGORITHM must be one of {', '.join(ALGORITHMS)} and AGGREGATION "
-                             f"one of {', '.join(AGGREGATIONS)}")
+        if settings.aggregation not in AGGREGATIONS:
+            raise ValueError(f"AGGREGATION must be one of {', '.join(AGGREGATIONS)}")
         self.settings, self.shapes = settings, [tuple(shape) for shape in shapes]
         self.client_sizes = client_sizes
-        self.uploaded = personalization.uploaded_layers(settings.personalization,
-                                                        len(self.shapes),
-                                                        models.head_layers(settings.model))
+        self.uploaded = personalization.build(settings, len(self.shapes)).uploaded_layers
         self.upload_shapes = [self.shapes[index] for index in self.uploaded]
         # What travels: float32 arrays of the uploaded layers.
         self.model_bytes = sum(4 * int(np.prod(shape)) for shape in self.upload_shapes)
@@ -310,8 +256,12 @@ class Server:
         self.optimizer = ServerOptimizer(
             settings.server_optimizer, shapes, settings.server_lr, settings.server_momentum,
             settings.server_beta1, settings.server_beta2, settings.server_tau)
-        self.variate = (ScaffoldServerVariate(shapes) if settings.algorithm == "scaffold"
-                        else None)
+        self.algorithm = algorithms.build(settings, self.shapes)
+        # What travels besides the update, float32: each array the algorithm sends down with
+        # the weights, and each it uploads with the update (whole-model shapes).
+        whole_bytes = sum(4 * int(np.prod(shape)) for shape in self.shapes)
+        self.extra_bytes_down = whole_bytes * len(self.algorithm.SENT)
+        self.extra_bytes_up = whole_bytes * len(self.algorithm.UPLOADED)
 
     def round(self, round_num, global_weights, delivered, expected_clients, num_selected,
               step_limits=None):
@@ -339,21 +289,25 @@ class Server:
             (robust_rules.too_few_for_krum(settings.aggregation, settings.krum_f,
                                            len(accepted))
              if settings.aggregation in robust_rules.KRUM_RULES else None),
-            **round_traffic(settings.algorithm == "scaffold", self.model_bytes, num_selected,
-                            accepted), epsilon=epsilon)
+            **self.round_traffic(num_selected, accepted), epsilon=epsilon)
 
     def client_traffic(self):
         """(bytes down, bytes up) of one client's round, known before it trains: the model
-        and what the configured encoding sends (with SCAFFOLD's variates)."""
-        scaffold = self.settings.algorithm == "scaffold"
+        and what the configured encoding sends, with the algorithm's extras."""
         sent = upload_format.encoded_size(self.settings.compression, self.upload_shapes,
                                           self.settings.topk_fraction)
-        return (self.model_bytes * (2 if scaffold else 1),
-                sent + (self.model_bytes if scaffold else 0))
+        return self.model_bytes + self.extra_bytes_down, sent + self.extra_bytes_up
 
-    def server_variate(self):
-        """SCAFFOLD's c, which clients need for their correction; None otherwise."""
-        return None if self.variate is None else self.variate.arrays
+    def round_traffic(self, num_selected, uploads):
+        """Count bytes down (the global model and the algorithm's extras to every selected
+        client) and up (what clients sent: encoded updates and extras)."""
+        return {"bytes_down": num_selected * (self.model_bytes + self.extra_bytes_down),
+                "bytes_up": sum(upload_format.encoded_bytes(upload.update)
+                                + self.extra_bytes_up for upload in uploads)}
+
+    def sent_to_clients(self):
+        """What the algorithm sends clients with the weights ({} for most; SCAFFOLD's c)."""
+        return self.algorithm.sent()
 
     def aggregate(self, round_num, global_weights, uploads):
         """Combine the round's uploads into the next global weights (float32 layer arrays).
@@ -381,7 +335,7 @@ class Server:
             delta = privacy.dp_noisy_mean(deltas, self.upload_shapes, settings.dp_clip_norm,
                                           settings.dp_noise_multiplier, denominator, noise)
         else:
-            delta = self._average(deltas, uploads)
+            delta = self.algorithm.combine(deltas, uploads, self.population)
         return self.optimizer.step(global_weights, self.whole(delta))
 
     def whole(self, delta):
@@ -393,28 +347,14 @@ class Server:
             whole[index] = layer
         return whole
 
-    def _average(self, deltas, uploads):
-        """FedAvg/FedProx by sample count; FedNova by steps; SCAFFOLD uniform, updating c."""
-        num_examples = [upload.num_examples for upload in uploads]
-        if self.settings.algorithm == "fednova":
-            normalizers = [upload_format.effective_steps(upload.num_steps,
-                                                         self.settings.local_momentum)
-                           for upload in uploads]
-            return fednova_delta(deltas, num_examples, normalizers)
-        if self.settings.algorithm == "scaffold":
-            self.variate.update([upload.variate_delta for upload in uploads],
-                                self.population)
-            return uniform_mean(deltas)
-        return fedavg(deltas, num_examples)
-
     def get_state(self):
-        return self.optimizer.get_state() + (self.variate.get_state() if self.variate else [])
+        """The optimizer's moments, then the algorithm's named state (SERVER_STATE order)."""
+        return self.optimizer.get_state() + self.algorithm.get_state()
 
     def set_state(self, arrays):
         num_optimizer = 2 * len(self.shapes)
         self.optimizer.set_state(arrays[:num_optimizer])
-        if self.variate:
-            self.variate.set_state(arrays[num_optimizer:])
+        self.algorithm.set_state(arrays[num_optimizer:])
 
 
 def robust_aggregate(deltas, settings):
@@ -427,16 +367,6 @@ def robust_aggregate(deltas, settings):
     keep = 1 if rule == "krum" else max(1, len(deltas) - settings.krum_f)
     return uniform_mean([deltas[position] for position in
                          robust_rules.multi_krum_choice(deltas, settings.krum_f, keep)])
-
-
-def round_traffic(scaffold, model_bytes, num_selected, uploads):
-    """Count bytes down (the global model to every selected client) and up (what clients sent).
-
-    SCAFFOLD also sends the server variate down and the client variate change up, uncompressed.
-    """
-    return {"bytes_down": num_selected * model_bytes * (2 if scaffold else 1),
-            "bytes_up": sum(upload_format.encoded_bytes(upload.update)
-                            + (model_bytes if scaffold else 0) for upload in uploads)}
 
 
 def cross_entropy(probabilities, labels):

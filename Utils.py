@@ -86,8 +86,18 @@ class Settings:
 
     @classmethod
     def from_config(cls, config):
-        """Build the settings from the constants: field `learning_rate` is LEARNING_RATE."""
-        return cls(**{field.name: config[field.name.upper()] for field in dataclasses.fields(cls)})
+        """Build the settings from the constants: field `learning_rate` is LEARNING_RATE; a
+        field `options` holds the plug-ins' constants by name (see `option_names`)."""
+        values = {field.name: config[field.name.upper()] for field in dataclasses.fields(cls)
+                  if field.name != "options"}
+        if "options" in {field.name for field in dataclasses.fields(cls)}:
+            values["options"] = {name: config[name] for name in cls.option_names()}
+        return cls(**values)
+
+    @classmethod
+    def option_names(cls):
+        """The constants the plug-ins declare (their CONSTANTS), which `options` carries."""
+        return ()
 
 
 def secret_rng():

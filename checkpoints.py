@@ -12,7 +12,10 @@ import pathlib
 
 import numpy as np
 
+import algorithms
+import constant_rules
 import models
+import personalization
 import Utils
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -24,13 +27,28 @@ RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT
 # folder's hash, and a checkpoint saved without it counts it as that value: adding a constant
 # (or a plug-in it chooses) renames no existing run's folder and breaks no RESUME.
 ADDED_CONSTANTS = {"MODEL": models.DEFAULT}
+# The plug-ins' constants that named every run before plug-ins declared their constants. Any
+# other plug-in constant names a run only when its plug-in is chosen: a new method's constants
+# leave every other configuration's folder and RESUME as they were.
+NAMED_EVERY_RUN = ("PROX_MU", "FINETUNE_EPOCHS", "HEAD_EPOCHS", "PERSONAL_EPOCHS",
+                   "DITTO_LAMBDA")
+
+
+def unread_constants(config):
+    """The plug-in constants this configuration's chosen plug-ins do not read (beyond
+    NAMED_EVERY_RUN)."""
+    chosen = {**algorithms.get(config["ALGORITHM"]).CONSTANTS,
+              **personalization.get(config["PERSONALIZATION"]).CONSTANTS}
+    declared = constant_rules.option_names(algorithms, personalization)
+    return set(declared) - set(chosen) - set(NAMED_EVERY_RUN)
 
 
 def identity(config):
-    """The constants that name a run: all but RESUMABLE_CHANGES and the added constants at
-    their value of before (see ADDED_CONSTANTS)."""
+    """The constants that name a run: all but RESUMABLE_CHANGES, the added constants at their
+    value of before (see ADDED_CONSTANTS) and plug-in constants no chosen plug-in reads."""
+    unread = unread_constants(config)
     return {name: value for name, value in config.items()
-            if name not in RESUMABLE_CHANGES
+            if name not in RESUMABLE_CHANGES and name not in unread
             and not (name in ADDED_CONSTANTS and value == ADDED_CONSTANTS[name])}
 
 
@@ -117,7 +135,8 @@ def find_checkpoint(config, output_dir):
     if not path.is_file():
         return None  # A run that never started starts now (see `check_resumable`).
     arrays, metadata = load_checkpoint(path)
-    differing = config_differences(metadata["config"], config, RESUMABLE_CHANGES)
+    differing = config_differences(metadata["config"], config,
+                                   RESUMABLE_CHANGES + tuple(unread_constants(config)))
     if differing:
         raise ValueError(f"RESUME: the checkpoint in {output_dir} was made with other values of "
                          f"{', '.join(differing)}; restore them or start a new run")

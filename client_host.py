@@ -15,10 +15,10 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+import algorithms
 import attacks
 import client_evaluation
 import client_state
-import models
 import personalization
 import Utils
 import upload_format
@@ -35,33 +35,28 @@ def client_deltas(client_weights, global_weights):
 CLIENTS_PER_CALL = 256
 
 
-def client_upload(settings, client, round_num, global_weights, update, memory,
-                  server_variate=None, malicious=False):
+def client_upload(settings, algorithm, client, round_num, global_weights, update, memory,
+                  received=None, malicious=False):
     """A client's round after its local training: from its LocalResult to its upload.
 
-    It renews its SCAFFOLD variate when it keeps one, forms its update y_i - x, forges it if it
-    is a malicious client, then clips and encodes it (with top-k's error feedback). Every
-    random draw is keyed by (SEED, round, client).
+    Its algorithm renews the state it keeps and names what it uploads besides; the client forms
+    its update y_i - x, forges it if it is a malicious client, then clips and encodes it (with
+    top-k's error feedback). Every random draw is keyed by (SEED, round, client).
 
     Args:
-        settings: ClientSettings.
-        update: the LocalResult of its local training from `global_weights` (with SCAFFOLD's
-            `scaffold_correction` when it keeps a variate).
+        settings: ClientSettings; algorithm: the run's algorithms.Algorithm (client side).
+        update: the LocalResult of its local training from `global_weights` (with the
+            algorithm's correction).
         memory: dict of ClientMemory by `kept_state_names`, read only: the new state is
             returned, to be kept only if the server accepts the upload (ClientHost.settle).
-        server_variate: SCAFFOLD's c (layer arrays), else None.
+        received: what the server sent with the weights, {name: arrays} (SCAFFOLD's c).
     Returns:
         (Upload, {state name: the client's new arrays}).
     """
-    seed, variates, kept = settings.seed, memory.get("variate"), {}
-    variate_delta = None
-    if variates:
-        own_variate = variates.get(client)
-        kept["variate"] = client_state.scaffold_client_variate(
-            own_variate, server_variate, global_weights, update.new_weights,
-            upload_format.effective_steps(update.num_steps, settings.local_momentum),
-            settings.learning_rate)
-        variate_delta = [new - old for new, old in zip(kept["variate"], own_variate)]
+    seed = settings.seed
+    kept, extras = algorithm.after_training(
+        {name: memory[name].get(client) for name in algorithm.CLIENT_STATE}, received or {},
+        global_weights, update)
     (delta,) = client_deltas([update.new_weights], global_weights)
     if malicious and settings.attack != "label_flip":
         delta = attacks.attack_update(delta, settings.attack, settings.attack_scale,
@@ -74,7 +69,7 @@ def client_upload(settings, client, round_num, global_weights, update, memory,
     if residuals:
         kept["residual"] = residual
     return upload_format.Upload(int(client), int(round_num), encoded, update.num_examples,
-                                update.num_steps, update.train_loss, variate_delta), kept
+                                update.num_steps, update.train_loss, extras), kept
 
 
 class ClientHost:
@@ -98,6 +93,8 @@ class ClientHost:
         self.test_indices = test_indices
         x_train = tf.convert_to_tensor(x_train)  # One copy, shared by every trainer.
         self.shapes = [variable.shape for variable in model.trainable_variables]
+        self.algorithm = algorithms.build(settings, self.shapes)
+        self.method = personalization.build(settings, len(self.shapes))
         self.trainers = self._make_trainers(model, x_train, y_train)
         self.malicious = attacks.malicious_clients(settings.num_clients,
                                                    settings.malicious_fraction, settings.seed)
@@ -110,22 +107,19 @@ class ClientHost:
             if self.malicious and settings.attack == "label_flip" else None)
         self.scorer = (client_evaluation.Scorer(model, x_train, y_train)
                        if test_indices is not None else None)
-        head_layers = models.head_layers(settings.model)
-        self.own_layers = personalization.own_layers(settings.personalization, len(self.shapes),
-                                                     head_layers)
-        self.uploaded = personalization.uploaded_layers(settings.personalization,
-                                                        len(self.shapes), head_layers)
+        self.own_layers = self.method.own_layers
+        self.uploaded = self.method.uploaded_layers
         self.memory = {name: client_state.ClientMemory(self._state_shapes(name))
-                       for name in client_state.kept_state_names(settings.algorithm,
-                                                                 settings.compression,
-                                                                 settings.personalization)}
+                       for name in client_state.kept_state_names(
+                           type(self.algorithm), settings.compression, type(self.method))}
         self.pending, self.pending_round = self._no_pending(), None
 
     def _make_trainers(self, model, x_train, y_train, only=None):
         """The local trainer ("main") and the personalization method's own trainers."""
-        recipes, frozen = personalization.trainer_recipes(self.settings, len(self.shapes))
+        recipes, frozen = self.method.trainer_recipes()
         make = Client_side.LocalTrainer.for_clients
-        trainers = {"main": make(model, x_train, y_train, self.settings, frozen=frozen)}
+        trainers = {"main": make(model, x_train, y_train, self.settings,
+                                 prox_mu=self.algorithm.prox_mu(), frozen=frozen)}
         trainers.update({name: make(model, x_train, y_train, self.settings, epochs, mu, layers)
                          for name, (epochs, mu, layers) in recipes.items()
                          if only is None or name in only})
@@ -144,8 +138,10 @@ class ClientHost:
             return [self.shapes[index] for index in self.uploaded]
         return self.shapes
 
-    def train(self, round_num, clients, global_weights, server_variate=None, step_limits=None):
+    def train(self, round_num, clients, global_weights, received=None, step_limits=None):
         """Train `clients` for the round and return their Uploads in that order.
+
+        received: what the server sent with the weights, {name: arrays} (SCAFFOLD's c).
 
         step_limits: {client: at most this many local steps} for stragglers the server asked
         for partial work (devices.plan_round); the others run all their epochs.
@@ -158,11 +154,11 @@ class ClientHost:
         for trainers, group in self._groups_by_trainers(clients):
             for first in range(0, len(group), CLIENTS_PER_CALL):
                 chunk = group[first:first + CLIENTS_PER_CALL]
-                corrections = [
-                    client_state.scaffold_correction(self.memory, client, server_variate)
-                    for client in chunk]
-                results, own = personalization.train_round(
-                    self.settings, trainers, global_weights, chunk,
+                corrections = [self.algorithm.correction(
+                    {name: self.memory[name].get(client) for name in self.algorithm.CLIENT_STATE},
+                    received or {}) for client in chunk]
+                results, own = self.method.train_round(
+                    trainers, global_weights, chunk,
                     [self.client_indices[client] for client in chunk], self.own_parts(chunk),
                     round_num, None if corrections[0] is None else corrections,
                     _limits(chunk, step_limits))
@@ -174,10 +170,10 @@ class ClientHost:
         for client in clients:
             update = updates[client]
             upload, new_state = client_upload(
-                self.settings, client, round_num, sent_global,
+                self.settings, self.algorithm, client, round_num, sent_global,
                 dataclasses.replace(update, new_weights=[update.new_weights[index]
                                                          for index in self.uploaded]),
-                self.memory, server_variate, client in self.malicious)
+                self.memory, received, client in self.malicious)
             if kept[client] is not None:
                 new_state["own"] = kept[client]
             for name, arrays in new_state.items():
@@ -199,12 +195,12 @@ class ClientHost:
             rows = [self.test_indices[client] for client in chunk]
             global_correct = self.scorer.count_correct([global_weights], rows)
             personal_correct = global_correct
-            if self.settings.personalization != "none":
-                models = personalization.personal_models(
-                    self.settings, self.trainers, global_weights, chunk,
+            if self.method.PERSONAL:
+                own_models = self.method.personal_models(
+                    self.trainers, global_weights, chunk,
                     [self.client_indices[client] for client in chunk], self.own_parts(chunk),
                     round_num)
-                personal_correct = self.scorer.count_correct(models, rows)
+                personal_correct = self.scorer.count_correct(own_models, rows)
             scores += [client_evaluation.ClientScore(client, len(rows[position]),
                                                      int(global_correct[position]),
                                                      int(personal_correct[position]))

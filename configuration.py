@@ -7,12 +7,16 @@ prepares its data, partition and checkpoint, all before anything is written.
 """
 
 import dataclasses
-import numbers
 import os
 import pathlib
 
+import numpy as np
+
+import algorithms
 import attacks
 import checkpoints
+from constant_rules import (BOOLEAN, device_model, folder, integer, number, one_of,
+                            plugin_constants)
 import Data_Preprocessing
 import devices
 import models
@@ -63,13 +67,15 @@ def validate_config(config):
     for name, (is_allowed, allowed) in RULES.items():
         if not is_allowed(config[name]):
             raise ValueError(f"{name} must be {allowed}, got {config[name]!r}")
-    averaging = config["ALGORITHM"] in ("fedavg", "fedprox")
+    # A robust rule and DP's noisy mean replace the server's mean of plain updates.
+    averaging = algorithms.get(config["ALGORITHM"]).PLAIN_UPDATES
     if config["AGGREGATION"] != "fedavg" and not averaging:
-        raise ValueError(f"AGGREGATION {config['AGGREGATION']} needs ALGORITHM fedavg or "
-                         f"fedprox, got {config['ALGORITHM']}")
+        raise ValueError(f"AGGREGATION {config['AGGREGATION']} needs ALGORITHM one of "
+                         f"{', '.join(PLAIN_ALGORITHMS)} (they average plain updates), got "
+                         f"{config['ALGORITHM']}")
     if config["DP_CLIP_NORM"] > 0 and not (averaging and config["AGGREGATION"] == "fedavg"):
-        raise ValueError("DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM fedavg or fedprox and "
-                         "AGGREGATION fedavg")
+        raise ValueError(f"DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM one of "
+                         f"{', '.join(PLAIN_ALGORITHMS)} and AGGREGATION fedavg")
     if config["SEED"] + config["REPEATS"] > 2**32:
         raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
                          f"{config['REPEATS']} - 1")
@@ -100,7 +106,7 @@ def validate_clock(config):
                          "they keep clients by device speed, not at random, which the privacy "
                          "accountant assumes")
     if (config["ROUND_DEADLINE"] > 0 and config["STRAGGLER_POLICY"] == "partial"
-            and config["PERSONALIZATION"] in ("fedrep", "ditto")):
+            and not personalization.get(config["PERSONALIZATION"]).PARTIAL_WORK):
         raise ValueError(f"STRAGGLER_POLICY partial cannot combine with PERSONALIZATION "
                          f"{config['PERSONALIZATION']}: partial work is defined for the one "
                          "local training whose update is uploaded")
@@ -108,14 +114,18 @@ def validate_clock(config):
         validate_fedbuff(config)
 
 
+# The algorithms whose server step is the mean of plain updates (robust rules, DP, FedBuff).
+PLAIN_ALGORITHMS = tuple(name for name in algorithms.NAMES if algorithms.get(name).PLAIN_UPDATES)
 # What FedBuff's steps can combine with: (constant, allowed values, why not the others).
 FEDBUFF_NEEDS = (
     ("DEVICE_HETEROGENEITY", None, "its arrivals are ordered by the devices' virtual times"),
-    ("ALGORITHM", ("fedavg", "fedprox"), "its buffer averages plain updates"),
+    ("ALGORITHM", PLAIN_ALGORITHMS, "its buffer averages plain updates"),
     ("AGGREGATION", ("fedavg",), "its buffer averages plain updates"),
     ("DP_CLIP_NORM", (0.0,), "the privacy accountant assumes rounds of sampled clients"),
     ("COMPRESSION", ("none", "int8"), "top-k keeps a residual per client and round"),
-    ("PERSONALIZATION", ("none", "finetune"), "it keeps no client state"),
+    ("PERSONALIZATION", tuple(name for name in personalization.NAMES
+                              if personalization.get(name).OWN is None),
+     "it keeps no client state"),
     ("CLIENT_DROPOUT", (0.0,), "a client's slot waits for its arrival"),
     ("ROUND_DEADLINE", (0.0,), "there are no rounds to have deadlines"),
     ("OVER_SELECTION", (1.0,), "there are no rounds to over-select"),
@@ -136,9 +146,10 @@ def validate_fedbuff(config):
                          f"got {config['MAX_CONCURRENCY']}")
 
 
-# What "local" leaves without a job, since nothing is uploaded: (constant, its only value).
-NOTHING_UPLOADED = (("ALGORITHM", "fedavg"), ("SERVER_OPTIMIZER", "sgd"), ("COMPRESSION", "none"),
-                    ("DP_CLIP_NORM", 0.0), ("AGGREGATION", "fedavg"), ("MALICIOUS_FRACTION", 0.0))
+# What a method that uploads nothing (local) leaves without a job: (constant, its only value).
+NOTHING_UPLOADED = (("ALGORITHM", algorithms.DEFAULT), ("SERVER_OPTIMIZER", "sgd"),
+                    ("COMPRESSION", "none"), ("DP_CLIP_NORM", 0.0), ("AGGREGATION", "fedavg"),
+                    ("MALICIOUS_FRACTION", 0.0))
 
 
 def validate_personalization(config):
@@ -155,26 +166,40 @@ def validate_personalization(config):
         raise ValueError(f"HELD_OUT_CLIENTS must leave at least one of the {num_clients} "
                          f"clients to train, got {config['HELD_OUT_CLIENTS']} ({held_out} held "
                          "out)")
-    if method in ("fedper", "fedrep") and config["ALGORITHM"] == "scaffold":
-        raise ValueError(f"PERSONALIZATION {method} needs ALGORITHM fedavg, fedprox or fednova: "
-                         "SCAFFOLD's control variates cover the whole model, not the shared "
-                         "body alone")
-    for name, value in NOTHING_UPLOADED if method == "local" else ():
+    plugin = personalization.get(method)
+    if plugin.UPLOADS not in ("model", None) and algorithms.get(config["ALGORITHM"]).WHOLE_MODEL:
+        whole = [name for name in algorithms.NAMES if not algorithms.get(name).WHOLE_MODEL]
+        raise ValueError(f"PERSONALIZATION {method} needs ALGORITHM one of {', '.join(whole)}: "
+                         f"{config['ALGORITHM']}'s state covers the whole model, {method} "
+                         f"shares only the {plugin.UPLOADS}")
+    for name, value in NOTHING_UPLOADED if plugin.UPLOADS is None else ():
         if config[name] != value:
             raise ValueError(f"PERSONALIZATION local uploads nothing, so {name} "
                              f"{config[name]} has nothing to act on: set it to {value}")
-    if method not in personalization.KEEPING:
-        return num_clients - held_out
+    validate_client_state(config)
+    return num_clients - held_out
+
+
+def validate_client_state(config):
+    """Refuse a run whose clients' kept state (the algorithm's CLIENT_STATE, a personal part)
+    could outgrow half of this machine's memory."""
+    algorithm, method = (algorithms.get(config["ALGORITHM"]),
+                         personalization.get(config["PERSONALIZATION"]))
+    if method.OWN is None and not algorithm.CLIENT_STATE:
+        return
     shapes = [tuple(variable.shape)
               for variable in Server_side.create_model(config["MODEL"]).weights]
-    needed = num_clients * personalization.state_bytes_per_client(
-        method, shapes, models.head_layers(config["MODEL"]))
+    model_bytes = sum(4 * int(np.prod(shape)) for shape in shapes)
+    per_client = {"PERSONALIZATION": personalization.state_bytes_per_client(
+                      config["PERSONALIZATION"], shapes, models.head_layers(config["MODEL"])),
+                  "ALGORITHM": model_bytes * len(algorithm.CLIENT_STATE)}
+    needed = config["NUM_CLIENTS"] * sum(per_client.values())
     if needed > personal_state_budget():
-        raise ValueError(f"PERSONALIZATION {method} would keep up to {needed / 2**30:.1f} GiB "
-                         f"of personal state for {num_clients} clients, more than half of "
+        name = max(per_client, key=per_client.get)
+        raise ValueError(f"{name} {config[name]} would keep up to {needed / 2**30:.1f} GiB of "
+                         f"client state for {config['NUM_CLIENTS']} clients, more than half of "
                          f"this machine's memory ({personal_state_budget() / 2**30:.1f} GiB); "
                          "use fewer clients")
-    return num_clients - held_out
 
 
 def personal_state_budget():
@@ -182,85 +207,40 @@ def personal_state_budget():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def _integer(low, high=None, high_text=None, note=""):
-    """A rule for an integer in [low, high] (no upper bound when high is None)."""
-    allowed = (f"an integer >= {low}" if high is None
-               else f"an integer from {low} to {high_text or high}")
-    return (lambda value: Utils.is_integer(value) and low <= value
-            and (high is None or value <= high)), allowed + note
-
-
-def _number(interval):
-    """A rule for a finite number in an interval: '(0, 1]', '[0, 0.5)', '> 0' or '>= 0'."""
-    if interval.startswith(">"):
-        bound = interval.split()[1]
-        interval_text = f"[{bound}, inf)" if interval.startswith(">=") else f"({bound}, inf)"
-        allowed = f"a number {interval}"
-    else:
-        interval_text, allowed = interval, f"a number in {interval}"
-    low, high = (float(bound) for bound in interval_text[1:-1].split(","))
-
-    def is_allowed(value):
-        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                and (low <= value if interval_text[0] == "[" else low < value)
-                and (value <= high if interval_text[-1] == "]" else value < high))
-    return is_allowed, allowed
-
-
-def _one_of(choices):
-    return (lambda value: value in choices), "one of " + ", ".join(choices)
-
-
-_BOOLEAN = (lambda value: isinstance(value, bool)), "True or False"
-
-
-def _device_model():
-    def is_model(value):
-        return isinstance(value, (str, pathlib.Path)) and str(value) != ""
-    return is_model, "none, lognormal or the path of a CSV of device profiles"
-
-
-def _folder(optional):
-    def is_folder(value):
-        return ((optional and value is None)
-                or (isinstance(value, (str, pathlib.Path)) and str(value) != ""))
-    return is_folder, "None or a folder path" if optional else "a folder path"
-
-
-# Each constant's rule: (test, what is allowed), checked in this order.
+# Each constant's rule: (test, what is allowed), checked in this order; the plug-ins' own
+# constants (their CONSTANTS) follow.
 RULES = {
-    "NUM_CLIENTS": _integer(1, 60000), "ROUNDS": _integer(1),
-    "CLIENT_FRACTION": _number("(0, 1]"), "CLIENT_SAMPLING": _one_of(Server_side.CLIENT_SAMPLINGS),
-    "LOCAL_EPOCHS": _integer(1), "BATCH_SIZE": _integer(0, note=" (0 = all local data)"),
-    "LEARNING_RATE": _number("> 0"), "LOCAL_MOMENTUM": _number("[0, 1)"),
-    "ALGORITHM": _one_of(Server_side.ALGORITHMS), "PROX_MU": _number(">= 0"),
-    "SERVER_OPTIMIZER": _one_of(Server_side.SERVER_OPTIMIZERS), "SERVER_LR": _number("> 0"),
-    "SERVER_MOMENTUM": _number("[0, 1)"), "SERVER_BETA1": _number("[0, 1)"),
-    "SERVER_BETA2": _number("[0, 1)"), "SERVER_TAU": _number("> 0"),
-    "CENTRALIZED_BASELINE": _BOOLEAN, "DISTRIBUTION": _one_of(Data_Preprocessing.DISTRIBUTIONS),
-    "MAX_SAMPLE_SHARE": _number("(0, 1]"), "CLASSES_PER_CLIENT": _integer(1, 10),
-    "DIRICHLET_ALPHA": _number("> 0"), "SHARDS_PER_CLIENT": _integer(1),
-    "SEED": _integer(0, 2**32 - 1, "2**32 - 1"), "REPEATS": _integer(1, 1000),
-    "EVAL_EVERY": _integer(1), "CLIENT_DROPOUT": _number("[0, 1)"),
-    "CHECKPOINT_EVERY": _integer(1), "RESUME": _BOOLEAN, "DATA_DIR": _folder(optional=True),
-    "OUTPUT_DIR": _folder(optional=False), "TARGET_ACCURACY": _number("(0, 1]"),
-    "COMPRESSION": _one_of(upload_format.COMPRESSIONS), "TOPK_FRACTION": _number("(0, 1]"),
-    "STOCHASTIC_ROUNDING": _BOOLEAN, "DP_CLIP_NORM": _number(">= 0"),
-    "DP_NOISE_MULTIPLIER": _number(">= 0"), "DP_DELTA": _number("(0, 1)"),
-    "DP_NOISE": _one_of(privacy.DP_NOISE_SOURCES),
-    "AGGREGATION": _one_of(Server_side.AGGREGATIONS), "TRIM_RATIO": _number("[0, 0.5)"),
-    "KRUM_F": _integer(0), "MALICIOUS_FRACTION": _number("[0, 1)"),
-    "ATTACK": _one_of(attacks.ATTACKS), "ATTACK_SCALE": _number("> 0"),
-    "LOCAL_TEST_SHARE": _number("[0, 1)"), "HELD_OUT_CLIENTS": _number("[0, 1)"),
-    "PERSONALIZATION": _one_of(personalization.METHODS), "MODEL": _one_of(models.NAMES),
-    "FINETUNE_EPOCHS": _integer(1),
-    "HEAD_EPOCHS": _integer(1), "PERSONAL_EPOCHS": _integer(1), "DITTO_LAMBDA": _number(">= 0"),
-    "DEVICE_HETEROGENEITY": _device_model(), "DEVICE_SPEED": _number("> 0"),
-    "DEVICE_SPEED_SIGMA": _number(">= 0"), "DEVICE_DOWN_MBPS": _number("> 0"),
-    "DEVICE_UP_MBPS": _number("> 0"), "DEVICE_BANDWIDTH_SIGMA": _number(">= 0"),
-    "ROUND_DEADLINE": _number(">= 0"), "STRAGGLER_POLICY": _one_of(devices.STRAGGLER_POLICIES),
-    "OVER_SELECTION": _number(">= 1"), "ASYNC_BUFFER": _integer(0),
-    "MAX_CONCURRENCY": _integer(1),
+    "NUM_CLIENTS": integer(1, 60000), "ROUNDS": integer(1),
+    "CLIENT_FRACTION": number("(0, 1]"), "CLIENT_SAMPLING": one_of(Server_side.CLIENT_SAMPLINGS),
+    "LOCAL_EPOCHS": integer(1), "BATCH_SIZE": integer(0, note=" (0 = all local data)"),
+    "LEARNING_RATE": number("> 0"), "LOCAL_MOMENTUM": number("[0, 1)"),
+    "ALGORITHM": one_of(algorithms.NAMES),
+    "SERVER_OPTIMIZER": one_of(Server_side.SERVER_OPTIMIZERS), "SERVER_LR": number("> 0"),
+    "SERVER_MOMENTUM": number("[0, 1)"), "SERVER_BETA1": number("[0, 1)"),
+    "SERVER_BETA2": number("[0, 1)"), "SERVER_TAU": number("> 0"),
+    "CENTRALIZED_BASELINE": BOOLEAN, "DISTRIBUTION": one_of(Data_Preprocessing.DISTRIBUTIONS),
+    "MAX_SAMPLE_SHARE": number("(0, 1]"), "CLASSES_PER_CLIENT": integer(1, 10),
+    "DIRICHLET_ALPHA": number("> 0"), "SHARDS_PER_CLIENT": integer(1),
+    "SEED": integer(0, 2**32 - 1, "2**32 - 1"), "REPEATS": integer(1, 1000),
+    "EVAL_EVERY": integer(1), "CLIENT_DROPOUT": number("[0, 1)"),
+    "CHECKPOINT_EVERY": integer(1), "RESUME": BOOLEAN, "DATA_DIR": folder(optional=True),
+    "OUTPUT_DIR": folder(optional=False), "TARGET_ACCURACY": number("(0, 1]"),
+    "COMPRESSION": one_of(upload_format.COMPRESSIONS), "TOPK_FRACTION": number("(0, 1]"),
+    "STOCHASTIC_ROUNDING": BOOLEAN, "DP_CLIP_NORM": number(">= 0"),
+    "DP_NOISE_MULTIPLIER": number(">= 0"), "DP_DELTA": number("(0, 1)"),
+    "DP_NOISE": one_of(privacy.DP_NOISE_SOURCES),
+    "AGGREGATION": one_of(Server_side.AGGREGATIONS), "TRIM_RATIO": number("[0, 0.5)"),
+    "KRUM_F": integer(0), "MALICIOUS_FRACTION": number("[0, 1)"),
+    "ATTACK": one_of(attacks.ATTACKS), "ATTACK_SCALE": number("> 0"),
+    "LOCAL_TEST_SHARE": number("[0, 1)"), "HELD_OUT_CLIENTS": number("[0, 1)"),
+    "PERSONALIZATION": one_of(personalization.NAMES), "MODEL": one_of(models.NAMES),
+    "DEVICE_HETEROGENEITY": device_model(), "DEVICE_SPEED": number("> 0"),
+    "DEVICE_SPEED_SIGMA": number(">= 0"), "DEVICE_DOWN_MBPS": number("> 0"),
+    "DEVICE_UP_MBPS": number("> 0"), "DEVICE_BANDWIDTH_SIGMA": number(">= 0"),
+    "ROUND_DEADLINE": number(">= 0"), "STRAGGLER_POLICY": one_of(devices.STRAGGLER_POLICIES),
+    "OVER_SELECTION": number(">= 1"), "ASYNC_BUFFER": integer(0),
+    "MAX_CONCURRENCY": integer(1),
+    **plugin_constants(algorithms), **plugin_constants(personalization),
 }
 
 

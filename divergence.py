@@ -7,6 +7,8 @@ the configuration and what the run's folder keeps. In a comparison the other run
 
 import numpy as np
 
+import algorithms
+
 
 class ClientsDiverged(Exception):
     """Every upload of a round was NaN or infinite: local training diverged on every client."""
@@ -48,9 +50,9 @@ def likely_divergence_cause(config):
     if config["SERVER_OPTIMIZER"] != "sgd" or config["SERVER_LR"] > 1:
         return (f"the server step: SERVER_OPTIMIZER {config['SERVER_OPTIMIZER']} with SERVER_LR "
                 f"{config['SERVER_LR']} is too large")
-    if config["ALGORITHM"] == "scaffold":
-        return (f"SCAFFOLD's control variates grew: lower LEARNING_RATE "
-                f"{config['LEARNING_RATE']} or LOCAL_MOMENTUM {config['LOCAL_MOMENTUM']}")
+    cause = algorithms.get(config["ALGORITHM"]).divergence_cause(config)
+    if cause:
+        return cause
     if config["LOCAL_MOMENTUM"] > 0:
         return (f"LEARNING_RATE {config['LEARNING_RATE']} is too high for LOCAL_MOMENTUM "
                 f"{config['LOCAL_MOMENTUM']} (the effective step is about lr / (1 - momentum))")

@@ -34,6 +34,7 @@ from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
+import algorithms  # noqa: E402
 import client_host  # noqa: E402
 import Client_side  # noqa: E402
 import client_state  # noqa: E402
@@ -41,6 +42,7 @@ import configuration  # noqa: E402
 import flower_records  # noqa: E402
 import Main  # noqa: E402
 import node_cache  # noqa: E402
+import personalization  # noqa: E402
 import Server_side  # noqa: E402
 import screening  # noqa: E402
 import Utils  # noqa: E402
@@ -214,7 +216,7 @@ class FlowerEngine:
                          if past in needed}
         self.accepted[round_num] = {int(client) for client in accepted_clients}
 
-    def train(self, round_num, clients, global_weights, server_variate=None, step_limits=None):
+    def train(self, round_num, clients, global_weights, received=None, step_limits=None):
         """Send each hosting node its clients of the round; return what came back: Uploads,
         and Rejections for what could not be read or came for a client not sent to that node.
 
@@ -224,7 +226,7 @@ class FlowerEngine:
         work = self._work(round_num, [int(client) for client in clients])
         messages = self._messages(round_num, work, MESSAGE_TYPE, lambda node, node_clients:
                                   self._round_content(round_num, node, node_clients,
-                                                      global_weights, server_variate,
+                                                      global_weights, received,
                                                       step_limits))
         for node, node_clients in work.items():
             self.unsettled.setdefault(node, {})[round_num] = node_clients
@@ -265,12 +267,12 @@ class FlowerEngine:
         return scores
 
     def _round_content(self, round_num, node, node_clients, global_weights,
-                       server_variate=None, step_limits=None):
+                       received=None, step_limits=None):
         """The message content for `node`: its clients, their step limits, its outcomes."""
         limits = {str(client): step_limits[client] for client in node_clients
                   if client in (step_limits or {})}
         return flower_records.round_content(self.config, self.roster.num_nodes, round_num,
-                                            node_clients, global_weights, server_variate,
+                                            node_clients, global_weights, received,
                                             self._outcomes(node), limits)
 
     @staticmethod
@@ -347,8 +349,9 @@ def refuse_unsupported(config):
     if config["ASYNC_BUFFER"]:
         raise ValueError("ASYNC_BUFFER > 0 (FedBuff) runs in process only: the Flower engine "
                          "runs synchronous rounds (use python Main.py)")
-    kept = client_state.kept_state_names(config["ALGORITHM"], config["COMPRESSION"],
-                                         config["PERSONALIZATION"])
+    kept = client_state.kept_state_names(algorithms.get(config["ALGORITHM"]),
+                                         config["COMPRESSION"],
+                                         personalization.get(config["PERSONALIZATION"]))
     if config["RESUME"] and kept:
         raise ValueError(f"RESUME cannot continue a run on Flower that keeps client state "
                          f"({', '.join(kept)}): it lives on the SuperNodes and ends with their "
@@ -403,12 +406,11 @@ def client_train(message, context):
     settings = message.content["settings"]
     host = node_host(settings, context)
     settle_pending(host, settings)
-    variate = (message.content["variate"].to_numpy_ndarrays()
-               if "variate" in message.content else None)
     step_limits = {int(client): int(limit)
                    for client, limit in json.loads(settings["step-limits"]).items()}
     uploads = host.train(settings["round"], list(settings["clients"]),
-                         message.content["global"].to_numpy_ndarrays(), variate, step_limits)
+                         message.content["global"].to_numpy_ndarrays(),
+                         flower_records.received_from_content(message.content), step_limits)
     flower_records.save_client_state(host, context.state)
     if context.node_config.get("corrupt-uploads"):
         uploads = [corrupted(upload) for upload in uploads]

@@ -14,19 +14,26 @@ import screening
 import upload_format
 
 
-def round_content(config, num_nodes, round_num, clients, global_weights, server_variate,
+def round_content(config, num_nodes, round_num, clients, global_weights, received,
                   outcomes, step_limits=None):
     """The server's message to a node: the run's config, the round, its clients there, the
-    global weights (and SCAFFOLD's c), the outcomes of its earlier rounds, step limits."""
+    global weights (and what the algorithm sends with them, e.g. SCAFFOLD's c, as records
+    'sent.<name>'), the outcomes of its earlier rounds, step limits."""
     settings = {"config": json.dumps(config, default=str), "round": int(round_num),
                 "clients": clients, "num-nodes": num_nodes,
                 "accepted": json.dumps(outcomes),
                 "step-limits": json.dumps(step_limits or {})}
     content = RecordDict({"settings": ConfigRecord(settings),
                           "global": ArrayRecord(list(global_weights))})
-    if server_variate is not None:
-        content["variate"] = ArrayRecord(list(server_variate))
+    for name, arrays in (received or {}).items():
+        content[f"sent.{name}"] = ArrayRecord(list(arrays))
     return content
+
+
+def received_from_content(content):
+    """What the algorithm sent with the weights, {name: arrays}, from round_content's records."""
+    return {name.split(".", 1)[1]: record.to_numpy_ndarrays()
+            for name, record in content.array_records.items() if name.startswith("sent.")}
 
 
 def uploads_from_content(content, round_num=None, node=None):

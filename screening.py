@@ -3,14 +3,16 @@
 Before anything is decoded, every upload is checked against what the server expects this round
 (its client was selected and answers once, for this round), against what the client can hold
 (its sample and step counts, a finite non-negative loss) and against the upload format
-(`upload_format.update_problem`); SCAFFOLD's variate changes are also compared within the round.
-A refused upload becomes a Rejection that names its kind as data.
+(`upload_format.update_problem`, with what the algorithm uploads besides); the algorithm may
+judge its own extras too (algorithms.Algorithm.screen: SCAFFOLD compares its variate changes
+within the round). A refused upload becomes a Rejection that names its kind as data.
 """
 
 import dataclasses
 
 import numpy as np
 
+import algorithms
 import Utils
 import upload_format
 
@@ -62,36 +64,11 @@ def screen_uploads(settings, round_num, uploads, expected_clients, client_sizes,
             rejections.append(Rejection(round_num, getattr(upload, "client", None),
                                         getattr(upload, "node", None), problem.text,
                                         problem.kind))
-    if settings.algorithm == "scaffold":
-        accepted, outliers = _without_variate_outliers(round_num, accepted)
-        rejections += outliers
-    return accepted, rejections
+    return algorithms.get(settings.algorithm).screen(round_num, accepted, rejections)
 
 
-# SCAFFOLD's c moves by the plain mean of the variate changes, so one client could move it
-# anywhere. Honest changes of a round stay close in norm: over the 50 rounds of each SCAFFOLD
-# run of docs/algorithms.md (seed 0) the largest was at most 2.2 (shards), 3.4 (dirichlet) and
-# 1.7 (iid) times the round's median.
-VARIATE_OUTLIER_FACTOR = 10
 # Kinds of rejection the server adds to the upload format's own.
 UNEXPECTED, IMPLAUSIBLE, OUTLIER = "unexpected", "implausible", "outlier"
-
-
-def _without_variate_outliers(round_num, uploads):
-    """Reject SCAFFOLD variate changes longer than VARIATE_OUTLIER_FACTOR times the round's
-    median norm (a median needs at least 3 uploads to be one an outlier cannot set)."""
-    if len(uploads) < 3:
-        return uploads, []
-    norms = [upload_format.update_norm(upload.variate_delta) for upload in uploads]
-    median = float(np.median(norms))
-    kept = [upload for upload, norm in zip(uploads, norms)
-            if norm <= VARIATE_OUTLIER_FACTOR * median]
-    rejected = [Rejection(round_num, upload.client, upload.node,
-                          f"its control variate change has norm {norm:.3g}, more than "
-                          f"{VARIATE_OUTLIER_FACTOR} times the round's median {median:.3g}",
-                          OUTLIER)
-                for upload, norm in zip(uploads, norms) if norm > VARIATE_OUTLIER_FACTOR * median]
-    return kept, rejected
 
 
 def upload_problem(settings, round_num, upload, expected, answered, client_sizes, shapes,
@@ -109,8 +86,8 @@ def upload_problem(settings, round_num, upload, expected, answered, client_sizes
                              (step_limits or {}).get(upload.client))
             or upload_format.update_problem(upload.update, settings.compression,
                                             settings.topk_fraction, shapes)
-            or upload_format.variate_problem(upload.variate_delta,
-                                             settings.algorithm == "scaffold", shapes))
+            or upload_format.extras_problem(upload.extras,
+                                            algorithms.get(settings.algorithm).UPLOADED, shapes))
 
 
 def _metrics_problem(settings, upload, size, step_limit=None):

@@ -25,8 +25,8 @@ class Upload:
 
     update: its encoded update y_i - x (see `encode_update`); num_examples: the samples it
     trained on; num_steps: its local SGD steps; train_loss: mean cross-entropy of its last
-    epoch; variate_delta: SCAFFOLD's c_i+ - c_i (float32 layers, sent uncompressed), None for
-    the other algorithms.
+    epoch; extras: what its algorithm uploads besides, {name: float32 layers, uncompressed}
+    (e.g. SCAFFOLD's variate change c_i+ - c_i; see algorithms.Algorithm.UPLOADED).
     """
 
     client: int
@@ -35,15 +35,20 @@ class Upload:
     num_examples: int
     num_steps: int
     train_loss: float
-    variate_delta: list = None
+    extras: dict = dataclasses.field(default_factory=dict)
     node: int = None  # the id of the Flower node that delivered it; None in process
+
+    def __post_init__(self):
+        if self.extras is None:  # nothing besides the update
+            self.extras = {}
 
     def to_arrays(self):
         """Flatten into (arrays by name, metrics by name), the form any transport carries."""
         arrays = {f"update.{layer}.{key}": np.asarray(value)
                   for layer, encoded in enumerate(self.update) for key, value in encoded.items()}
-        for layer, value in enumerate(self.variate_delta or []):
-            arrays[f"variate.{layer}"] = np.asarray(value)
+        for name, layers in self.extras.items():
+            arrays.update({f"extra.{layer}.{name}": np.asarray(value)
+                           for layer, value in enumerate(layers)})
         metrics = {"client": self.client, "round_num": self.round_num,
                    "num_examples": self.num_examples, "num_steps": self.num_steps,
                    "train_loss": self.train_loss}
@@ -52,17 +57,19 @@ class Upload:
     @classmethod
     def from_arrays(cls, arrays, metrics):
         """Rebuild an Upload from what `to_arrays` returned."""
-        update, variate = {}, {}
+        parts = {"update": {}, "extra": {}}
         for name, value in arrays.items():
-            kind, layer, *key = name.split(".")
-            if kind == "update":
-                update.setdefault(int(layer), {})[key[0]] = value
-            else:
-                variate[int(layer)] = value
+            kind, layer, key = name.split(".")
+            parts[kind].setdefault(key, {})[int(layer)] = value
+        update = {}
+        for key, layers in parts["update"].items():
+            for layer, value in layers.items():
+                update.setdefault(layer, {})[key] = value
         return cls(int(metrics["client"]), int(metrics["round_num"]),
                    [update[layer] for layer in sorted(update)], int(metrics["num_examples"]),
                    int(metrics["num_steps"]), float(metrics["train_loss"]),
-                   [variate[layer] for layer in sorted(variate)] if variate else None)
+                   {name: [layers[layer] for layer in sorted(layers)]
+                    for name, layers in parts["extra"].items()})
 
 
 class Problem(typing.NamedTuple):
@@ -180,17 +187,21 @@ def update_problem(update, compression, topk_fraction, shapes):
     return None
 
 
-def variate_problem(variate_delta, scaffold, shapes):
-    """SCAFFOLD's variate change: float32 layers of the model's shapes; none otherwise."""
-    if not scaffold:
-        return (None if variate_delta is None
-                else Problem(MALFORMED, "sends a control variate without SCAFFOLD"))
-    if not isinstance(variate_delta, list) or len(variate_delta) != len(shapes):
-        return Problem(MALFORMED, f"the control variate must have {len(shapes)} layers")
-    for index, (layer, shape) in enumerate(zip(variate_delta, shapes)):
-        problem = array_problem(layer, np.float32, tuple(shape), f"variate layer {index}")
-        if problem:
-            return problem
+def extras_problem(extras, names, shapes):
+    """What the algorithm uploads besides the update: exactly `names`, each float32 layers of
+    the model's shapes."""
+    if not isinstance(extras, dict) or set(extras) != set(names):
+        found = sorted(extras) if isinstance(extras, dict) else type(extras).__name__
+        return Problem(MALFORMED, f"sends extras {found}, its algorithm uploads "
+                                  f"{sorted(names)}")
+    for name in names:
+        layers = extras[name]
+        if not isinstance(layers, list) or len(layers) != len(shapes):
+            return Problem(MALFORMED, f"its {name} must have {len(shapes)} layers")
+        for index, (layer, shape) in enumerate(zip(layers, shapes)):
+            problem = array_problem(layer, np.float32, tuple(shape), f"{name} layer {index}")
+            if problem:
+                return problem
     return None
 
 

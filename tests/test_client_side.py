@@ -11,6 +11,7 @@ import Client_side
 import client_state
 import Server_side
 import upload_format
+from algorithms import scaffold
 
 LEARNING_RATE = 0.05
 
@@ -185,7 +186,7 @@ def test_scaffold_step_applies_minus_lr_times_corrected_gradient(tiny_client):
 
 def test_scaffold_client_variate_option_two_by_hand():
     """c_i+ = c_i - c + (x - y_i) / (a_i * lr) = [1, 2] - [0.5, 0.5] + [0.2, -0.2] / (2 * 0.1)."""
-    new_variate = client_state.scaffold_client_variate(
+    new_variate = scaffold.client_variate(
         [np.array([1.0, 2.0])], [np.array([0.5, 0.5])], [np.array([1.0, 1.0])],
         [np.array([0.8, 1.2])], num_steps=2, learning_rate=0.1)
     np.testing.assert_allclose(new_variate[0], [1.5, 0.5], rtol=1e-6)
@@ -208,27 +209,27 @@ def run_scaffold_on_quadratics(momentum, rounds=60, steps=20, learning_rate=0.01
     """
     rng = np.random.default_rng(0)
     centers, curvatures = rng.normal(0, 3, (10, 5)), rng.uniform(0.5, 4, (10, 5))
-    global_weights, server_variate = np.zeros(5), Server_side.ScaffoldServerVariate([(5,)])
+    global_weights, server_variate = np.zeros(5), [np.zeros(5, np.float32)]
     memory = client_state.ClientMemory([(5,)])
     for _ in range(rounds):
         deltas, variate_deltas = [], []
         for client in range(10):
             own = memory.get(client)[0]
-            correction = server_variate.arrays[0] - own
+            correction = server_variate[0] - own
             new = local_momentum_sgd(
                 global_weights,
                 lambda w: curvatures[client] * (w - centers[client]) + correction,
                 steps, learning_rate, momentum)
-            variate = client_state.scaffold_client_variate(
-                [own], server_variate.arrays, [global_weights], [new],
+            variate = scaffold.client_variate(
+                [own], server_variate, [global_weights], [new],
                 upload_format.effective_steps(steps, momentum), learning_rate)
             memory.put(client, variate)
             deltas.append([new - global_weights])
             variate_deltas.append([variate[0] - own])
         global_weights = global_weights + Server_side.uniform_mean(deltas)[0]
-        server_variate.update(variate_deltas, 10)
+        server_variate = scaffold.server_variate(server_variate, variate_deltas, 10)
     optimum = (curvatures * centers).sum(axis=0) / curvatures.sum(axis=0)
-    return np.linalg.norm(global_weights - optimum), np.linalg.norm(server_variate.arrays[0])
+    return np.linalg.norm(global_weights - optimum), np.linalg.norm(server_variate[0])
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
@@ -243,7 +244,7 @@ def test_scaffold_variate_with_momentum_recovers_a_constant_gradient():
     """Under a constant gradient g (no correction), c_i+ = c_i - c + g exactly, with momentum."""
     gradient = np.array([0.5, -2.0])
     new = local_momentum_sgd(np.zeros(2), lambda w: gradient, 7, 0.1, 0.9)
-    variate = client_state.scaffold_client_variate(
+    variate = scaffold.client_variate(
         [np.zeros(2)], [np.zeros(2)], [np.zeros(2)], [new], upload_format.effective_steps(7, 0.9),
         0.1)
     np.testing.assert_allclose(variate[0], gradient, rtol=1e-6)

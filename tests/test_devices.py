@@ -12,6 +12,7 @@ import history_log
 import Main
 import upload_format
 import Utils
+from algorithms import fednova
 from conftest import assert_refused, run_whole_and_resumed, write_config
 
 # 5 clients of a tenth of the data, all trained every round.
@@ -251,7 +252,7 @@ def test_fednova_with_uneven_steps_stays_near_the_optimum_where_fedavg_drifts():
     nova = avg = np.zeros(1)
     for _ in range(2000):
         deltas = [[c + (1 - eta) ** t * (nova - c) - nova] for c, t in zip(centers, steps)]
-        nova = nova + Server_side.fednova_delta(deltas, shares, steps)[0]
+        nova = nova + fednova.fednova_delta(deltas, shares, steps)[0]
         deltas = [[c + (1 - eta) ** t * (avg - c) - avg] for c, t in zip(centers, steps)]
         avg = avg + Server_side.fedavg(deltas, shares)[0]
     progress = np.array([1 - (1 - eta) ** t for t in steps])
@@ -331,7 +332,7 @@ class FixedUpdates:
         self.server, self.values = server, values
         self.batch_size, self.epochs = batch_size, epochs
 
-    def train(self, count, clients, global_weights, server_variate=None, step_limits=None):
+    def train(self, count, clients, global_weights, received=None, step_limits=None):
         import upload_format
 
         (client,) = clients

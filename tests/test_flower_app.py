@@ -57,7 +57,7 @@ def test_an_upload_survives_the_wire_format():
     for compression in upload_format.COMPRESSIONS:
         encoded = upload_format.encode_update(delta, compression, rng, topk_fraction=0.5)
         variate = [rng.standard_normal((3, 4)).astype(np.float32), np.zeros(5, np.float32)]
-        sent = upload_format.Upload(7, 3, encoded, 120, 8, 0.25, variate)
+        sent = upload_format.Upload(7, 3, encoded, 120, 8, 0.25, {"variate": variate})
         (received,) = flower_records.uploads_from_content(
             flower_records.content_from_uploads([sent]), round_num=3, node=123456789)
         assert received.node == 123456789
@@ -66,7 +66,7 @@ def test_an_upload_survives_the_wire_format():
         for before, after in zip(upload_format.decode_update(sent.update, [(3, 4), (5,)]),
                                  upload_format.decode_update(received.update, [(3, 4), (5,)])):
             np.testing.assert_array_equal(before, after)
-        for before, after in zip(variate, received.variate_delta):
+        for before, after in zip(variate, received.extras["variate"]):
             np.testing.assert_array_equal(before, after)
 
 
@@ -379,8 +379,8 @@ class LosingEngine:
                                            data.y_train,
                                            configuration.partition_data(config, data.y_train))
 
-    def train(self, round_num, clients, global_weights, server_variate=None, step_limits=None):
-        uploads = self.host.train(round_num, clients, global_weights, server_variate,
+    def train(self, round_num, clients, global_weights, received=None, step_limits=None):
+        uploads = self.host.train(round_num, clients, global_weights, received,
                                   step_limits)
         return [upload for upload in uploads if round_num != 2 or upload.client % 2 == 0]
 

@@ -20,6 +20,7 @@ import Server_side
 import upload_format
 import Utils
 from client_evaluation import ClientScore
+from personalization import ditto
 from conftest import assert_refused, round_clients, run_whole_and_resumed, write_config
 
 # 6 clients holding 2 classes each of a tenth of the data, all trained every round.
@@ -220,7 +221,7 @@ def test_dittos_personal_step_matches_a_numpy_reference(fashion_mnist):
     own = [noise.normal(0, 0.01, (784, 10)).astype(np.float32),
            noise.normal(0, 0.01, 10).astype(np.float32)]
     indices = np.arange(5, 55)
-    (result,) = personalization.personal_step(trainer, global_weights, [indices], [own],
+    (result,) = ditto.personal_step(trainer, global_weights, [indices], [own],
                                               [np.random.default_rng(11)])
     draws = np.random.default_rng(11)
     draws.integers(2**31)  # the dropout seed
@@ -282,7 +283,8 @@ def test_a_memory_hungry_configuration_is_refused_up_front(monkeypatch):
     ({"LOCAL_TEST_SHARE": 1.0}, "LOCAL_TEST_SHARE must be a number in [0, 1), got 1.0"),
     ({"LOCAL_TEST_SHARE": -0.1}, "LOCAL_TEST_SHARE must be a number in [0, 1), got -0.1"),
     ({"HELD_OUT_CLIENTS": 1.5}, "HELD_OUT_CLIENTS must be a number in [0, 1), got 1.5"),
-    ({"PERSONALIZATION": "fedbn"}, "PERSONALIZATION must be one of none, finetune, fedper"),
+    ({"PERSONALIZATION": "fedbn"},
+     "PERSONALIZATION must be one of ditto, fedper, fedrep, finetune, local, none"),
     ({"FINETUNE_EPOCHS": 0}, "FINETUNE_EPOCHS must be an integer >= 1, got 0"),
     ({"HEAD_EPOCHS": 1.5}, "HEAD_EPOCHS must be an integer, got '1.5'"),
     ({"PERSONAL_EPOCHS": "two"}, "PERSONAL_EPOCHS must be an integer, got 'two'"),
@@ -292,7 +294,7 @@ def test_a_memory_hungry_configuration_is_refused_up_front(monkeypatch):
     ({"LOCAL_TEST_SHARE": 0.2, "HELD_OUT_CLIENTS": 0.996},
      "HELD_OUT_CLIENTS must leave at least one of the 100 clients to train"),
     ({"LOCAL_TEST_SHARE": 0.2, "PERSONALIZATION": "fedrep", "ALGORITHM": "scaffold"},
-     "PERSONALIZATION fedrep needs ALGORITHM fedavg, fedprox or fednova"),
+     "PERSONALIZATION fedrep needs ALGORITHM one of fedavg, fednova, fedprox"),
     ({"LOCAL_TEST_SHARE": 0.2, "PERSONALIZATION": "local", "COMPRESSION": "int8"},
      "PERSONALIZATION local uploads nothing, so COMPRESSION int8 has nothing to act on"),
 ])

@@ -360,11 +360,11 @@ class SpoilingEngine:
     def __init__(self, host, spoiled):
         self.host, self.spoiled = host, spoiled
 
-    def train(self, round_num, clients, global_weights, server_variate=None, step_limits=None):
-        uploads = self.host.train(round_num, clients, global_weights, server_variate,
+    def train(self, round_num, clients, global_weights, received=None, step_limits=None):
+        uploads = self.host.train(round_num, clients, global_weights, received,
                                   step_limits)
-        return [dataclasses.replace(upload, variate_delta=[
-                    np.full_like(layer, np.nan) for layer in upload.variate_delta])
+        return [dataclasses.replace(upload, extras={"variate": [
+                    np.full_like(layer, np.nan) for layer in upload.extras["variate"]]})
                 if upload.client in self.spoiled.get(round_num, ()) else upload
                 for upload in uploads]
 
@@ -399,7 +399,8 @@ def test_client_state_follows_what_the_server_accepted(fashion_mnist):
         assert row["returned"] == len(returning[round_num]) - row["rejected"]
         mean_variate = [np.mean([variates.get(client)[layer] for client in range(100)], axis=0)
                         for layer in range(len(weights))]
-        for server, mean in zip(federation.server.variate.arrays, mean_variate, strict=True):
+        server_variate = federation.server.sent_to_clients()["variate"]
+        for server, mean in zip(server_variate, mean_variate, strict=True):
             np.testing.assert_allclose(server, mean, rtol=1e-4, atol=1e-7)
         if round_num == 1:
             assert again not in variates and again not in residuals

@@ -14,6 +14,7 @@ import Server_side
 import robust_rules
 import screening
 import upload_format
+from algorithms import fednova, scaffold
 from conftest import ROOT
 
 
@@ -131,7 +132,7 @@ def test_fednova_normalizes_by_local_steps_by_hand():
     FedNova's Delta = 5 * 0.625 = 3.125, where FedAvg's would be 1/4*2 + 3/4*3 = 2.75.
     """
     deltas = [[np.array([2.0])], [np.array([3.0])]]
-    delta = Server_side.fednova_delta(deltas, [1, 3], [2.0, 6.0])
+    delta = fednova.fednova_delta(deltas, [1, 3], [2.0, 6.0])
     assert delta[0][0] == pytest.approx(3.125)
     assert Server_side.fedavg(deltas, [1, 3])[0][0] == pytest.approx(2.75)
 
@@ -145,9 +146,9 @@ def test_effective_steps_with_momentum_sum_the_momentum_weights():
 
 def test_scaffold_server_variate_moves_by_participating_fraction():
     """c = 0, two of ten clients return deltas 1 and 3: c = 0 + 2/10 * mean(1, 3) = 0.4."""
-    variate = Server_side.ScaffoldServerVariate([(1,)])
-    variate.update([[np.array([1.0])], [np.array([3.0])]], num_clients=10)
-    assert variate.arrays[0][0] == pytest.approx(0.4)
+    variate = scaffold.server_variate([np.zeros(1, np.float32)],
+                                      [[np.array([1.0])], [np.array([3.0])]], num_clients=10)
+    assert variate[0][0] == pytest.approx(0.4)
 
 
 LR, BETA1, BETA2, TAU = 0.1, 0.9, 0.99, 1e-3
@@ -389,7 +390,8 @@ def good_upload(client, config, round_num=4, seed=0):
                if config["ALGORITHM"] == "scaffold" else None)
     encoded = upload_format.encode_update(delta, config["COMPRESSION"], rng,
                                         config["TOPK_FRACTION"])
-    return upload_format.Upload(client, round_num, encoded, 40, 2, 0.5, variate)
+    return upload_format.Upload(client, round_num, encoded, 40, 2, 0.5,
+                                None if variate is None else {"variate": variate})
 
 
 def with_layer(upload, index, **arrays):
@@ -461,9 +463,11 @@ BAD_UPLOADS = {
                                  "not selected"),
     "not an upload": ({}, lambda u: {"client": 5}, "not an upload"),
     "variate without SCAFFOLD": ({}, lambda u: dataclasses.replace(
-        u, variate_delta=[np.zeros(shape, np.float32) for shape in SHAPES]), "without SCAFFOLD"),
+        u, extras={"variate": [np.zeros(shape, np.float32) for shape in SHAPES]}),
+        "its algorithm uploads []"),
     "NaN variate": ({"ALGORITHM": "scaffold"}, lambda u: dataclasses.replace(
-        u, variate_delta=[np.full((3, 4), np.nan, np.float32), u.variate_delta[1]]),
+        u, extras={"variate": [np.full((3, 4), np.nan, np.float32),
+                               u.extras["variate"][1]]}),
         "variate layer 0"),
 }
 
@@ -546,8 +550,8 @@ def test_a_scaffold_variate_change_far_beyond_the_rounds_others_is_rejected():
     config = screening_config(ALGORITHM="scaffold")
     honest = [good_upload(client, config) for client in (1, 2, 3, 4)]
     forged = good_upload(5, config)
-    forged = dataclasses.replace(forged, variate_delta=[1000 * layer
-                                                        for layer in forged.variate_delta])
+    forged = dataclasses.replace(forged, extras={"variate": [
+        1000 * layer for layer in forged.extras["variate"]]})
     accepted, rejections = screened(config, honest + [forged], [1, 2, 3, 4, 5])
     assert accepted == honest
     (rejection,) = rejections
@@ -556,11 +560,12 @@ def test_a_scaffold_variate_change_far_beyond_the_rounds_others_is_rejected():
     start = [np.zeros(shape, np.float32) for shape in SHAPES]
     with_forged.aggregate(4, start, accepted)
     without.aggregate(4, start, honest)
-    for kept, clean in zip(with_forged.server_variate(), without.server_variate()):
+    for kept, clean in zip(with_forged.sent_to_clients()["variate"],
+                           without.sent_to_clients()["variate"]):
         np.testing.assert_array_equal(kept, clean)
     # Variates of the same scale all pass, whatever their spread within 10x.
-    mixed = honest + [dataclasses.replace(good_upload(5, config), variate_delta=[
-        3 * layer for layer in good_upload(5, config).variate_delta])]
+    mixed = honest + [dataclasses.replace(good_upload(5, config), extras={"variate": [
+        3 * layer for layer in good_upload(5, config).extras["variate"]]})]
     assert screened(config, mixed, [1, 2, 3, 4, 5])[1] == []
 
 

@@ -210,4 +210,8 @@ def test_settings_name_the_constants_they_come_from():
     assert client.learning_rate == 0.123 and server.krum_f == 4
     for settings in (client, server):
         for field in dataclasses.fields(settings):
-            assert getattr(settings, field.name) == config[field.name.upper()]
+            if field.name == "options":  # the plug-ins' constants, by their own names
+                assert settings.options == {name: config[name] for name in settings.options}
+                assert "PROX_MU" in settings.options and "DITTO_LAMBDA" in settings.options
+            else:
+                assert getattr(settings, field.name) == config[field.name.upper()]
