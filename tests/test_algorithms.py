@@ -1,0 +1,125 @@
+"""The algorithm plug-ins' update rules against their papers: by hand, on closed-form problems,
+and end to end on real data (resumed bit for bit)."""
+
+import types
+
+import numpy as np
+import pytest
+
+import Client_side
+import Main
+from algorithms import feddyn
+from conftest import assert_refused, run_whole_and_resumed
+from test_reliability import read_history, without_seconds
+
+
+def plugin(module, shapes, **options):
+    """A plug-in of `module` for a model of `shapes`, with its constants."""
+    settings = types.SimpleNamespace(options=options, local_momentum=0.0, learning_rate=0.1)
+    return module.PLUGIN(settings, shapes)
+
+
+def result(weights):
+    return Client_side.LocalResult(weights, 10, 1, 0.0)
+
+
+# --- FedDyn (Acar et al. 2021, Algorithm 1) -----------------------------------------------------
+
+def test_feddyn_round_by_hand():
+    """alpha = 0.5, m = 4 clients, two return: theta = 1, theta_1 = 3, theta_2 = 2, g = 0.
+    Clients: g_k = 0 - 0.5 (theta_k - 1) = -1 and -0.5. Server: h = 0 - 0.5 * (1/4) * (2 + 1)
+    = -0.375; theta = mean(3, 2) - h / alpha = 2.5 + 0.75 = 3.25, so Delta = 2.25."""
+    clients, server = plugin(feddyn, [(1,)], FEDDYN_ALPHA=0.5), plugin(feddyn, [(1,)],
+                                                                       FEDDYN_ALPHA=0.5)
+    start, zero = [np.array([1.0], np.float32)], [np.zeros(1, np.float32)]
+    kept = [clients.after_training({"gradient": zero}, {}, start, result([np.array([new])]))
+            for new in (3.0, 2.0)]
+    assert [state["gradient"][0][0] for state, extras in kept] == [-1.0, -0.5]
+    assert all(extras == {} for _, extras in kept)
+    delta = server.combine([[np.array([2.0])], [np.array([1.0])]], [None, None], population=4)
+    assert server.state["h"][0][0] == pytest.approx(-0.375)
+    assert delta[0][0] == pytest.approx(2.25)
+    assert clients.correction({"gradient": [np.array([-1.0])]}, {})[0][0] == 1.0
+    assert clients.prox_mu() == 0.5
+
+
+def run_feddyn_on_quadratics(per_round, rounds=300, alpha=1.0):
+    """FedDyn with exact local minimization on f_k(w) = sum_j h_kj (w_j - b_kj)^2 / 2.
+
+    The client's minimizer of f_k(w) - <g_k, w> + (alpha/2)||w - theta||^2 is
+    (h_k b_k + g_k + alpha theta) / (h_k + alpha). Returns the distance to the minimizer of
+    sum_k f_k and the largest gap between a kept g_k and the true gradient at theta_k.
+    """
+    rng = np.random.default_rng(0)
+    centers, curvatures = rng.normal(0, 3, (10, 5)), rng.uniform(0.5, 4, (10, 5))
+    server, client = (plugin(feddyn, [(5,)], FEDDYN_ALPHA=alpha) for _ in range(2))
+    theta = np.zeros(5)
+    gradients, gap = [np.zeros(5, np.float32) for _ in range(10)], 0.0
+    for round_num in range(rounds):
+        chosen = np.sort(np.random.default_rng(round_num).choice(10, per_round, replace=False))
+        deltas = []
+        for k in chosen:
+            new = (curvatures[k] * centers[k] + gradients[k] + alpha * theta) / (
+                curvatures[k] + alpha)
+            state, _ = client.after_training({"gradient": [gradients[k]]}, {}, [theta],
+                                             result([new]))
+            gradients[k] = state["gradient"][0]
+            gap = max(gap, np.abs(gradients[k] - curvatures[k] * (new - centers[k])).max())
+            deltas.append([new - theta])
+        theta = theta + server.combine(deltas, [None] * per_round, population=10)[0]
+    optimum = (curvatures * centers).sum(axis=0) / curvatures.sum(axis=0)
+    return np.linalg.norm(theta - optimum), gap
+
+
+@pytest.mark.parametrize("per_round", [10, 4])
+def test_feddyn_reaches_the_global_optimum_of_heterogeneous_quadratics(per_round):
+    """The paper's claim (Theorem 1's fixed point): with exact local solves FedDyn converges to
+    the minimizer of the sum of the clients' losses, with full or partial participation, and
+    each kept g_k is the gradient of f_k at the client's model (the first-order condition)."""
+    distance, gap = run_feddyn_on_quadratics(per_round)
+    assert distance < 1e-4 and gap < 1e-4
+
+
+@pytest.mark.parametrize("constants, message", [
+    ({"PERSONALIZATION": "fedper", "LOCAL_TEST_SHARE": 0.25},
+     "PERSONALIZATION fedper needs ALGORITHM one of"),
+    ({"AGGREGATION": "median"}, "AGGREGATION median needs ALGORITHM one of fedavg"),
+    ({"DP_CLIP_NORM": 1.0}, "DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM one of"),
+    ({"FEDDYN_ALPHA": 0}, "FEDDYN_ALPHA must be a number > 0, got 0")])
+def test_feddyn_refuses_what_it_cannot_combine_with(tmp_path, capsys, constants, message):
+    assert_refused(tmp_path, capsys, message, ALGORITHM="feddyn", **constants)
+
+
+def test_feddyn_constant_leaves_other_runs_folders_alone():
+    import configuration
+
+    config = Main.default_config()
+    assert configuration.run_dir(config) == configuration.run_dir(
+        {**config, "FEDDYN_ALPHA": 0.5})
+    chosen = {**config, "ALGORITHM": "feddyn"}
+    assert configuration.run_dir(chosen) != configuration.run_dir(
+        {**chosen, "FEDDYN_ALPHA": 0.5})
+
+
+@pytest.mark.slow
+def test_feddyn_learns_real_data_and_resumes_bit_for_bit(tmp_path, tenth_of_the_data):
+    """Its clients' g_k and the server's h live in the checkpoint: a run stopped after round 2
+    and resumed equals the straight run (0.354 after round 4 when written); and it learns."""
+    setting = {"ALGORITHM": "feddyn", "FEDDYN_ALPHA": 0.01, "NUM_CLIENTS": 20,
+               "CLIENT_FRACTION": 0.5, "ROUNDS": 4, "DISTRIBUTION": "dirichlet", "SEED": 3}
+    run_whole_and_resumed(tmp_path, setting, stop_after=2)
+    (whole,) = (tmp_path / "whole").iterdir()
+    (parts,) = (tmp_path / "parts").iterdir()
+    rows = read_history(whole)
+    assert without_seconds(read_history(parts)) == without_seconds(rows)
+    assert_same_checkpoint_arrays(whole, parts)
+    assert float(rows[-1]["test_accuracy"]) > 0.25  # chance is 0.1; 4 short rounds
+
+
+def assert_same_checkpoint_arrays(first, second):
+    """Every array of two runs' checkpoints (weights, server and client state) bit for bit."""
+    with np.load(first / "checkpoint.npz") as one, np.load(second / "checkpoint.npz") as two:
+        assert set(one.files) == set(two.files)
+        for name in one.files:
+            if name != "metadata":
+                np.testing.assert_array_equal(one[name], two[name])
