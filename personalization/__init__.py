@@ -97,8 +97,13 @@ class Method:
     # --- A round's training -----------------------------------------------------------------
 
     def starts(self, global_weights, own):
-        """Where each client's local training starts (None: the global weights for all)."""
-        return None
+        """Where each client's local training starts: the global weights with its own part
+        (OWN) in place, or the global weights for a client without (None: for all)."""
+        if self.OWN is None:
+            return None
+        return [global_weights if mine is None else with_own(global_weights, mine,
+                                                             self.own_layers)
+                for mine in own]
 
     def before_training(self, trainers, global_weights, indices, rngs, starts):
         """A phase before the local training (FedRep's head); returns the new starts."""

@@ -31,6 +31,9 @@ class Ditto(personalization.Method):
     def extra_epochs(cls, config):
         return config["PERSONAL_EPOCHS"]
 
+    def starts(self, global_weights, own):
+        return None  # its global update starts from the global model; v_i trains apart
+
     def trainer_recipes(self):
         return {"personal": (self.option("PERSONAL_EPOCHS"), self.option("DITTO_LAMBDA"),
                              ())}, ()

@@ -17,12 +17,8 @@ class FedPer(personalization.Method):
     PERSONAL = True
 
     def trainer_recipes(self):
-        return {"adapt": (self.option("FINETUNE_EPOCHS"), 0.0, self.parts["body"])}, ()
-
-    def starts(self, global_weights, own):
-        return [global_weights if mine is None
-                else personalization.with_own(global_weights, mine, self.own_layers)
-                for mine in own]
+        # A new client trains its own part with the shared part frozen.
+        return {"adapt": (self.option("FINETUNE_EPOCHS"), 0.0, self.uploaded_layers)}, ()
 
 
 PLUGIN = FedPer

@@ -18,8 +18,5 @@ class Local(personalization.Method):
     def trainer_recipes(self):
         return {"adapt": (self.option("FINETUNE_EPOCHS"), 0.0, ())}, ()
 
-    def starts(self, global_weights, own):
-        return [global_weights if mine is None else mine for mine in own]
-
 
 PLUGIN = Local
