@@ -74,8 +74,8 @@ DATA_DIR = None  # folder with the four Fashion-MNIST .gz files; None = search t
 # Per-client evaluation and personalization (client_evaluation.py, personalization.py)
 LOCAL_TEST_SHARE = 0.0  # share of each client's samples kept as its test data, [0, 1); 0 = off
 HELD_OUT_CLIENTS = 0.0  # share of clients never trained, only evaluated (unseen_*), [0, 1)
-PERSONALIZATION = "none"  # none | finetune | fedper | fedrep | ditto | local
-FINETUNE_EPOCHS = 1  # finetune; new clients of local, fedper, fedrep: adaptation epochs, int >= 1
+PERSONALIZATION = "none"  # none|finetune|fedper|fedrep|ditto|local|lgfedavg|fedbabu
+FINETUNE_EPOCHS = 1  # finetune, fedbabu; new clients of others: adaptation epochs, int >= 1
 HEAD_EPOCHS = 1  # fedrep: epochs on the head (body frozen) before the body's, int >= 1
 PERSONAL_EPOCHS = 1  # ditto: epochs of each selected client's own model a round, int >= 1
 DITTO_LAMBDA = 0.1  # ditto: lambda of (lambda/2)||v_i - w_global||^2, >= 0

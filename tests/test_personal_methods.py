@@ -1,0 +1,87 @@
+"""The personalization plug-ins added through the seam, on real data: which part of the model
+each shares and keeps, checked in the checkpoint, and resuming bit for bit."""
+
+import numpy as np
+import pytest
+
+import Main
+import Server_side
+import Utils
+from conftest import run_whole_and_resumed, write_config
+from test_algorithms import assert_same_checkpoint_arrays
+from test_reliability import read_history, without_seconds
+
+SETTING = {"NUM_CLIENTS": 20, "CLIENT_FRACTION": 0.5, "ROUNDS": 3, "DISTRIBUTION": "noniid_bi",
+           "CLASSES_PER_CLIENT": 2, "SEED": 5, "LOCAL_TEST_SHARE": 0.25}
+
+
+def initial_weights(seed):
+    """The global model's weights before round 1, drawn as Main.build_federation draws them."""
+    Utils.seed_everything(seed)
+    return Server_side.create_model().get_weights()
+
+
+def finished_run(tmp_path, method):
+    path = write_config(tmp_path / f"{method}.csv", OUTPUT_DIR=tmp_path / method,
+                        PERSONALIZATION=method, **SETTING)
+    assert Main.main(["-c", "-f", str(path)]) == 0
+    (run,) = (tmp_path / method).iterdir()
+    with np.load(run / "checkpoint.npz") as checkpoint:
+        arrays = {name: checkpoint[name] for name in checkpoint.files}
+    return read_history(run), arrays
+
+
+def global_layers(arrays, count):
+    return [arrays[f"global_{index}"] for index in range(count)]
+
+
+@pytest.mark.slow
+def test_lgfedavg_shares_the_head_and_each_client_keeps_its_body(tmp_path, tenth_of_the_data):
+    """The server never receives a body: the global body stays the initial one while the head
+    moves; each trained client keeps body-shaped arrays of its own; and own models serve their
+    clients better than the global one (a body trained on 2 classes, shared head)."""
+    start = initial_weights(SETTING["SEED"])
+    rows, arrays = finished_run(tmp_path, "lgfedavg")
+    weights, body = global_layers(arrays, len(start)), len(start) - 2
+    for index in range(body):
+        np.testing.assert_array_equal(weights[index], start[index])
+    assert any(not np.array_equal(weights[index], start[index]) for index in (body, body + 1))
+    own = [arrays[f"client_own_{1 + index}"] for index in range(body)]
+    assert [layer.shape[1:] for layer in own] == [layer.shape for layer in start[:body]]
+    assert len(arrays["client_own_0"]) > 0
+    assert float(rows[-1]["personal_pooled"]) > float(rows[-1]["local_pooled"])
+
+
+@pytest.mark.slow
+def test_fedbabu_keeps_the_head_at_its_initialization_and_fine_tunes_to_serve(
+        tmp_path, tenth_of_the_data):
+    """During federation the head is frozen: the global head is the initial one bit for bit
+    while the body moves; nothing is kept per client; fine-tuning serves clients better than
+    the global model with its random head."""
+    start = initial_weights(SETTING["SEED"])
+    rows, arrays = finished_run(tmp_path, "fedbabu")
+    weights, body = global_layers(arrays, len(start)), len(start) - 2
+    for index in (body, body + 1):
+        np.testing.assert_array_equal(weights[index], start[index])
+    assert any(not np.array_equal(weights[index], start[index]) for index in range(body))
+    assert not any(name.startswith("client_") for name in arrays)
+    assert float(rows[-1]["personal_pooled"]) > float(rows[-1]["local_pooled"])
+
+
+@pytest.mark.slow
+def test_lgfedavg_resumes_bit_for_bit(tmp_path, tenth_of_the_data):
+    setting = {**SETTING, "PERSONALIZATION": "lgfedavg", "ROUNDS": 4}
+    run_whole_and_resumed(tmp_path, setting, stop_after=2)
+    (whole,) = (tmp_path / "whole").iterdir()
+    (parts,) = (tmp_path / "parts").iterdir()
+    assert without_seconds(read_history(parts)) == without_seconds(read_history(whole))
+    assert_same_checkpoint_arrays(whole, parts)
+
+
+@pytest.mark.parametrize("method", ["lgfedavg", "fedbabu"])
+def test_a_method_sharing_part_of_the_model_refuses_whole_model_algorithms(tmp_path, capsys,
+                                                                           method):
+    from conftest import assert_refused
+
+    assert_refused(tmp_path, capsys, f"PERSONALIZATION {method} needs ALGORITHM one of",
+                   PERSONALIZATION=method, ALGORITHM="scaffold", LOCAL_TEST_SHARE=0.25)
