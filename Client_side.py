@@ -101,10 +101,12 @@ class LocalTrainer:
         prox_mu: mu of the proximal term (mu/2)||w - anchor||^2 (FedProx, Ditto); 0 is plain
             local SGD.
         frozen: indices of the layer arrays that keep their start values (FedRep's phases).
+        contrastive: (mu, temperature) of a model-contrastive term on the representation the
+            head reads (MOON), or None.
     """
 
     def __init__(self, model, x_train, y_train, learning_rate, momentum, batch_size, local_epochs,
-                 prox_mu=0.0, frozen=()):
+                 prox_mu=0.0, frozen=(), contrastive=None):
         if len(model.weights) != len(model.trainable_variables):
             raise ValueError("LocalTrainer needs a model whose weights are all trainable")
         self.model = model
@@ -114,6 +116,14 @@ class LocalTrainer:
         self.local_epochs = int(local_epochs)
         self.prox_mu = float(prox_mu)
         self.frozen = frozenset(frozen)
+        self.contrastive = contrastive
+        if contrastive:
+            # The representation the head reads, with the probabilities in one forward pass,
+            # and alone for other weights (the global and the previous model's body).
+            head = model.layers[-1]
+            self._dual = keras.Model(model.inputs, [head.input, model.outputs[0]])
+            self._body = keras.Model(model.inputs, head.input)
+            self._body_arrays = len(model.trainable_variables) - len(head.trainable_variables)
         self.x_train = tf.convert_to_tensor(x_train, tf.float32)
         self.y_train = tf.convert_to_tensor(y_train, tf.int32)
         self._velocities = [tf.Variable(tf.zeros_like(variable), trainable=False)
@@ -126,16 +136,17 @@ class LocalTrainer:
         self._train_clients = tf.function(self._train_clients_steps, input_signature=[
             stacked_specs, stacked_specs, tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), stacked_specs,
-            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32)])
+            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32), stacked_specs])
 
     @classmethod
     def for_clients(cls, model, x_train, y_train, settings, epochs=None, prox_mu=0.0,
-                    frozen=()):
+                    frozen=(), contrastive=None):
         """A clients' trainer from ClientSettings: by default E epochs (LOCAL_EPOCHS); the
         algorithm sets mu (FedProx's term), personalization's trainers change epochs, mu and
         the frozen layers."""
         return cls(model, x_train, y_train, settings.learning_rate, settings.local_momentum,
-                   settings.batch_size, epochs or settings.local_epochs, prox_mu, frozen)
+                   settings.batch_size, epochs or settings.local_epochs, prox_mu, frozen,
+                   contrastive)
 
     @classmethod
     def for_baseline(cls, model, x_train, y_train, settings):
@@ -165,7 +176,7 @@ class LocalTrainer:
         return update
 
     def train_many(self, global_weights, clients_indices, rngs, corrections=None, starts=None,
-                   anchors=None, max_steps=None):
+                   anchors=None, max_steps=None, references=None):
         """Train several clients (ClientUpdate of FedAvg) in one compiled call.
 
         Each client starts from the global weights with its own dropout seed, shuffles and
@@ -180,7 +191,7 @@ class LocalTrainer:
                 its per-epoch shuffles.
             corrections: one SCAFFOLD correction c - c_i (layer arrays) per client, added to
                 every gradient, or None.
-            starts, anchors, max_steps: see `train_orders`.
+            starts, anchors, max_steps, references: see `train_orders`.
         Returns:
             list of LocalResult (float32 layer arrays, n, the number of steps, and the
             sample-weighted mean training loss of the last local epoch, what `fit` reports), in
@@ -194,11 +205,11 @@ class LocalTrainer:
                                  len(indices), self.batch_size, self.local_epochs)), loss)
                 for (weights, loss), indices, limit in zip(
                     self.train_orders(global_weights, orders, seeds, corrections, starts,
-                                      anchors, max_steps),
+                                      anchors, max_steps, references),
                     clients_indices, limits)]
 
     def train_orders(self, start_weights, orders, seeds, corrections=None, starts=None,
-                     anchors=None, max_steps=None):
+                     anchors=None, max_steps=None, references=None):
         """The one compiled training call: each client from `start_weights` over its order.
 
         Args:
@@ -213,6 +224,8 @@ class LocalTrainer:
                 w_global), or None: each client's start.
             max_steps: the SGD steps each client may take at most (a straggler's partial work,
                 in epoch order), or None: all its epochs.
+            references: one list of layer arrays per client whose representation the
+                contrastive term pushes away from (MOON's previous local model), or None.
         Returns:
             list of (new float32 layer arrays, mean loss of the last epoch it started), in the
             clients' order.
@@ -227,20 +240,25 @@ class LocalTrainer:
             tf.constant(self.batch_size, tf.int32), stacked,  # B = 0: each client's size
             np.asarray([KEEP_DROPOUT_STATE if seed is None else seed for seed in seeds],
                        np.int64),
-            np.asarray(max_steps or [NO_STEP_LIMIT] * len(sizes), np.int32))
+            np.asarray(max_steps or [NO_STEP_LIMIT] * len(sizes), np.int32),
+            start_rows if references is None else _stacked(references))
         new_weights, losses = [layer.numpy() for layer in new_weights], losses.numpy()
         return [([layer[position] for layer in new_weights], float(losses[position]))
                 for position in range(len(sizes))]
 
-    def loss_and_gradients(self, images, labels, anchor):
+    def loss_and_gradients(self, images, labels, anchor, reference=None):
         """Return (cross-entropy, gradients of the local objective) at the current weights.
 
-        The objective is the mean cross-entropy, plus (mu/2) * ||w - anchor||^2 for FedProx;
-        the loss returned is the cross-entropy alone, comparable across algorithms.
+        The objective is the mean cross-entropy, plus (mu/2) * ||w - anchor||^2 for FedProx,
+        plus MOON's contrastive term; the loss returned is the cross-entropy alone, comparable
+        across algorithms.
         """
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            probabilities = self.model(images, training=True)
+            if self.contrastive:
+                representation, probabilities = self._dual(images, training=True)
+            else:
+                probabilities = self.model(images, training=True)
             loss = tf.reduce_mean(
                 keras.losses.sparse_categorical_crossentropy(labels, probabilities))
             objective = loss
@@ -248,9 +266,29 @@ class LocalTrainer:
                 objective += self.prox_mu / 2 * tf.add_n([
                     tf.reduce_sum(tf.square(variable - start))
                     for variable, start in zip(variables, anchor)])
+            if self.contrastive:
+                objective += self.contrastive[0] * self.contrastive_loss(
+                    images, representation, anchor, reference)
         return loss, tape.gradient(objective, variables)
 
-    def _train_steps(self, start, anchor, orders, batch_size, correction, max_steps):
+    def contrastive_loss(self, images, representation, positive, negative):
+        """MOON's l_con: -log(e^(sim(z, z_glob)/t) / (e^(sim(z, z_glob)/t) + e^(sim(z, z_prev)/t)))
+        with cosine similarity, averaged over the batch; z_glob and z_prev are the
+        representations under the global (`positive`) and previous (`negative`) weights."""
+        temperature = self.contrastive[1]
+        similarities = [
+            -keras.losses.cosine_similarity(representation, self.representation(weights, images))
+            / temperature for weights in (positive, negative)]
+        return tf.reduce_mean(tf.nn.softplus(similarities[1] - similarities[0]))
+
+    def representation(self, weights, images):
+        """The body's output for `weights` (a whole model's arrays), without dropout."""
+        values = [tf.convert_to_tensor(array) for array in weights[:self._body_arrays]]
+        state = [variable.value for variable in self._body.non_trainable_variables]
+        return self._body.stateless_call(values, state, images, training=False)[0]
+
+    def _train_steps(self, start, anchor, orders, batch_size, correction, max_steps,
+                     reference):
         """One client, inside the compiled call: load the start weights, then SGD over
         `orders` (E, n) batch by batch, for at most `max_steps` steps."""
         variables = self.model.trainable_variables
@@ -271,13 +309,13 @@ class LocalTrainer:
                 batch = orders[epoch, start:tf.minimum(start + batch_size, num_examples)]
                 batch_loss = self._sgd_step(tf.gather(self.x_train, batch),
                                             tf.gather(self.y_train, batch),
-                                            anchor, correction)
+                                            anchor, correction, reference)
                 epoch_loss += batch_loss * tf.cast(tf.shape(batch)[0], tf.float32)
         return ([tf.identity(variable) for variable in variables],
                 epoch_loss / tf.cast(epoch_samples, tf.float32))
 
     def _train_clients_steps(self, starts, anchors, flat_orders, sizes, batch_size,
-                             corrections, seeds, max_steps):
+                             corrections, seeds, max_steps, references):
         """Compiled body of `train_orders`: `_train_steps` for each client in turn.
 
         flat_orders holds every client's (E, n) order, raveled and concatenated; starts,
@@ -303,14 +341,14 @@ class LocalTrainer:
                     variable.assign(tf.cast(tf.stack([seeds[position], 0]), variable.dtype))
             new_weights, loss = self._train_steps(
                 _row(starts, position), _row(anchors, position), orders, client_batch,
-                _row(corrections, position), max_steps[position])
+                _row(corrections, position), max_steps[position], _row(references, position))
             weights = [array.write(position, layer) for array, layer in zip(weights, new_weights)]
             losses = losses.write(position, loss)
         return [array.stack() for array in weights], losses.stack()
 
-    def _sgd_step(self, images, labels, anchor, correction):
+    def _sgd_step(self, images, labels, anchor, correction, reference):
         """One minibatch step of SGD on the local objective; returns the batch's cross-entropy."""
-        loss, gradients = self.loss_and_gradients(images, labels, anchor)
+        loss, gradients = self.loss_and_gradients(images, labels, anchor, reference)
         for index, (variable, gradient, shift, velocity) in enumerate(zip(
                 self.model.trainable_variables, gradients, correction, self._velocities)):
             if index in self.frozen:

@@ -119,7 +119,8 @@ class ClientHost:
         recipes, frozen = self.method.trainer_recipes()
         make = Client_side.LocalTrainer.for_clients
         trainers = {"main": make(model, x_train, y_train, self.settings,
-                                 prox_mu=self.algorithm.prox_mu(), frozen=frozen)}
+                                 prox_mu=self.algorithm.prox_mu(), frozen=frozen,
+                                 contrastive=self.algorithm.contrastive())}
         trainers.update({name: make(model, x_train, y_train, self.settings, epochs, mu, layers)
                          for name, (epochs, mu, layers) in recipes.items()
                          if only is None or name in only})
@@ -154,13 +155,10 @@ class ClientHost:
         for trainers, group in self._groups_by_trainers(clients):
             for first in range(0, len(group), CLIENTS_PER_CALL):
                 chunk = group[first:first + CLIENTS_PER_CALL]
-                corrections = [self.algorithm.correction(
-                    {name: self.memory[name].get(client) for name in self.algorithm.CLIENT_STATE},
-                    received or {}) for client in chunk]
                 results, own = self.method.train_round(
                     trainers, global_weights, chunk,
                     [self.client_indices[client] for client in chunk], self.own_parts(chunk),
-                    round_num, None if corrections[0] is None else corrections,
+                    round_num, self._terms(chunk, global_weights, received or {}),
                     _limits(chunk, step_limits))
                 updates.update(zip(chunk, results))
                 kept.update(zip(chunk, own))
@@ -181,6 +179,16 @@ class ClientHost:
             uploads.append(upload)
         self.pending_round = round_num
         return uploads
+
+    def _terms(self, clients, global_weights, received):
+        """The algorithm's per-client terms of the local objective for LocalTrainer.train_many:
+        gradient corrections (SCAFFOLD, FedDyn), contrastive references (MOON)."""
+        kept = [{name: self.memory[name].get(client) for name in self.algorithm.CLIENT_STATE}
+                for client in clients]
+        terms = {"corrections": [self.algorithm.correction(state, received) for state in kept],
+                 "references": [self.algorithm.reference(state, received, global_weights)
+                                for state in kept]}
+        return {name: values for name, values in terms.items() if values[0] is not None}
 
     def evaluate(self, round_num, clients, global_weights):
         """Score the global model and each client's own model on its local test rows.

@@ -107,6 +107,16 @@ class Algorithm:
         """
         return None
 
+    def contrastive(self):
+        """(mu, temperature) of a model-contrastive term on the representation the head reads
+        (MOON), or None."""
+        return None
+
+    def reference(self, kept, received, global_weights):
+        """The whole model whose representation the contrastive term pushes each client away
+        from (MOON's previous local model), or None."""
+        return None
+
     def after_training(self, kept, received, global_weights, result):
         """The client's new state and extra uploads after training from `global_weights` to
         `result` (a Client_side.LocalResult): ({CLIENT_STATE name: arrays},

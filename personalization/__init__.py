@@ -110,7 +110,7 @@ class Method:
         return starts
 
     def train_round(self, trainers, global_weights, clients, indices, own, round_num,
-                    corrections=None, max_steps=None):
+                    terms=None, max_steps=None):
         """Train clients for a round as the method does.
 
         Args:
@@ -119,7 +119,8 @@ class Method:
                 true ones}.
             clients: the client ids; indices: their training rows; own: each client's kept
                 arrays (own_layers), or None for a client without.
-            corrections: the algorithm's per-client gradient corrections, or None.
+            terms: the algorithm's per-client terms of the local objective for the local
+                trainer, {"corrections": ..., "references": ...} (LocalTrainer.train_many).
             max_steps: per-client step limits of stragglers' partial work, or None.
         Returns:
             (LocalResult per client, the arrays each keeps or None per client): the
@@ -129,13 +130,13 @@ class Method:
                 for client in clients]
         starts = self.before_training(trainers, global_weights, indices, rngs,
                                       self.starts(global_weights, own))
-        results = trainers["main"].train_many(global_weights, indices, rngs, corrections, starts,
-                                              max_steps=max_steps)
+        results = trainers["main"].train_many(global_weights, indices, rngs, starts=starts,
+                                              max_steps=max_steps, **(terms or {}))
         return results, self.kept(trainers, global_weights, clients, indices, own, round_num,
-                                  results, starts, corrections, max_steps)
+                                  results, starts, terms, max_steps)
 
     def kept(self, trainers, global_weights, clients, indices, own, round_num, results, starts,
-             corrections, max_steps):
+             terms, max_steps):
         """What each client keeps after the round: its own layers of its trained model."""
         if not self.own_layers:
             return [None] * len(clients)
@@ -145,7 +146,7 @@ class Method:
             results = trainers["honest"].train_many(
                 global_weights, indices,
                 [Utils.rng(self.settings.seed, "training", round_num, client)
-                 for client in clients], corrections, starts, max_steps=max_steps)
+                 for client in clients], starts=starts, max_steps=max_steps, **(terms or {}))
         return [[result.new_weights[index] for index in self.own_layers] for result in results]
 
     # --- Serving a client its own model -----------------------------------------------------

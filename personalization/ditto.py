@@ -39,7 +39,7 @@ class Ditto(personalization.Method):
                              ())}, ()
 
     def kept(self, trainers, global_weights, clients, indices, own, round_num, results, starts,
-             corrections, max_steps):
+             terms, max_steps):
         return [result.new_weights for result in personal_step(
             trainers["personal"], global_weights, indices, own,
             [Utils.rng(self.settings.seed, "personal", round_num, client)

@@ -399,3 +399,33 @@ def test_a_baseline_round_without_samples_keeps_its_weights(tiny_client):
     for after_layer, before_layer in zip(baseline.train(0), before, strict=True):
         np.testing.assert_array_equal(after_layer, before_layer)
     assert (baseline._pass, baseline._position) == (0, 0)
+
+
+def test_the_contrastive_term_is_moons_formula(fashion_mnist):
+    """l_con = -log(e^(s_g/t) / (e^(s_g/t) + e^(s_p/t))) with cosine similarities of the
+    representations (the head's input) under the trained, global and previous weights."""
+    import Server_side
+    import Utils
+
+    Utils.seed_everything(0)
+    model = Server_side.create_model()
+    images = fashion_mnist.x_train[:16]
+    trainer = Client_side.LocalTrainer(model, images, fashion_mnist.y_train[:16], 0.1, 0.0, 16,
+                                       1, contrastive=(1.0, 0.5))
+    rng = np.random.default_rng(0)
+    current = model.get_weights()
+    positive, negative = ([layer + rng.normal(0, 0.05, layer.shape).astype(np.float32)
+                           for layer in current] for _ in range(2))
+    z, z_global, z_previous = (trainer.representation(weights, images).numpy()
+                               for weights in (current, positive, negative))
+
+    def cosine(a, b):
+        return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    expected = np.mean(-np.log(np.exp(cosine(z, z_global) / 0.5) / (
+        np.exp(cosine(z, z_global) / 0.5) + np.exp(cosine(z, z_previous) / 0.5))))
+    loss = trainer.contrastive_loss(images, z, positive, negative).numpy()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    # The global and the previous model alike: l_con = log 2, its minimum-free middle.
+    same = trainer.contrastive_loss(images, z, positive, positive).numpy()
+    assert same == pytest.approx(np.log(2), rel=1e-6)
