@@ -76,6 +76,10 @@ def validate_config(config):
     if config["DP_CLIP_NORM"] > 0 and not (averaging and config["AGGREGATION"] == "fedavg"):
         raise ValueError(f"DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM one of "
                          f"{', '.join(PLAIN_ALGORITHMS)} and AGGREGATION fedavg")
+    for name, (allowed, why) in algorithms.get(config["ALGORITHM"]).NEEDS.items():
+        if config[name] not in allowed:
+            raise ValueError(f"ALGORITHM {config['ALGORITHM']} needs {name} one of "
+                             f"{', '.join(map(str, allowed))}, got {config[name]}: {why}")
     if config["SEED"] + config["REPEATS"] > 2**32:
         raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
                          f"{config['REPEATS']} - 1")

@@ -65,6 +65,8 @@ class Algorithm:
             rule (AGGREGATION), DP-FedAvg's noisy mean or FedBuff's buffer may stand in for it.
         WHOLE_MODEL: its state or terms cover every layer, so it needs clients that upload the
             whole model (personalization that keeps a part refuses it).
+        NEEDS: {constant: (allowed values, why)}: what it needs of other options, refused
+            before training in one line with the reason.
 
     Args:
         settings: the side's settings (Client_side.ClientSettings or Server_side.ServerSettings).
@@ -80,6 +82,7 @@ class Algorithm:
     UPLOADED = ()
     PLAIN_UPDATES = False
     WHOLE_MODEL = False
+    NEEDS = {}
 
     def __init__(self, settings, shapes):
         self.settings = settings

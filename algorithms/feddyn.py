@@ -25,6 +25,10 @@ class FedDyn(algorithms.Algorithm):
     CLIENT_STATE = ("gradient",)
     SERVER_STATE = ("h",)
     WHOLE_MODEL = True
+    NEEDS = {"SERVER_OPTIMIZER": (("sgd",), "its server step sets the new model itself"),
+             "SERVER_LR": ((1.0,), "its server step sets the new model itself"),
+             "COMPRESSION": (("none",), "each client's g_k and the server's h must follow the "
+                                        "same update, not a compressed copy")}
 
     def prox_mu(self):
         return self.option("FEDDYN_ALPHA")

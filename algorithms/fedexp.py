@@ -29,6 +29,11 @@ class FedExP(algorithms.Algorithm):
     PAPER = ("Jhunjhunwala et al. 2023, FedExP: Speeding Up Federated Averaging via "
              "Extrapolation (Algorithm 1)")
     CONSTANTS = {"FEDEXP_EPSILON": constant_rules.number("> 0")}
+    NEEDS = {"SERVER_OPTIMIZER": (("sgd",), "its step size is the server's step"),
+             "SERVER_LR": ((1.0,), "its step size is the server's step"),
+             "COMPRESSION": (("none", "int8"), "top-k's sparse updates rarely overlap, so its "
+                                               "step size would measure sparsity, not how "
+                                               "much the clients disagree")}
 
     def combine(self, deltas, uploads, population):
         step = extrapolation(deltas, self.option("FEDEXP_EPSILON"))

@@ -86,7 +86,10 @@ def test_feddyn_reaches_the_global_optimum_of_heterogeneous_quadratics(per_round
      "PERSONALIZATION fedper needs ALGORITHM one of"),
     ({"AGGREGATION": "median"}, "AGGREGATION median needs ALGORITHM one of fedavg"),
     ({"DP_CLIP_NORM": 1.0}, "DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM one of"),
-    ({"FEDDYN_ALPHA": 0}, "FEDDYN_ALPHA must be a number > 0, got 0")])
+    ({"FEDDYN_ALPHA": 0}, "FEDDYN_ALPHA must be a number > 0, got 0"),
+    ({"SERVER_OPTIMIZER": "fedadam"}, "ALGORITHM feddyn needs SERVER_OPTIMIZER one of sgd"),
+    ({"SERVER_LR": 0.5}, "ALGORITHM feddyn needs SERVER_LR one of 1.0, got 0.5"),
+    ({"COMPRESSION": "int8"}, "ALGORITHM feddyn needs COMPRESSION one of none, got int8")])
 def test_feddyn_refuses_what_it_cannot_combine_with(tmp_path, capsys, constants, message):
     assert_refused(tmp_path, capsys, message, ALGORITHM="feddyn", **constants)
 
@@ -176,7 +179,9 @@ def test_fedexp_converges_faster_than_fedavg_where_clients_updates_cancel():
     ({"DP_CLIP_NORM": 1.0}, "DP_CLIP_NORM > 0 (DP-FedAvg) needs ALGORITHM one of"),
     ({"ASYNC_BUFFER": 5, "DEVICE_HETEROGENEITY": "lognormal"},
      "ASYNC_BUFFER > 0 (FedBuff) needs ALGORITHM one of fedavg, fedprox"),
-    ({"FEDEXP_EPSILON": -1.0}, "FEDEXP_EPSILON must be a number > 0, got -1.0")])
+    ({"FEDEXP_EPSILON": -1.0}, "FEDEXP_EPSILON must be a number > 0, got -1.0"),
+    ({"SERVER_OPTIMIZER": "fedavgm"}, "ALGORITHM fedexp needs SERVER_OPTIMIZER one of sgd"),
+    ({"COMPRESSION": "topk"}, "ALGORITHM fedexp needs COMPRESSION one of none, int8, got topk")])
 def test_fedexp_refuses_what_it_cannot_combine_with(tmp_path, capsys, constants, message):
     assert_refused(tmp_path, capsys, message, ALGORITHM="fedexp", **constants)
 
