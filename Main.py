@@ -51,10 +51,12 @@ LEARNING_RATE = 0.01  # eta: local SGD learning rate, > 0
 LOCAL_MOMENTUM = 0.0  # local SGD momentum, in [0, 1); its buffer restarts for every client
 MODEL = "seed_cnn"  # seed_cnn | mcmahan_cnn | mcmahan_2nn | niid_bench_cnn | pflib_fedavgcnn
 # Algorithm
-ALGORITHM = "fedavg"  # file of algorithms/: fedavg|fedprox|scaffold|fednova|feddyn|fedexp
+ALGORITHM = "fedavg"  # fedavg|fedprox|scaffold|fednova|feddyn|fedexp|moon (algorithms/)
 PROX_MU = 0.01  # fedprox: mu, weight of (mu/2)||w - w_global||^2 in the local loss, >= 0
 FEDDYN_ALPHA = 0.01  # feddyn: alpha, weight of its dynamic regularizer, > 0
 FEDEXP_EPSILON = 1e-3  # fedexp: epsilon of its server step size's denominator, > 0
+MOON_MU = 1.0  # moon: mu, weight of its model-contrastive loss, >= 0
+MOON_TEMPERATURE = 0.5  # moon: temperature of its cosine similarities, > 0
 SERVER_OPTIMIZER = "sgd"  # sgd | fedavgm | fedadam | fedyogi | fedadagrad (Reddi et al. 2021)
 SERVER_LR = 1.0  # eta_g: server learning rate, > 0; sgd with 1.0 is FedAvg; adaptive ones: ~0.01
 SERVER_MOMENTUM = 0.9  # fedavgm: server momentum beta, in [0, 1)
