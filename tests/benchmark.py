@@ -33,6 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import algorithms  # noqa: E402
 import configuration  # noqa: E402
 import Main  # noqa: E402
 import models  # noqa: E402
@@ -68,6 +69,10 @@ SCENARIOS = {
 # McMahan et al.'s CNN trains about 50 times the seed CNN's weights.
 SCENARIOS.update({f"model_{name}": ({"MODEL": name, "EVAL_EVERY": 10}, 5)
                   for name in models.NAMES if name != models.DEFAULT})
+# Every algorithm plug-in in the default federation (FedAvg is "default"): its round time
+# against FedAvg's is the ratio of the two scenarios' "ratio to fit" (MOON's extra passes).
+SCENARIOS.update({f"algorithm_{name}": ({"ALGORITHM": name, "EVAL_EVERY": 10}, 10)
+                  for name in algorithms.NAMES if name != algorithms.DEFAULT})
 
 
 def rss_mb():
