@@ -458,9 +458,11 @@ def test_personalization_combines_with_the_other_options(tmp_path, capsys, tenth
     rows, weights, client_rows = run_outputs(tmp_path / "run")
     assert len(client_rows) == 2 * 10 and all(rows[-1][f"personal_{figure}"] != ""
                                              for figure in client_evaluation.FIGURES)
-    config = {**Main.default_config(), **setting}
     _, federation = federation_for(tenth_of_the_data, **setting)
     initial = federation.global_model.get_weights()
+    # The layers the method declares shared move; the others keep their initial values.
+    shared = {"model": range(6), "body": range(4), "head": range(4, 6), None: ()}[
+        personalization.get(setting["PERSONALIZATION"]).UPLOADS]
     for index in range(6):
-        kept = index not in personalization.uploaded_layers(config["PERSONALIZATION"], 6, 2)
+        kept = index not in shared
         assert np.array_equal(weights[index], initial[index]) == kept
