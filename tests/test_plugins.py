@@ -113,4 +113,10 @@ def test_the_adding_an_algorithm_walkthrough_is_the_shipped_file():
     shipped = (ROOT / "algorithms" / "fedprox.py").read_text()
     code = page.split("## Adding an algorithm", 1)[1].split("```python\n", 1)[1].split("```")[0]
     assert code.strip() in shipped
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("## Adding an algorithm", 1)[1].split("```python\n", 1)[1]
+    # The README shows the class without its docstring: each line as shipped, in order.
+    lines = [line for line in shown.split("```")[0].splitlines() if line.strip()]
+    positions = [shipped.index(line + "\n") for line in lines]
+    assert positions == sorted(positions)
     assert pathlib.Path(algorithms.__file__).parent.name == "algorithms"
