@@ -40,13 +40,14 @@ class LocalResult:
 
     new_weights: its model after training (layer arrays; the update is new_weights - global);
     num_examples: n, the samples it holds; num_steps: the local SGD steps it took; train_loss:
-    mean cross-entropy of its last epoch.
+    mean cross-entropy of its last epoch; companion: see LocalTrainer's `step`.
     """
 
     new_weights: list
     num_examples: int
     num_steps: int
     train_loss: float
+    companion: list = None  # the second weight set a local step rule trains beside (APFL's v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +104,16 @@ class LocalTrainer:
         frozen: indices of the layer arrays that keep their start values (FedRep's phases).
         contrastive: (mu, temperature) of a model-contrastive term on the representation the
             head reads (MOON), or None.
+        step: a local step rule of a personalization plug-in (`Method.local_step`), or None for
+            SGD on the local objective. It declares COMPANION (each client also trains a second
+            weight set of the model's shapes in the same steps, `self.companion`: APFL's
+            personal model) and gives `gradients(trainer, images, labels, anchor, reference)`
+            -> (cross-entropy, the model's gradients, the companion's or None), all taken
+            before either moves; the trainer then steps both with its optimizer.
     """
 
     def __init__(self, model, x_train, y_train, learning_rate, momentum, batch_size, local_epochs,
-                 prox_mu=0.0, frozen=(), contrastive=None):
+                 prox_mu=0.0, frozen=(), contrastive=None, step=None):
         if len(model.weights) != len(model.trainable_variables):
             raise ValueError("LocalTrainer needs a model whose weights are all trainable")
         self.model = model
@@ -126,8 +133,10 @@ class LocalTrainer:
             self._body_arrays = len(model.trainable_variables) - len(head.trainable_variables)
         self.x_train = tf.convert_to_tensor(x_train, tf.float32)
         self.y_train = tf.convert_to_tensor(y_train, tf.int32)
-        self._velocities = [tf.Variable(tf.zeros_like(variable), trainable=False)
-                            for variable in model.trainable_variables]
+        self.step = step
+        self._velocities = _zeros_like(model.trainable_variables)
+        self.companion = _zeros_like(model.trainable_variables) if step and step.COMPANION else []
+        self._companion_velocities = _zeros_like(self.companion)
         weight_specs = [tf.TensorSpec(variable.shape, variable.dtype)
                         for variable in model.trainable_variables]
         self._no_correction = [tf.zeros([1, *variable.shape], variable.dtype)
@@ -136,17 +145,19 @@ class LocalTrainer:
         self._train_clients = tf.function(self._train_clients_steps, input_signature=[
             stacked_specs, stacked_specs, tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), stacked_specs,
-            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32), stacked_specs])
+            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32), stacked_specs,
+            stacked_specs])
 
     @classmethod
     def for_clients(cls, model, x_train, y_train, settings, epochs=None, prox_mu=0.0,
-                    frozen=(), contrastive=None):
-        """A clients' trainer from ClientSettings: by default E epochs (LOCAL_EPOCHS); the
-        algorithm sets mu (FedProx's term), personalization's trainers change epochs, mu and
-        the frozen layers."""
-        return cls(model, x_train, y_train, settings.learning_rate, settings.local_momentum,
-                   settings.batch_size, epochs or settings.local_epochs, prox_mu, frozen,
-                   contrastive)
+                    frozen=(), contrastive=None, step=None, learning_rate=None):
+        """A clients' trainer from ClientSettings: by default E epochs (LOCAL_EPOCHS) at
+        LEARNING_RATE; the algorithm sets mu (FedProx's term) and the contrastive term,
+        personalization's trainers change epochs, mu, the frozen layers, the learning rate
+        and the step rule."""
+        return cls(model, x_train, y_train, learning_rate or settings.learning_rate,
+                   settings.local_momentum, settings.batch_size, epochs or settings.local_epochs,
+                   prox_mu, frozen, contrastive, step)
 
     @classmethod
     def for_baseline(cls, model, x_train, y_train, settings):
@@ -176,7 +187,7 @@ class LocalTrainer:
         return update
 
     def train_many(self, global_weights, clients_indices, rngs, corrections=None, starts=None,
-                   anchors=None, max_steps=None, references=None):
+                   anchors=None, max_steps=None, references=None, companions=None):
         """Train several clients (ClientUpdate of FedAvg) in one compiled call.
 
         Each client starts from the global weights with its own dropout seed, shuffles and
@@ -191,25 +202,26 @@ class LocalTrainer:
                 its per-epoch shuffles.
             corrections: one SCAFFOLD correction c - c_i (layer arrays) per client, added to
                 every gradient, or None.
-            starts, anchors, max_steps, references: see `train_orders`.
+            starts, anchors, max_steps, references, companions: see `train_orders`.
         Returns:
-            list of LocalResult (float32 layer arrays, n, the number of steps, and the
-            sample-weighted mean training loss of the last local epoch, what `fit` reports), in
-            the clients' order.
+            list of LocalResult (float32 layer arrays, n, the number of steps, the
+            sample-weighted mean training loss of the last local epoch, what `fit` reports, and
+            the trained companion), in the clients' order.
         """
         seeds = [int(rng.integers(2**31)) for rng in rngs]
         orders = [self.epoch_orders(indices, rng) for indices, rng in zip(clients_indices, rngs)]
         limits = max_steps or [NO_STEP_LIMIT] * len(clients_indices)
         return [LocalResult(weights, len(indices),
                              min(limit, upload_format.num_local_steps(
-                                 len(indices), self.batch_size, self.local_epochs)), loss)
-                for (weights, loss), indices, limit in zip(
+                                 len(indices), self.batch_size, self.local_epochs)), loss,
+                             companion)
+                for (weights, loss, companion), indices, limit in zip(
                     self.train_orders(global_weights, orders, seeds, corrections, starts,
-                                      anchors, max_steps, references),
+                                      anchors, max_steps, references, companions),
                     clients_indices, limits)]
 
     def train_orders(self, start_weights, orders, seeds, corrections=None, starts=None,
-                     anchors=None, max_steps=None, references=None):
+                     anchors=None, max_steps=None, references=None, companions=None):
         """The one compiled training call: each client from `start_weights` over its order.
 
         Args:
@@ -226,14 +238,16 @@ class LocalTrainer:
                 in epoch order), or None: all its epochs.
             references: one list of layer arrays per client whose representation the
                 contrastive term pushes away from (MOON's previous local model), or None.
+            companions: one list of layer arrays per client where its companion starts (with
+                a step rule that trains one), or None: each client's start.
         Returns:
-            list of (new float32 layer arrays, mean loss of the last epoch it started), in the
-            clients' order.
+            list of (new float32 layer arrays, mean loss of the last epoch it started, the
+            trained companion or None), in the clients' order.
         """
         sizes = [order.shape[1] for order in orders]
         stacked = (self._no_correction if corrections is None else _stacked(corrections))
         start_rows = _stacked([start_weights] if starts is None else starts)
-        new_weights, losses = self._train_clients(
+        new_weights, new_companions, losses = self._train_clients(
             start_rows, start_rows if anchors is None else _stacked(anchors),
             np.concatenate([np.ravel(order) for order in orders]).astype(np.int32),
             np.asarray(sizes, np.int32),
@@ -241,17 +255,20 @@ class LocalTrainer:
             np.asarray([KEEP_DROPOUT_STATE if seed is None else seed for seed in seeds],
                        np.int64),
             np.asarray(max_steps or [NO_STEP_LIMIT] * len(sizes), np.int32),
-            start_rows if references is None else _stacked(references))
+            start_rows if references is None else _stacked(references),
+            start_rows if companions is None else _stacked(companions))
         new_weights, losses = [layer.numpy() for layer in new_weights], losses.numpy()
-        return [([layer[position] for layer in new_weights], float(losses[position]))
+        new_companions = [layer.numpy() for layer in new_companions]
+        return [([layer[position] for layer in new_weights], float(losses[position]),
+                 [layer[position] for layer in new_companions] if self.companion else None)
                 for position in range(len(sizes))]
 
-    def loss_and_gradients(self, images, labels, anchor, reference=None):
+    def loss_and_gradients(self, images, labels, anchor, reference=None, terms=True):
         """Return (cross-entropy, gradients of the local objective) at the current weights.
 
         The objective is the mean cross-entropy, plus (mu/2) * ||w - anchor||^2 for FedProx,
-        plus MOON's contrastive term; the loss returned is the cross-entropy alone, comparable
-        across algorithms.
+        plus MOON's contrastive term (with `terms`; else the cross-entropy alone); the loss
+        returned is the cross-entropy alone, comparable across algorithms.
         """
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
@@ -262,14 +279,26 @@ class LocalTrainer:
             loss = tf.reduce_mean(
                 keras.losses.sparse_categorical_crossentropy(labels, probabilities))
             objective = loss
-            if self.prox_mu:
+            if self.prox_mu and terms:
                 objective += self.prox_mu / 2 * tf.add_n([
                     tf.reduce_sum(tf.square(variable - start))
                     for variable, start in zip(variables, anchor)])
-            if self.contrastive:
+            if self.contrastive and terms:
                 objective += self.contrastive[0] * self.contrastive_loss(
                     images, representation, anchor, reference)
         return loss, tape.gradient(objective, variables)
+
+    def gradients_at(self, weights, images, labels, anchor, reference=None, terms=True):
+        """`loss_and_gradients` at other weights (tensors of the model's shapes, for a step
+        rule); the model's own weights are put back."""
+        variables = self.model.trainable_variables
+        saved = [tf.identity(variable) for variable in variables]
+        for variable, value in zip(variables, weights):
+            variable.assign(value)
+        loss, gradients = self.loss_and_gradients(images, labels, anchor, reference, terms)
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+        return loss, gradients
 
     def contrastive_loss(self, images, representation, positive, negative):
         """MOON's l_con: -log(e^(sim(z, z_glob)/t) / (e^(sim(z, z_glob)/t) + e^(sim(z, z_prev)/t)))
@@ -288,13 +317,14 @@ class LocalTrainer:
         return self._body.stateless_call(values, state, images, training=False)[0]
 
     def _train_steps(self, start, anchor, orders, batch_size, correction, max_steps,
-                     reference):
-        """One client, inside the compiled call: load the start weights, then SGD over
-        `orders` (E, n) batch by batch, for at most `max_steps` steps."""
+                     reference, companion):
+        """One client, inside the compiled call: load the start weights (and the companion's),
+        then SGD over `orders` (E, n) batch by batch, for at most `max_steps` steps."""
         variables = self.model.trainable_variables
-        for variable, value in zip(variables, start):
+        for variable, value in zip(variables + self.companion, start + companion[:len(
+                self.companion)]):
             variable.assign(value)
-        for velocity in self._velocities:
+        for velocity in self._velocities + self._companion_velocities:
             velocity.assign(tf.zeros_like(velocity))
         num_examples = tf.shape(orders)[1]
         num_steps = (num_examples + batch_size - 1) // batch_size
@@ -312,10 +342,11 @@ class LocalTrainer:
                                             anchor, correction, reference)
                 epoch_loss += batch_loss * tf.cast(tf.shape(batch)[0], tf.float32)
         return ([tf.identity(variable) for variable in variables],
+                [tf.identity(variable) for variable in self.companion],
                 epoch_loss / tf.cast(epoch_samples, tf.float32))
 
     def _train_clients_steps(self, starts, anchors, flat_orders, sizes, batch_size,
-                             corrections, seeds, max_steps, references):
+                             corrections, seeds, max_steps, references, companions):
         """Compiled body of `train_orders`: `_train_steps` for each client in turn.
 
         flat_orders holds every client's (E, n) order, raveled and concatenated; starts,
@@ -324,8 +355,10 @@ class LocalTrainer:
         it is.
         """
         num_clients = tf.shape(sizes)[0]
-        weights = [tf.TensorArray(tf.float32, size=num_clients, element_shape=variable.shape)
-                   for variable in self.model.trainable_variables]
+        weights, trained_companions = (
+            [tf.TensorArray(tf.float32, size=num_clients, element_shape=variable.shape)
+             for variable in variables]
+            for variables in (self.model.trainable_variables, self.companion))
         losses = tf.TensorArray(tf.float32, size=num_clients)
         offset = tf.constant(0)
         for position in tf.range(num_clients):
@@ -339,19 +372,38 @@ class LocalTrainer:
                 # Keras keeps dropout's random state as [seed, counter] variables.
                 for variable in self.model.non_trainable_variables:
                     variable.assign(tf.cast(tf.stack([seeds[position], 0]), variable.dtype))
-            new_weights, loss = self._train_steps(
+            new_weights, new_companion, loss = self._train_steps(
                 _row(starts, position), _row(anchors, position), orders, client_batch,
-                _row(corrections, position), max_steps[position], _row(references, position))
+                _row(corrections, position), max_steps[position], _row(references, position),
+                _row(companions, position))
             weights = [array.write(position, layer) for array, layer in zip(weights, new_weights)]
+            trained_companions = [array.write(position, layer) for array, layer
+                                  in zip(trained_companions, new_companion)]
             losses = losses.write(position, loss)
-        return [array.stack() for array in weights], losses.stack()
+        return ([array.stack() for array in weights],
+                [array.stack() for array in trained_companions], losses.stack())
 
     def _sgd_step(self, images, labels, anchor, correction, reference):
-        """One minibatch step of SGD on the local objective; returns the batch's cross-entropy."""
-        loss, gradients = self.loss_and_gradients(images, labels, anchor, reference)
+        """One minibatch step of SGD on the local objective (or the step rule's); returns the
+        batch's cross-entropy."""
+        if self.step is None:
+            loss, gradients = self.loss_and_gradients(images, labels, anchor, reference)
+            companion_gradients = None
+        else:
+            loss, gradients, companion_gradients = self.step.gradients(self, images, labels,
+                                                                       anchor, reference)
+        self._descend(self.model.trainable_variables, gradients, correction, self._velocities,
+                      self.frozen)
+        if companion_gradients is not None:
+            self._descend(self.companion, companion_gradients, [0.0] * len(self.companion),
+                          self._companion_velocities, ())
+        return loss
+
+    def _descend(self, variables, gradients, shifts, velocities, frozen):
+        """SGD (with momentum) along gradient + shift for each variable not frozen."""
         for index, (variable, gradient, shift, velocity) in enumerate(zip(
-                self.model.trainable_variables, gradients, correction, self._velocities)):
-            if index in self.frozen:
+                variables, gradients, shifts, velocities)):
+            if index in frozen:
                 continue
             gradient = gradient + shift
             if self.momentum:
@@ -359,12 +411,16 @@ class LocalTrainer:
                 variable.assign_add(velocity)
             else:
                 variable.assign_sub(self.learning_rate * gradient)
-        return loss
 
 
 def _stacked(per_client):
     """One float32 array per layer, stacking the clients' arrays (a row per client)."""
     return [np.stack(layers).astype(np.float32) for layers in zip(*per_client)]
+
+
+def _zeros_like(variables):
+    """Non-trainable float variables of the same shapes, at zero."""
+    return [tf.Variable(tf.zeros_like(variable), trainable=False) for variable in variables]
 
 
 def _row(stacks, position):

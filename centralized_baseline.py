@@ -30,7 +30,7 @@ class CentralizedBaseline:
         if num_samples == 0:  # A round where no client returned.
             return self.weights
         seed = self._seed if (self._pass, self._position) == (0, 0) else None
-        ((self.weights, _),) = self.trainer.train_orders(
+        ((self.weights, _, _),) = self.trainer.train_orders(
             self.weights, [self._next(num_samples)[np.newaxis]], [seed])
         return self.weights
 

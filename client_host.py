@@ -120,10 +120,10 @@ class ClientHost:
         make = Client_side.LocalTrainer.for_clients
         trainers = {"main": make(model, x_train, y_train, self.settings,
                                  prox_mu=self.algorithm.prox_mu(), frozen=frozen,
-                                 contrastive=self.algorithm.contrastive())}
-        trainers.update({name: make(model, x_train, y_train, self.settings, epochs, mu, layers)
-                         for name, (epochs, mu, layers) in recipes.items()
-                         if only is None or name in only})
+                                 contrastive=self.algorithm.contrastive(),
+                                 step=self.method.local_step())}
+        trainers.update({name: make(model, x_train, y_train, self.settings, **recipe)
+                         for name, recipe in recipes.items() if only is None or name in only})
         return trainers
 
     @property

@@ -90,9 +90,15 @@ class Method:
         return 0
 
     def trainer_recipes(self):
-        """The extra trainers the method needs, {name: (epochs, proximal mu, frozen layers)},
-        and the layers the local trainer ("main") keeps frozen."""
+        """The extra trainers the method needs, {name: keyword arguments of
+        LocalTrainer.for_clients (epochs, prox_mu, frozen, learning_rate, step)}, and the
+        layers the local trainer ("main") keeps frozen."""
         return {}, ()
+
+    def local_step(self):
+        """The local trainer's step rule (see Client_side.LocalTrainer's `step`: a companion
+        trained in the same steps, another gradient), or None for the algorithm's SGD."""
+        return None
 
     # --- A round's training -----------------------------------------------------------------
 
@@ -184,8 +190,6 @@ def get(name):
 def build(settings, num_layers):
     """The run's method (settings.personalization) for a model of `num_layers` arrays."""
     return get(settings.personalization)(settings, num_layers)
-
-
 
 
 def extra_epochs(config):

@@ -35,8 +35,8 @@ class Ditto(personalization.Method):
         return None  # its global update starts from the global model; v_i trains apart
 
     def trainer_recipes(self):
-        return {"personal": (self.option("PERSONAL_EPOCHS"), self.option("DITTO_LAMBDA"),
-                             ())}, ()
+        return {"personal": {"epochs": self.option("PERSONAL_EPOCHS"),
+                             "prox_mu": self.option("DITTO_LAMBDA")}}, ()
 
     def kept(self, trainers, global_weights, clients, indices, own, round_num, results, starts,
              terms, max_steps):

@@ -19,7 +19,7 @@ class FedBABU(personalization.Method):
     ADAPTS_EACH_EVALUATION = True
 
     def trainer_recipes(self):
-        return {"adapt": (self.option("FINETUNE_EPOCHS"), 0.0, ())}, self.parts["head"]
+        return {"adapt": {"epochs": self.option("FINETUNE_EPOCHS")}}, self.parts["head"]
 
 
 PLUGIN = FedBABU

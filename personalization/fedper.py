@@ -18,7 +18,8 @@ class FedPer(personalization.Method):
 
     def trainer_recipes(self):
         # A new client trains its own part with the shared part frozen.
-        return {"adapt": (self.option("FINETUNE_EPOCHS"), 0.0, self.uploaded_layers)}, ()
+        return {"adapt": {"epochs": self.option("FINETUNE_EPOCHS"),
+                          "frozen": self.uploaded_layers}}, ()
 
 
 PLUGIN = FedPer

@@ -22,8 +22,9 @@ class FedRep(fedper.FedPer):
 
     def trainer_recipes(self):
         body = self.parts["body"]
-        return ({"adapt": (self.option("FINETUNE_EPOCHS"), 0.0, body),
-                 "head": (self.option("HEAD_EPOCHS"), 0.0, body)}, self.parts["head"])
+        return ({"adapt": {"epochs": self.option("FINETUNE_EPOCHS"), "frozen": body},
+                 "head": {"epochs": self.option("HEAD_EPOCHS"), "frozen": body}},
+                self.parts["head"])
 
     def before_training(self, trainers, global_weights, indices, rngs, starts):
         heads = trainers["head"].train_many(global_weights, indices, rngs, starts=starts)

@@ -15,7 +15,7 @@ class FineTune(personalization.Method):
     ADAPTS_EACH_EVALUATION = True
 
     def trainer_recipes(self):
-        return {"adapt": (self.option("FINETUNE_EPOCHS"), 0.0, ())}, ()
+        return {"adapt": {"epochs": self.option("FINETUNE_EPOCHS")}}, ()
 
 
 PLUGIN = FineTune

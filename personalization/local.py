@@ -16,7 +16,7 @@ class Local(personalization.Method):
     PERSONAL = True
 
     def trainer_recipes(self):
-        return {"adapt": (self.option("FINETUNE_EPOCHS"), 0.0, ())}, ()
+        return {"adapt": {"epochs": self.option("FINETUNE_EPOCHS")}}, ()
 
 
 PLUGIN = Local

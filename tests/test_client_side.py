@@ -429,3 +429,71 @@ def test_the_contrastive_term_is_moons_formula(fashion_mnist):
     # The global and the previous model alike: l_con = log 2, its minimum-free middle.
     same = trainer.contrastive_loss(images, z, positive, positive).numpy()
     assert same == pytest.approx(np.log(2), rel=1e-6)
+
+
+class _SameStep:
+    """A step rule that gives the companion the model's own gradients (and, with `COMPANION`
+    False, is plain SGD through the rule's path)."""
+
+    def __init__(self, companion):
+        self.COMPANION = companion
+
+    def gradients(self, trainer, images, labels, anchor, reference):
+        loss, gradients = trainer.loss_and_gradients(images, labels, anchor, reference)
+        return loss, gradients, gradients if self.COMPANION else None
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_step_rule_trains_a_companion_in_the_same_steps(tiny_client, momentum):
+    """Through a step rule, SGD is the default trainer's bit for bit; a companion given the
+    model's gradients from the same start ends where the model ends, and one started elsewhere
+    moves by the same steps (plain SGD: the same displacement)."""
+    x_train, y_train = tiny_client
+    keras.utils.set_random_seed(1)
+    start = Server_side.create_model().get_weights()
+    elsewhere = [layer + 0.01 for layer in start]
+
+    def trained(step, companions=None):
+        trainer = Client_side.LocalTrainer(Server_side.create_model(), x_train, y_train,
+                                           LEARNING_RATE, momentum, 32, 2, step=step)
+        return trainer.train_many(start, [np.arange(70), np.arange(40)],
+                                  [np.random.default_rng(3), np.random.default_rng(4)],
+                                  companions=companions)
+
+    plain, through_rule = trained(None), trained(_SameStep(False))
+    paired = trained(_SameStep(True), companions=[start, elsewhere])
+    for one, two, three in zip(plain, through_rule, paired, strict=True):
+        assert two.companion is None and one.train_loss == two.train_loss == three.train_loss
+        for layer, same, model_layer in zip(one.new_weights, two.new_weights,
+                                            three.new_weights, strict=True):
+            np.testing.assert_array_equal(layer, same)
+            np.testing.assert_array_equal(layer, model_layer)
+    for layer, companion in zip(paired[0].new_weights, paired[0].companion, strict=True):
+        np.testing.assert_array_equal(layer, companion)
+    for layer, companion, begin, other in zip(paired[1].new_weights, paired[1].companion, start,
+                                              elsewhere, strict=True):
+        np.testing.assert_allclose(companion - other, layer - begin, atol=1e-6)
+
+
+def test_gradients_at_other_weights_leave_the_model_as_it_was(tiny_client):
+    """`gradients_at` equals loss_and_gradients of a model holding those weights (a model
+    without dropout, so both passes see the same function), and puts the weights back."""
+    x_train, y_train = tiny_client
+    keras.utils.set_random_seed(2)
+    model, other = Server_side.create_model("mcmahan_2nn"), Server_side.create_model("mcmahan_2nn")
+    trainer = Client_side.LocalTrainer(model, x_train, y_train, LEARNING_RATE, 0.0, 32, 1,
+                                       prox_mu=0.1)
+    before = model.get_weights()
+    anchor = [layer * 0.5 for layer in other.get_weights()]
+    loss, gradients = trainer.gradients_at(other.get_weights(), x_train[:32], y_train[:32],
+                                           anchor)
+    for layer, kept in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(layer, kept)
+    model.set_weights(other.get_weights())
+    expected_loss, expected = trainer.loss_and_gradients(x_train[:32], y_train[:32], anchor)
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-6)
+    for gradient, wanted in zip(gradients, expected, strict=True):
+        np.testing.assert_allclose(gradient, wanted, rtol=1e-5, atol=1e-7)
+    _, plain = trainer.gradients_at(other.get_weights(), x_train[:32], y_train[:32], anchor,
+                                    terms=False)
+    assert not np.allclose(plain[0], expected[0])  # without the proximal term

@@ -228,12 +228,12 @@ def test_partial_work_equals_training_on_the_first_batches_alone(fashion_mnist):
     weights = trainer.model.get_weights()
     indices = np.arange(100, 300)
     orders = trainer.epoch_orders(indices, np.random.default_rng(5))
-    (limited, limited_loss), = trainer.train_orders(weights, [orders], [7], max_steps=[8])
+    (limited, limited_loss, _), = trainer.train_orders(weights, [orders], [7], max_steps=[8])
     # 8 steps of E = 2 with 7 steps an epoch: all of epoch 1, then one batch of epoch 2.
     one_epoch = Client_side.LocalTrainer(trainer.model, fashion_mnist.x_train[:500],
                                          fashion_mnist.y_train[:500], 0.05, 0.0, 32, 1)
-    (first, _), = one_epoch.train_orders(weights, [orders[:1]], [7])
-    (second, loss), = one_epoch.train_orders(first, [orders[1:, :32]], [None])
+    (first, _, _), = one_epoch.train_orders(weights, [orders[:1]], [7])
+    (second, loss, _), = one_epoch.train_orders(first, [orders[1:, :32]], [None])
     for got, expected in zip(limited, second, strict=True):
         np.testing.assert_array_equal(got, expected)
     assert limited_loss == pytest.approx(loss, rel=1e-6)
