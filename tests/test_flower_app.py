@@ -172,15 +172,17 @@ def cluster(tmp_path_factory):
 @pytest.mark.parametrize("constants", [
     {}, {"ALGORITHM": "scaffold", "COMPRESSION": "topk", "TOPK_FRACTION": 0.1},
     {"PERSONALIZATION": "fedper", "LOCAL_TEST_SHARE": 0.25, "HELD_OUT_CLIENTS": 0.1},
-    {"ALGORITHM": "feddyn"}, {"ALGORITHM": "moon"}],
-    ids=["fedavg", "scaffold_topk", "fedper_held_out", "feddyn", "moon"])
+    {"ALGORITHM": "feddyn"}, {"ALGORITHM": "moon"},
+    {"PERSONALIZATION": "apfl", "LOCAL_TEST_SHARE": 0.25, "HELD_OUT_CLIENTS": 0.1}],
+    ids=["fedavg", "scaffold_topk", "fedper_held_out", "feddyn", "moon", "apfl"])
 def test_a_run_on_flower_equals_the_in_process_run(cluster, tmp_path, real_data_once,
                                                      constants):
     """Two SuperNodes, each hosting half the clients in its own processes, give the weights
     of `python Main.py` bit for bit; with SCAFFOLD and top-k a client selected twice carries
     its variate and residual on its node from round 1 to round 2 (FedDyn: its gradient g_k,
-    and the server its h; MOON: its previous model); with FedPer it keeps its
-    head there, and the nodes' per-client scores (clients.csv) equal the in-process ones."""
+    and the server its h; MOON: its previous model; APFL: its own model v); with FedPer it
+    keeps its head there, and the nodes' per-client scores (clients.csv) equal the in-process
+    ones."""
     setting = {**TINY, **constants}
     config = {**Main.default_config(), **setting}
     first, second = (set(round_clients(config, round_num)[1].tolist())

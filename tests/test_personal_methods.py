@@ -8,7 +8,7 @@ import Main
 import Server_side
 import Utils
 from conftest import run_whole_and_resumed, write_config
-from test_algorithms import assert_same_checkpoint_arrays
+from test_algorithms import assert_same_checkpoint_arrays, resumed_equals_straight
 from test_reliability import read_history, without_seconds
 
 SETTING = {"NUM_CLIENTS": 20, "CLIENT_FRACTION": 0.5, "ROUNDS": 3, "DISTRIBUTION": "noniid_bi",
@@ -85,3 +85,79 @@ def test_a_method_sharing_part_of_the_model_refuses_whole_model_algorithms(tmp_p
 
     assert_refused(tmp_path, capsys, f"PERSONALIZATION {method} needs ALGORITHM one of",
                    PERSONALIZATION=method, ALGORITHM="scaffold", LOCAL_TEST_SHARE=0.25)
+
+
+def test_apfl_step_by_hand(fashion_mnist):
+    """One full-batch step (2NN, no dropout): w <- w - eta grad f(w) and
+    v <- v - eta alpha grad f(alpha v + (1 - alpha) w), both gradients taken before either
+    moves (Deng et al. 2020, Algorithm 1), computed here with a plain GradientTape."""
+    import keras
+    import tensorflow as tf
+
+    import Client_side
+    from personalization import apfl
+
+    images, labels = fashion_mnist[0][:48], fashion_mnist[1][:48]
+    keras.utils.set_random_seed(4)
+    shared = Server_side.create_model("mcmahan_2nn").get_weights()
+    own = Server_side.create_model("mcmahan_2nn").get_weights()
+    alpha, rate = 0.3, 0.1
+    trainer = Client_side.LocalTrainer(Server_side.create_model("mcmahan_2nn"), images, labels,
+                                       rate, 0.0, 0, 1, step=apfl.MixtureStep(alpha))
+    (result,) = trainer.train_many(shared, [np.arange(48)], [np.random.default_rng(0)],
+                                   companions=[own])
+
+    reference = Server_side.create_model("mcmahan_2nn")
+
+    def gradient_at(weights):
+        reference.set_weights(weights)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                labels, reference(images, training=True)))
+        return [gradient.numpy() for gradient in
+                tape.gradient(loss, reference.trainable_variables)]
+
+    mixture = [alpha * mine + (1 - alpha) * theirs for mine, theirs in zip(own, shared)]
+    expected_w = [layer - rate * gradient
+                  for layer, gradient in zip(shared, gradient_at(shared))]
+    expected_v = [layer - rate * alpha * gradient
+                  for layer, gradient in zip(own, gradient_at(mixture))]
+    for got, wanted in zip(result.new_weights + result.companion, expected_w + expected_v,
+                           strict=True):
+        np.testing.assert_allclose(got, wanted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_apfl_keeps_a_personal_model_serves_the_mixture_and_resumes_bit_for_bit(
+        tmp_path, tenth_of_the_data):
+    """Each trained client keeps a whole model v; its clients are served
+    alpha v + (1 - alpha) w_global, better than the global model on their two classes; the
+    global model is FedAvg's (w is trained as FedAvg trains it: on a model without dropout,
+    whose masks v's extra forward pass would otherwise draw differently); stopped after round
+    2 and resumed, the run equals the straight one."""
+    setting = {**SETTING, "PERSONALIZATION": "apfl", "APFL_ALPHA": 0.5, "ROUNDS": 4,
+               "LEARNING_RATE": 0.05, "MODEL": "mcmahan_2nn"}
+    rows = resumed_equals_straight(tmp_path, setting)
+    (whole,) = (tmp_path / "whole").iterdir()
+    with np.load(whole / "checkpoint.npz") as checkpoint:
+        kept = [name for name in checkpoint.files if name.startswith("client_own_")]
+        assert len(kept) == 1 + 6  # ids, then v's layers (the 2NN's three kernels and biases)
+    assert float(rows[-1]["personal_pooled"]) > float(rows[-1]["local_pooled"]) + 0.05
+    fedavg = write_config(tmp_path / "fedavg.csv", OUTPUT_DIR=tmp_path / "fedavg",
+                          **{**setting, "PERSONALIZATION": "none"})
+    assert Main.main(["-c", "-f", str(fedavg)]) == 0
+    (plain,) = (tmp_path / "fedavg").iterdir()
+    assert [row["test_accuracy"] for row in read_history(plain)] == [
+        row["test_accuracy"] for row in rows]
+
+
+@pytest.mark.parametrize("constants, message", [
+    ({"APFL_ALPHA": 1.5}, "APFL_ALPHA must be a number in [0, 1], got 1.5"),
+    ({"ASYNC_BUFFER": 5, "DEVICE_HETEROGENEITY": "lognormal"},
+     "ASYNC_BUFFER > 0 (FedBuff) needs PERSONALIZATION one of")])
+def test_apfl_refuses_what_it_cannot_combine_with(tmp_path, capsys, constants, message):
+    from conftest import assert_refused
+
+    assert_refused(tmp_path, capsys, message, PERSONALIZATION="apfl", LOCAL_TEST_SHARE=0.25,
+                   **constants)
+
