@@ -76,12 +76,13 @@ DATA_DIR = None  # folder with the four Fashion-MNIST .gz files; None = search t
 # Per-client evaluation and personalization (client_evaluation.py, personalization.py)
 LOCAL_TEST_SHARE = 0.0  # share of each client's samples kept as its test data, [0, 1); 0 = off
 HELD_OUT_CLIENTS = 0.0  # share of clients never trained, only evaluated (unseen_*), [0, 1)
-PERSONALIZATION = "none"  # none|finetune|fedper|fedrep|ditto|local|lgfedavg|fedbabu|apfl
+PERSONALIZATION = "none"  # none|finetune|fedper|fedrep|ditto|local|lgfedavg|fedbabu|apfl|perfedavg
 FINETUNE_EPOCHS = 1  # finetune, fedbabu; new clients of others: adaptation epochs, int >= 1
 HEAD_EPOCHS = 1  # fedrep: epochs on the head (body frozen) before the body's, int >= 1
 PERSONAL_EPOCHS = 1  # ditto: epochs of each selected client's own model a round, int >= 1
 DITTO_LAMBDA = 0.1  # ditto: lambda of (lambda/2)||v_i - w_global||^2, >= 0
 APFL_ALPHA = 0.25  # apfl: alpha, v's share of the mixture alpha v + (1 - alpha) w, [0, 1]
+PERFEDAVG_ALPHA = 0.01  # perfedavg: alpha, the step of adaptation (beta is LEARNING_RATE), > 0
 # Devices on a virtual clock (devices.py)
 DEVICE_HETEROGENEITY = "none"  # none | lognormal | path of a CSV of device profiles
 DEVICE_SPEED = 100.0  # lognormal: median samples a second a device trains, > 0 (assumed)

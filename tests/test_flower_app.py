@@ -173,8 +173,9 @@ def cluster(tmp_path_factory):
     {}, {"ALGORITHM": "scaffold", "COMPRESSION": "topk", "TOPK_FRACTION": 0.1},
     {"PERSONALIZATION": "fedper", "LOCAL_TEST_SHARE": 0.25, "HELD_OUT_CLIENTS": 0.1},
     {"ALGORITHM": "feddyn"}, {"ALGORITHM": "moon"},
-    {"PERSONALIZATION": "apfl", "LOCAL_TEST_SHARE": 0.25, "HELD_OUT_CLIENTS": 0.1}],
-    ids=["fedavg", "scaffold_topk", "fedper_held_out", "feddyn", "moon", "apfl"])
+    {"PERSONALIZATION": "apfl", "LOCAL_TEST_SHARE": 0.25, "HELD_OUT_CLIENTS": 0.1},
+    {"PERSONALIZATION": "perfedavg", "LOCAL_TEST_SHARE": 0.25, "HELD_OUT_CLIENTS": 0.1}],
+    ids=["fedavg", "scaffold_topk", "fedper_held_out", "feddyn", "moon", "apfl", "perfedavg"])
 def test_a_run_on_flower_equals_the_in_process_run(cluster, tmp_path, real_data_once,
                                                      constants):
     """Two SuperNodes, each hosting half the clients in its own processes, give the weights

@@ -161,3 +161,62 @@ def test_apfl_refuses_what_it_cannot_combine_with(tmp_path, capsys, constants, m
     assert_refused(tmp_path, capsys, message, PERSONALIZATION="apfl", LOCAL_TEST_SHARE=0.25,
                    **constants)
 
+
+def test_perfedavg_step_by_hand(fashion_mnist):
+    """One full-batch step (2NN, no dropout) of first-order Per-FedAvg (Fallah et al. 2020,
+    Algorithm 1): w <- w - beta grad f(w - alpha grad f(w, D), D'), D and D' the halves of the
+    batch (of 7 here: they share its middle sample), computed with a plain GradientTape."""
+    import keras
+    import tensorflow as tf
+
+    import Client_side
+    from personalization import perfedavg
+
+    images, labels = fashion_mnist[0][:7], fashion_mnist[1][:7]
+    keras.utils.set_random_seed(4)
+    start = Server_side.create_model("mcmahan_2nn").get_weights()
+    alpha, beta = 0.3, 0.1
+    trainer = Client_side.LocalTrainer(Server_side.create_model("mcmahan_2nn"), images, labels,
+                                       beta, 0.0, 0, 1, step=perfedavg.MetaStep(alpha))
+    (result,) = trainer.train_many(start, [np.arange(7)], [np.random.default_rng(0)])
+    reference = Server_side.create_model("mcmahan_2nn")
+
+    def gradient_at(weights, rows):
+        reference.set_weights(weights)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                labels[rows], reference(images[rows], training=True)))
+        return [gradient.numpy() for gradient in
+                tape.gradient(loss, reference.trainable_variables)]
+
+    order = np.random.default_rng(0)
+    order.integers(2**31)  # the dropout seed train_many draws first, then the shuffle
+    rows = order.permutation(7)
+    adapted = [layer - alpha * gradient
+               for layer, gradient in zip(start, gradient_at(start, rows[:4]))]
+    expected = [layer - beta * gradient
+                for layer, gradient in zip(start, gradient_at(adapted, rows[3:]))]
+    for got, wanted in zip(result.new_weights, expected, strict=True):
+        np.testing.assert_allclose(got, wanted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_perfedavg_keeps_nothing_and_one_step_of_adaptation_serves_better(
+        tmp_path, tenth_of_the_data):
+    """Nothing is kept per client; one step at alpha from the meta-trained global model serves
+    clients of two classes better than the global model; a resumed run equals the straight
+    one."""
+    setting = {**SETTING, "PERSONALIZATION": "perfedavg", "PERFEDAVG_ALPHA": 0.05,
+               "ROUNDS": 4, "LEARNING_RATE": 0.05}
+    rows = resumed_equals_straight(tmp_path, setting)
+    (whole,) = (tmp_path / "whole").iterdir()
+    with np.load(whole / "checkpoint.npz") as checkpoint:
+        assert not any(name.startswith("client_") for name in checkpoint.files)
+    assert float(rows[-1]["personal_pooled"]) > float(rows[-1]["local_pooled"]) + 0.05
+
+
+def test_perfedavg_refuses_a_step_of_adaptation_that_is_not_positive(tmp_path, capsys):
+    from conftest import assert_refused
+
+    assert_refused(tmp_path, capsys, "PERFEDAVG_ALPHA must be a number > 0, got 0",
+                   PERSONALIZATION="perfedavg", LOCAL_TEST_SHARE=0.25, PERFEDAVG_ALPHA=0)
