@@ -89,6 +89,12 @@ class Method:
         """Epochs a selected client trains a round beyond LOCAL_EPOCHS."""
         return 0
 
+    @classmethod
+    def adaptation(cls, config):
+        """What an ADAPTS_EACH_EVALUATION method trains before each evaluation, as tables
+        print it."""
+        return f"{config['FINETUNE_EPOCHS']} per evaluation"
+
     def trainer_recipes(self):
         """The extra trainers the method needs, {name: keyword arguments of
         LocalTrainer.for_clients (epochs, prox_mu, frozen, learning_rate, step)}, and the
@@ -202,8 +208,9 @@ def epochs_per_round(config):
     """What a selected client trains a round, as the comparisons print it: '2', or for
     FedAvg-FT '1 + 1 per evaluation' (its fine-tuning before each evaluation)."""
     epochs = f"{config['LOCAL_EPOCHS'] + extra_epochs(config)}"
-    if get(config["PERSONALIZATION"]).ADAPTS_EACH_EVALUATION:
-        epochs += f" + {config['FINETUNE_EPOCHS']} per evaluation"
+    method = get(config["PERSONALIZATION"])
+    if method.ADAPTS_EACH_EVALUATION:
+        epochs += f" + {method.adaptation(config)}"
     return epochs
 
 

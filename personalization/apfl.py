@@ -6,7 +6,13 @@ v <- v - eta alpha grad f(v_bar) (the gradient with respect to v), both taken be
 moves. v stays on the client (it starts from the global model when first selected). A client
 is served alpha v + (1 - alpha) w_global; one without v is served the global model (its v
 would be the global model: the mixture is the global model). With a model that has dropout,
-v's forward pass draws masks too, so w's masks (not its rule) differ from a FedAvg run's."""
+v's forward pass draws masks too, so w's masks (not its rule) differ from a FedAvg run's.
+
+Where the framework differs from the paper's box, as for every method here: the server averages
+w weighted by samples (the paper: uniformly), clients train E epochs (the paper: tau steps),
+LOCAL_MOMENTUM applies to v too, and a client keeps its new v only when the server accepted its
+upload. This follows the box, not the authors' code (which mixes the two models' outputs and
+serves the local w)."""
 
 import constant_rules
 import personalization

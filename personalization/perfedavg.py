@@ -6,7 +6,10 @@ w <- w - beta grad f(w~, D'), beta the LEARNING_RATE; D and D' are the two halve
 minibatch (the paper draws two batches; with an odd batch they share its middle sample, with a
 batch of one, its sample). The server averages w as FedAvg does. A client is served the global
 model after one step of adaptation on a batch of its own training data,
-w_global - alpha grad f(w_global, batch), made afresh at every evaluation and not kept."""
+w_global - alpha grad f(w_global, batch), made afresh at every evaluation and not kept; that
+batch is a whole one of BATCH_SIZE, where a training step adapts on half of one. As for every
+method here, the server averages w weighted by samples (the paper: uniformly) and clients
+train E epochs (the paper: tau steps)."""
 
 import tensorflow as tf
 
@@ -48,6 +51,10 @@ class PerFedAvg(personalization.Method):
 
     def trainer_recipes(self):
         return {"adapt": {"epochs": 1, "learning_rate": self.option("PERFEDAVG_ALPHA")}}, ()
+
+    @classmethod
+    def adaptation(cls, config):
+        return "1 step per evaluation"
 
     def adapt(self, trainers, global_weights, indices, rngs):
         """One step of SGD at alpha from the global model, on one batch of local data."""

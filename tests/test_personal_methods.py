@@ -87,44 +87,79 @@ def test_a_method_sharing_part_of_the_model_refuses_whole_model_algorithms(tmp_p
                    PERSONALIZATION=method, ALGORITHM="scaffold", LOCAL_TEST_SHARE=0.25)
 
 
-def test_apfl_step_by_hand(fashion_mnist):
-    """One full-batch step (2NN, no dropout): w <- w - eta grad f(w) and
-    v <- v - eta alpha grad f(alpha v + (1 - alpha) w), both gradients taken before either
-    moves (Deng et al. 2020, Algorithm 1), computed here with a plain GradientTape."""
+def plain_gradients(model_name, images, labels):
+    """gradient(weights, rows): the mean cross-entropy's gradient on those rows, by a plain
+    GradientTape on a model of its own (the reference the step rules are checked against)."""
     import keras
     import tensorflow as tf
+
+    reference = Server_side.create_model(model_name)
+
+    def gradient(weights, rows):
+        reference.set_weights(weights)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                labels[rows], reference(images[rows], training=True)))
+        return [value.numpy() for value in tape.gradient(loss, reference.trainable_variables)]
+
+    return gradient
+
+
+def batches_of(rng_seed, size, batch_size, epochs):
+    """The minibatches train_many draws from np.random.default_rng(rng_seed): after the
+    dropout seed, one permutation an epoch, cut into batches."""
+    rng = np.random.default_rng(rng_seed)
+    rng.integers(2**31)
+    return [order[start:start + batch_size] for order in
+            [rng.permutation(size) for _ in range(epochs)]
+            for start in range(0, size, batch_size)]
+
+
+def step(weights, gradients, rate):
+    return [layer - rate * gradient for layer, gradient in zip(weights, gradients)]
+
+
+def test_apfl_steps_by_hand(fashion_mnist):
+    """Two epochs of batches of 4 (2NN, no dropout): each step w <- w - eta grad f(w) and
+    v <- v - eta alpha grad f(alpha v + (1 - alpha) w), with the current local w, both
+    gradients taken before either moves (Deng et al. 2020, Algorithm 1)."""
+    import keras
 
     import Client_side
     from personalization import apfl
 
-    images, labels = fashion_mnist[0][:48], fashion_mnist[1][:48]
+    images, labels = fashion_mnist[0][:12], fashion_mnist[1][:12]
     keras.utils.set_random_seed(4)
     shared = Server_side.create_model("mcmahan_2nn").get_weights()
     own = Server_side.create_model("mcmahan_2nn").get_weights()
     alpha, rate = 0.3, 0.1
     trainer = Client_side.LocalTrainer(Server_side.create_model("mcmahan_2nn"), images, labels,
-                                       rate, 0.0, 0, 1, step=apfl.MixtureStep(alpha))
-    (result,) = trainer.train_many(shared, [np.arange(48)], [np.random.default_rng(0)],
+                                       rate, 0.0, 4, 2, step=apfl.MixtureStep(alpha))
+    (result,) = trainer.train_many(shared, [np.arange(12)], [np.random.default_rng(0)],
                                    companions=[own])
+    gradient = plain_gradients("mcmahan_2nn", images, labels)
+    w, v = shared, own
+    for rows in batches_of(0, 12, 4, 2):
+        mixture = [alpha * mine + (1 - alpha) * theirs for mine, theirs in zip(v, w)]
+        w, v = (step(w, gradient(w, rows), rate),
+                step(v, gradient(mixture, rows), rate * alpha))
+    for got, wanted in zip(result.new_weights + result.companion, w + v, strict=True):
+        np.testing.assert_allclose(got, wanted, rtol=1e-4, atol=1e-6)
 
-    reference = Server_side.create_model("mcmahan_2nn")
 
-    def gradient_at(weights):
-        reference.set_weights(weights)
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                labels, reference(images, training=True)))
-        return [gradient.numpy() for gradient in
-                tape.gradient(loss, reference.trainable_variables)]
+def test_apfl_serves_the_mixture_with_the_global_model_and_the_global_model_alone_to_a_new_client():
+    """alpha v + (1 - alpha) w_global (alpha 0.2, so swapping alpha and 1 - alpha fails); a
+    client without v gets w_global."""
+    from personalization import apfl
 
-    mixture = [alpha * mine + (1 - alpha) * theirs for mine, theirs in zip(own, shared)]
-    expected_w = [layer - rate * gradient
-                  for layer, gradient in zip(shared, gradient_at(shared))]
-    expected_v = [layer - rate * alpha * gradient
-                  for layer, gradient in zip(own, gradient_at(mixture))]
-    for got, wanted in zip(result.new_weights + result.companion, expected_w + expected_v,
-                           strict=True):
-        np.testing.assert_allclose(got, wanted, rtol=1e-5, atol=1e-6)
+    method = apfl.APFL(Server_side.ServerSettings.from_config(
+        {**Main.default_config(), "APFL_ALPHA": 0.2, "PERSONALIZATION": "apfl"}), 2)
+    shared = [np.full(3, 1.0), np.full(2, -1.0)]
+    own = [np.full(3, 6.0), np.full(2, 4.0)]
+    served = method.personal_models({}, shared, [0, 1], [None, None], [own, None], 1)
+    np.testing.assert_allclose(served[0][0], np.full(3, 0.2 * 6 + 0.8 * 1))
+    np.testing.assert_allclose(served[0][1], np.full(2, 0.2 * 4 - 0.8 * 1))
+    assert served[1] is shared
 
 
 @pytest.mark.slow
@@ -162,42 +197,54 @@ def test_apfl_refuses_what_it_cannot_combine_with(tmp_path, capsys, constants, m
                    **constants)
 
 
-def test_perfedavg_step_by_hand(fashion_mnist):
-    """One full-batch step (2NN, no dropout) of first-order Per-FedAvg (Fallah et al. 2020,
-    Algorithm 1): w <- w - beta grad f(w - alpha grad f(w, D), D'), D and D' the halves of the
-    batch (of 7 here: they share its middle sample), computed with a plain GradientTape."""
+def test_perfedavg_steps_by_hand(fashion_mnist):
+    """One epoch of batches of 5, 5 and 2 (2NN, no dropout) of first-order Per-FedAvg
+    (Fallah et al. 2020, Algorithm 1): each step w <- w - beta grad f(w - alpha grad f(w, D),
+    D'), D and D' the halves of the batch (of 5: they share its middle sample; of 2: one
+    sample each)."""
     import keras
-    import tensorflow as tf
 
     import Client_side
     from personalization import perfedavg
 
-    images, labels = fashion_mnist[0][:7], fashion_mnist[1][:7]
+    images, labels = fashion_mnist[0][:12], fashion_mnist[1][:12]
     keras.utils.set_random_seed(4)
-    start = Server_side.create_model("mcmahan_2nn").get_weights()
+    w = Server_side.create_model("mcmahan_2nn").get_weights()
     alpha, beta = 0.3, 0.1
     trainer = Client_side.LocalTrainer(Server_side.create_model("mcmahan_2nn"), images, labels,
-                                       beta, 0.0, 0, 1, step=perfedavg.MetaStep(alpha))
-    (result,) = trainer.train_many(start, [np.arange(7)], [np.random.default_rng(0)])
-    reference = Server_side.create_model("mcmahan_2nn")
+                                       beta, 0.0, 5, 1, step=perfedavg.MetaStep(alpha))
+    (result,) = trainer.train_many(w, [np.arange(12)], [np.random.default_rng(0)])
+    gradient = plain_gradients("mcmahan_2nn", images, labels)
+    for rows in batches_of(0, 12, 5, 1):
+        half = len(rows)
+        adapted = step(w, gradient(w, rows[:(half + 1) // 2]), alpha)
+        w = step(w, gradient(adapted, rows[half // 2:]), beta)
+    for got, wanted in zip(result.new_weights, w, strict=True):
+        np.testing.assert_allclose(got, wanted, rtol=1e-4, atol=1e-6)
 
-    def gradient_at(weights, rows):
-        reference.set_weights(weights)
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                labels[rows], reference(images[rows], training=True)))
-        return [gradient.numpy() for gradient in
-                tape.gradient(loss, reference.trainable_variables)]
 
-    order = np.random.default_rng(0)
-    order.integers(2**31)  # the dropout seed train_many draws first, then the shuffle
-    rows = order.permutation(7)
-    adapted = [layer - alpha * gradient
-               for layer, gradient in zip(start, gradient_at(start, rows[:4]))]
-    expected = [layer - beta * gradient
-                for layer, gradient in zip(start, gradient_at(adapted, rows[3:]))]
-    for got, wanted in zip(result.new_weights, expected, strict=True):
-        np.testing.assert_allclose(got, wanted, rtol=1e-5, atol=1e-6)
+def test_perfedavg_adapts_with_one_step_at_alpha_on_a_batch_of_training_data(fashion_mnist):
+    """A client is served w_global - alpha grad f(w_global, its first batch of B)."""
+    import Client_side
+    from personalization import perfedavg
+
+    images, labels = fashion_mnist[0][:40], fashion_mnist[1][:40]
+    config = {**Main.default_config(), "PERSONALIZATION": "perfedavg", "PERFEDAVG_ALPHA": 0.2,
+              "MODEL": "mcmahan_2nn", "BATCH_SIZE": 8}
+    method = perfedavg.PerFedAvg(Server_side.ServerSettings.from_config(config), 6)
+    recipes, _ = method.trainer_recipes()
+    adapt = Client_side.LocalTrainer.for_clients(
+        Server_side.create_model("mcmahan_2nn"), images, labels,
+        Client_side.ClientSettings.from_config(config), **recipes["adapt"])
+    start = Server_side.create_model("mcmahan_2nn").get_weights()
+    rows = np.arange(10, 40)
+    (served,) = method.personal_models({"adapt": adapt}, start, [7], [rows], [None], 2)
+    rng = Utils.rng(config["SEED"], "adaptation", 2, 7)  # the seed, then the epoch's order
+    rng.integers(2**31)
+    batch = rng.permutation(rows)[:8]
+    expected = step(start, plain_gradients("mcmahan_2nn", images, labels)(start, batch), 0.2)
+    for got, wanted in zip(served, expected, strict=True):
+        np.testing.assert_allclose(got, wanted, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -110,7 +110,8 @@ def test_the_epochs_a_round_count_each_methods_extra_training():
     config = {**Main.default_config(), "LOCAL_EPOCHS": 2, "HEAD_EPOCHS": 10,
               "PERSONAL_EPOCHS": 3, "FINETUNE_EPOCHS": 4}
     expected = {"none": "2", "fedper": "2", "local": "2", "fedrep": "12", "ditto": "5",
-                "finetune": "2 + 4 per evaluation"}
+                "finetune": "2 + 4 per evaluation", "apfl": "2",
+                "perfedavg": "2 + 1 step per evaluation"}
     for method, epochs in expected.items():
         assert personalization.epochs_per_round({**config, "PERSONALIZATION": method}) == epochs
 
