@@ -25,6 +25,7 @@ import keras
 import algorithms
 import constant_rules
 import personalization
+import secure_aggregation
 import Utils
 import upload_format
 
@@ -70,11 +71,14 @@ class ClientSettings(Utils.Settings):
     attack_scale: float
     personalization: str
     model: str
-    options: dict  # the plug-ins' constants by name (algorithms/, personalization/)
+    secure_aggregation: str
+    options: dict  # the plug-ins' constants by name (algorithms/, personalization/), and
+    # secure aggregation's (secure_aggregation.CONSTANTS)
 
     @classmethod
     def option_names(cls):
-        return constant_rules.option_names(algorithms, personalization)
+        return (constant_rules.option_names(algorithms, personalization)
+                + tuple(secure_aggregation.CONSTANTS))
 
 
 # A dropout seed that tells the compiled call to continue the model's dropout state.

@@ -108,6 +108,11 @@ DP_CLIP_NORM = 0.0  # S: clip each client update to this L2 norm, >= 0; 0 turns 
 DP_NOISE_MULTIPLIER = 1.0  # z: server noise std is z * S / (clients averaged), >= 0
 DP_DELTA = 1e-5  # delta of the (epsilon, delta) reported, in (0, 1)
 DP_NOISE = "seeded"  # seeded: from (SEED, round), reproducible | secure: OS entropy (on Flower)
+# Secure aggregation (secure_aggregation.py): the server learns only the sum of the updates
+SECURE_AGGREGATION = "none"  # none | secagg+ (SecAgg+'s arithmetic; in process only so far)
+SECAGG_RANGE = 0.05  # R: each coordinate of an update is clipped to [-R, R], > 0
+SECAGG_BITS = 16  # b: a coordinate becomes an integer in 0 .. 2^b - 1, integer 1..32
+SECAGG_MODULUS_BITS = 32  # the sum is taken modulo 2^this (its bits on the wire), 8..64
 # Robustness
 AGGREGATION = "fedavg"  # fedavg | median | trimmed_mean | krum | multi_krum
 TRIM_RATIO = 0.1  # trimmed_mean: share of values dropped at each end, in [0, 0.5)

@@ -29,6 +29,7 @@ import personalization
 import privacy
 import robust_rules
 import screening
+import secure_aggregation
 import upload_format
 import Utils
 
@@ -174,11 +175,14 @@ class ServerSettings(Utils.Settings):
     personalization: str
     over_selection: float
     model: str
-    options: dict  # the plug-ins' constants by name (algorithms/, personalization/)
+    secure_aggregation: str
+    options: dict  # the plug-ins' constants by name (algorithms/, personalization/), and
+    # secure aggregation's (secure_aggregation.CONSTANTS)
 
     @classmethod
     def option_names(cls):
-        return constant_rules.option_names(algorithms, personalization)
+        return (constant_rules.option_names(algorithms, personalization)
+                + tuple(secure_aggregation.CONSTANTS))
 
 
 def held_out_clients(num_clients, share, seed):
@@ -294,8 +298,10 @@ class Server:
     def client_traffic(self):
         """(bytes down, bytes up) of one client's round, known before it trains: the model
         and what the configured encoding sends, with the algorithm's extras."""
-        sent = upload_format.encoded_size(self.settings.compression, self.upload_shapes,
-                                          self.settings.topk_fraction)
+        sent = (secure_aggregation.encoded_size(self.settings.options, self.upload_shapes)
+                if secure_aggregation.is_on(self.settings)
+                else upload_format.encoded_size(self.settings.compression, self.upload_shapes,
+                                                self.settings.topk_fraction))
         return self.model_bytes + self.extra_bytes_down, sent + self.extra_bytes_up
 
     def round_traffic(self, num_selected, uploads):
@@ -323,6 +329,9 @@ class Server:
             return global_weights
         if robust_rules.too_few_for_krum(settings.aggregation, settings.krum_f, len(uploads)):
             return global_weights
+        if secure_aggregation.is_on(settings):
+            delta = self.secure_mean(round_num, uploads)
+            return self.optimizer.step(global_weights, self.whole(delta))
         deltas = [upload_format.decode_update(upload.update, self.upload_shapes)
                   for upload in uploads]
         if settings.aggregation != "fedavg":
@@ -337,6 +346,25 @@ class Server:
         else:
             delta = self.algorithm.combine(deltas, uploads, self.population)
         return self.optimizer.step(global_weights, self.whole(delta))
+
+    def secure_mean(self, round_num, uploads):
+        """The round's mean update from the modular sum of the contributions alone: weighted
+        by samples, or DP-FedAvg's noisy mean of the clients' clipped updates."""
+        settings = self.settings
+        private = settings.dp_clip_norm > 0
+        total_weight = len(uploads) if private else sum(upload.num_examples
+                                                         for upload in uploads)
+        summed = (secure_aggregation.decode_sum(secure_aggregation.modular_sum(
+            [upload.update for upload in uploads], settings.options), total_weight,
+            settings.options) if uploads else [np.zeros(shape) for shape in self.upload_shapes])
+        if not private:
+            return [layer / total_weight for layer in summed]
+        denominator = privacy.dp_denominator(settings.client_sampling, len(uploads),
+                                             self.population, settings.client_fraction,
+                                             settings.client_dropout)
+        return privacy.noisy_mean_of_sum(
+            summed, settings.dp_clip_norm, settings.dp_noise_multiplier, denominator,
+            privacy.noise_generator(settings.dp_noise, settings.seed, round_num))
 
     def whole(self, delta):
         """The pseudo-gradient over every layer: zero for the layers nobody uploads."""

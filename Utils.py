@@ -24,7 +24,8 @@ FALSE_WORDS = ("false", "no", "0")
 # One independent random stream per job. New jobs go at the end: a stream is keyed by its
 # position, so adding a name never changes the streams before it.
 STREAMS = ("partition", "selection", "training", "dropout", "baseline", "attack", "privacy",
-           "compression", "local_test", "held_out", "adaptation", "personal", "devices", "async")
+           "compression", "local_test", "held_out", "adaptation", "personal", "devices", "async",
+           "secagg")
 
 
 def seed_everything(seed):

@@ -16,6 +16,7 @@ import algorithms
 import constant_rules
 import models
 import personalization
+import secure_aggregation
 import Utils
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -26,7 +27,7 @@ RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT
 # gives the results of before they existed. At that value a constant is left out of the run
 # folder's hash, and a checkpoint saved without it counts it as that value: adding a constant
 # (or a plug-in it chooses) renames no existing run's folder and breaks no RESUME.
-ADDED_CONSTANTS = {"MODEL": models.DEFAULT}
+ADDED_CONSTANTS = {"MODEL": models.DEFAULT, "SECURE_AGGREGATION": "none"}
 # The plug-ins' constants that named every run before plug-ins declared their constants. Any
 # other plug-in constant names a run only when its plug-in is chosen: a new method's constants
 # leave every other configuration's folder and RESUME as they were.
@@ -36,11 +37,13 @@ NAMED_EVERY_RUN = ("PROX_MU", "FINETUNE_EPOCHS", "HEAD_EPOCHS", "PERSONAL_EPOCHS
 
 def unread_constants(config):
     """The plug-in constants this configuration's chosen plug-ins do not read (beyond
-    NAMED_EVERY_RUN)."""
+    NAMED_EVERY_RUN), and secure aggregation's when it is off."""
     chosen = {**algorithms.get(config["ALGORITHM"]).CONSTANTS,
               **personalization.get(config["PERSONALIZATION"]).CONSTANTS}
     declared = constant_rules.option_names(algorithms, personalization)
-    return set(declared) - set(chosen) - set(NAMED_EVERY_RUN)
+    off = (secure_aggregation.CONSTANTS
+           if config.get("SECURE_AGGREGATION", "none") == "none" else {})
+    return (set(declared) - set(chosen) - set(NAMED_EVERY_RUN)) | set(off)
 
 
 def identity(config):

@@ -20,6 +20,7 @@ import attacks
 import client_evaluation
 import client_state
 import personalization
+import secure_aggregation
 import Utils
 import upload_format
 import Client_side
@@ -61,15 +62,37 @@ def client_upload(settings, algorithm, client, round_num, global_weights, update
     if malicious and settings.attack != "label_flip":
         delta = attacks.attack_update(delta, settings.attack, settings.attack_scale,
                                       Utils.rng(seed, "attack", round_num, client))
-    residuals = memory.get("residual")
-    encoded, residual = prepare_upload(
-        delta, residuals.get(client) if residuals else None, settings.compression,
-        Utils.rng(seed, "compression", round_num, client), settings.dp_clip_norm,
-        settings.topk_fraction, settings.stochastic_rounding)
-    if residuals:
-        kept["residual"] = residual
+    train_loss = update.train_loss
+    if secure_aggregation.is_on(settings):
+        encoded, train_loss = secure_contribution(settings, delta, update, round_num, client)
+    else:
+        residuals = memory.get("residual")
+        encoded, residual = prepare_upload(
+            delta, residuals.get(client) if residuals else None, settings.compression,
+            Utils.rng(seed, "compression", round_num, client), settings.dp_clip_norm,
+            settings.topk_fraction, settings.stochastic_rounding)
+        if residuals:
+            kept["residual"] = residual
     return upload_format.Upload(int(client), int(round_num), encoded, update.num_examples,
-                                update.num_steps, update.train_loss, extras), kept
+                                update.num_steps, train_loss, extras), kept
+
+
+def secure_contribution(settings, delta, update, round_num, client):
+    """(The client's contribution to the secure sum, the training loss it reports).
+
+    Under DP it clips its update to S first (the server cannot), and its weight is 1. A client
+    whose update is not finite contributes nothing and reports a loss of NaN, which the server
+    refuses as a diverged client's."""
+    if not all(np.all(np.isfinite(layer)) for layer in delta):
+        delta, loss = [np.zeros(np.shape(layer)) for layer in delta], float("nan")
+    else:
+        loss = update.train_loss
+    if settings.dp_clip_norm > 0:
+        delta = upload_format.clip_update(delta, settings.dp_clip_norm)
+    weight = 1 if settings.dp_clip_norm > 0 else update.num_examples
+    return secure_aggregation.contribution(
+        delta, weight, settings.options,
+        Utils.rng(settings.seed, "secagg", round_num, client)), loss
 
 
 class ClientHost:

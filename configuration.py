@@ -23,6 +23,7 @@ import models
 import personalization
 import privacy
 import robust_rules
+import secure_aggregation
 import Server_side
 import upload_format
 import Utils
@@ -84,6 +85,7 @@ def validate_config(config):
         raise ValueError(f"SEED + REPEATS - 1 must be below 2**32, got {config['SEED']} + "
                          f"{config['REPEATS']} - 1")
     validate_clock(config)
+    validate_secure_aggregation(config)
     population = validate_personalization(config)
     per_round = Utils.num_selected_clients(population, config["CLIENT_FRACTION"])
     if config["AGGREGATION"] in robust_rules.KRUM_RULES and per_round < 2 * config["KRUM_F"] + 3:
@@ -150,10 +152,31 @@ def validate_fedbuff(config):
                          f"got {config['MAX_CONCURRENCY']}")
 
 
+# What the secure sum can combine with: (constant, allowed values, why not the others).
+SECURE_SUM_NEEDS = (
+    ("ALGORITHM", PLAIN_ALGORITHMS, "the sum carries plain updates only (an algorithm's "
+     "uploaded extras and per-client server terms are not in it yet)"),
+    ("AGGREGATION", ("fedavg",), "a robust rule needs every single update"),
+    ("COMPRESSION", ("none",), "secure aggregation quantizes the update itself, and top-k's "
+     "indices differ per client"),
+    ("ASYNC_BUFFER", (0,), "FedBuff weighs each update by its staleness"),
+)
+
+
+def validate_secure_aggregation(config):
+    """Refuse what SECURE_AGGREGATION cannot combine with, naming the reason."""
+    if config["SECURE_AGGREGATION"] == "none":
+        return
+    for name, allowed, why in SECURE_SUM_NEEDS:
+        if config[name] not in allowed:
+            raise ValueError(f"SECURE_AGGREGATION {config['SECURE_AGGREGATION']} needs {name} "
+                             f"one of {', '.join(map(str, allowed))}, got {config[name]}: {why}")
+
+
 # What a method that uploads nothing (local) leaves without a job: (constant, its only value).
 NOTHING_UPLOADED = (("ALGORITHM", algorithms.DEFAULT), ("SERVER_OPTIMIZER", "sgd"),
                     ("COMPRESSION", "none"), ("DP_CLIP_NORM", 0.0), ("AGGREGATION", "fedavg"),
-                    ("MALICIOUS_FRACTION", 0.0))
+                    ("MALICIOUS_FRACTION", 0.0), ("SECURE_AGGREGATION", "none"))
 
 
 def validate_personalization(config):
@@ -244,6 +267,7 @@ RULES = {
     "ROUND_DEADLINE": number(">= 0"), "STRAGGLER_POLICY": one_of(devices.STRAGGLER_POLICIES),
     "OVER_SELECTION": number(">= 1"), "ASYNC_BUFFER": integer(0),
     "MAX_CONCURRENCY": integer(1),
+    "SECURE_AGGREGATION": one_of(secure_aggregation.MODES), **secure_aggregation.CONSTANTS,
     **plugin_constants(algorithms), **plugin_constants(personalization),
 }
 
@@ -285,9 +309,27 @@ def prepare_run(config, loaded_data):
         loaded_data[config["DATA_DIR"]] = Data_Preprocessing.load_fashion_mnist(config["DATA_DIR"])
     data = loaded_data[config["DATA_DIR"]]
     client_indices = partition_data(config, data.y_train)
+    check_secure_sum_capacity(config, client_indices)
     output_dir = run_dir(config)
     return PreparedRun(config, data, client_indices, output_dir,
                        checkpoints.find_checkpoint(config, output_dir))
+
+
+def check_secure_sum_capacity(config, client_indices):
+    """Refuse a secure sum that could wrap around its modulus in some round (the clients'
+    weights are their training samples, or 1 under DP)."""
+    if config["SECURE_AGGREGATION"] == "none":
+        return
+    train = client_split(config, client_indices).train
+    training = Server_side.training_clients(Server_side.ServerSettings.from_config(config))
+    weights = [1 if config["DP_CLIP_NORM"] > 0 else len(train[client]) for client in training]
+    per_round = (len(training) if config["CLIENT_SAMPLING"] == "poisson"
+                 else len(Server_side.select_clients(len(training), config["CLIENT_FRACTION"],
+                                                     np.random.default_rng(0), "fixed",
+                                                     config["OVER_SELECTION"])))
+    problem = secure_aggregation.capacity_problem(config, weights, per_round)
+    if problem:
+        raise ValueError(problem)
 
 
 def prepare_output_dir(config, output_dir):

@@ -349,6 +349,10 @@ def refuse_unsupported(config):
     if config["ASYNC_BUFFER"]:
         raise ValueError("ASYNC_BUFFER > 0 (FedBuff) runs in process only: the Flower engine "
                          "runs synchronous rounds (use python Main.py)")
+    if config["SECURE_AGGREGATION"] != "none":
+        raise ValueError(f"SECURE_AGGREGATION {config['SECURE_AGGREGATION']} runs in process "
+                         "only so far: its protocol on Flower is not built yet (use python "
+                         "Main.py)")
     kept = client_state.kept_state_names(algorithms.get(config["ALGORITHM"]),
                                          config["COMPRESSION"],
                                          personalization.get(config["PERSONALIZATION"]))

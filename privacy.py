@@ -34,6 +34,12 @@ def dp_noisy_mean(deltas, shapes, clip_norm, noise_multiplier, denominator, rng)
     total = [np.zeros(shape) for shape in shapes]
     for delta in clipped:
         total = [accumulated + layer for accumulated, layer in zip(total, delta)]
+    return noisy_mean_of_sum(total, clip_norm, noise_multiplier, denominator, rng)
+
+
+def noisy_mean_of_sum(total, clip_norm, noise_multiplier, denominator, rng):
+    """(sum of updates clipped to S + N(0, (z S)^2)) / denominator, from the sum alone (under
+    secure aggregation the clients clip: the server never sees an update to clip)."""
     deviation = noise_multiplier * clip_norm
     return [(layer + rng.normal(0.0, deviation, np.shape(layer))) / denominator
             for layer in total]

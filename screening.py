@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 import algorithms
+import secure_aggregation
 import Utils
 import upload_format
 
@@ -84,10 +85,18 @@ def upload_problem(settings, round_num, upload, expected, answered, client_sizes
         return Problem(UNEXPECTED, "this client already answered this round")
     return (_metrics_problem(settings, upload, client_sizes[upload.client],
                              (step_limits or {}).get(upload.client))
-            or upload_format.update_problem(upload.update, settings.compression,
-                                            settings.topk_fraction, shapes)
+            or _update_problem(settings, upload.update, shapes)
             or upload_format.extras_problem(upload.extras,
                                             algorithms.get(settings.algorithm).UPLOADED, shapes))
+
+
+def _update_problem(settings, update, shapes):
+    """The update's format: COMPRESSION's encoding, or a secure sum's contribution."""
+    if secure_aggregation.is_on(settings):
+        text = secure_aggregation.update_problem(update, settings.options, shapes)
+        return Problem(upload_format.MALFORMED, text) if text else None
+    return upload_format.update_problem(update, settings.compression, settings.topk_fraction,
+                                        shapes)
 
 
 def _metrics_problem(settings, upload, size, step_limit=None):

@@ -97,11 +97,17 @@ def test_client_state_that_would_not_fit_in_memory_is_refused(tmp_path, capsys, 
 
 
 def test_constants_of_unchosen_plugins_leave_the_run_folder_alone():
-    """A plug-in constant names a run only when its plug-in is chosen (legacy ones always)."""
+    """A plug-in constant names a run only when its plug-in is chosen (legacy ones always);
+    secure aggregation's constants only when it is on."""
+    import secure_aggregation
+
     config = Main.default_config()
     declared = constant_rules.option_names(algorithms, personalization)
     unread = checkpoints.unread_constants(config)
-    assert unread <= set(declared)
+    assert unread <= set(declared) | set(secure_aggregation.CONSTANTS)
+    assert set(secure_aggregation.CONSTANTS) <= unread
+    assert not set(secure_aggregation.CONSTANTS) & checkpoints.unread_constants(
+        {**config, "SECURE_AGGREGATION": "secagg+"})
     assert not unread & set(checkpoints.NAMED_EVERY_RUN)
     for name in unread:
         assert name not in checkpoints.identity(config)
