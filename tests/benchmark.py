@@ -37,6 +37,7 @@ import algorithms  # noqa: E402
 import configuration  # noqa: E402
 import Main  # noqa: E402
 import models  # noqa: E402
+import personalization  # noqa: E402
 import Server_side  # noqa: E402
 import upload_format  # noqa: E402
 import Utils  # noqa: E402
@@ -73,6 +74,12 @@ SCENARIOS.update({f"model_{name}": ({"MODEL": name, "EVAL_EVERY": 10}, 5)
 # against FedAvg's is the ratio of the two scenarios' "ratio to fit" (MOON's extra passes).
 SCENARIOS.update({f"algorithm_{name}": ({"ALGORITHM": name, "EVAL_EVERY": 10}, 10)
                   for name in algorithms.NAMES if name != algorithms.DEFAULT})
+# Every personalization plug-in in the default federation with per-client evaluation
+# ("personal_none" is FedAvg's, the same evaluation without a method): what a method's extra
+# work costs (APFL trains a second model in the same steps, Per-FedAvg takes two gradients).
+SCENARIOS.update({f"personal_{name}": ({"LOCAL_TEST_SHARE": 0.25, "PERSONALIZATION": name,
+                                        "EVAL_EVERY": 10}, 10)
+                  for name in personalization.NAMES})
 
 
 def rss_mb():
