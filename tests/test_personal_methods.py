@@ -188,6 +188,8 @@ def test_apfl_keeps_a_personal_model_serves_the_mixture_and_resumes_bit_for_bit(
 
 @pytest.mark.parametrize("constants, message", [
     ({"APFL_ALPHA": 1.5}, "APFL_ALPHA must be a number in [0, 1], got 1.5"),
+    ({"MODEL": "mcmahan_cnn", "NUM_CLIENTS": 60000},
+     "PERSONALIZATION apfl would keep up to 371.8 GiB of client state for 60000 clients"),
     ({"ASYNC_BUFFER": 5, "DEVICE_HETEROGENEITY": "lognormal"},
      "ASYNC_BUFFER > 0 (FedBuff) needs PERSONALIZATION one of")])
 def test_apfl_refuses_what_it_cannot_combine_with(tmp_path, capsys, constants, message):
