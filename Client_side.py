@@ -22,10 +22,6 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-import algorithms
-import constant_rules
-import personalization
-import secure_aggregation
 import Utils
 import upload_format
 
@@ -72,13 +68,7 @@ class ClientSettings(Utils.Settings):
     personalization: str
     model: str
     secure_aggregation: str
-    options: dict  # the plug-ins' constants by name (algorithms/, personalization/), and
-    # secure aggregation's (secure_aggregation.CONSTANTS)
-
-    @classmethod
-    def option_names(cls):
-        return (constant_rules.option_names(algorithms, personalization)
-                + tuple(secure_aggregation.CONSTANTS))
+    options: dict  # the plug-ins' and secure aggregation's constants by name
 
 
 # A dropout seed that tells the compiled call to continue the model's dropout state.

@@ -23,7 +23,6 @@ import numpy as np
 import tensorflow as tf
 
 import algorithms
-import constant_rules
 import models
 import personalization
 import privacy
@@ -176,13 +175,7 @@ class ServerSettings(Utils.Settings):
     over_selection: float
     model: str
     secure_aggregation: str
-    options: dict  # the plug-ins' constants by name (algorithms/, personalization/), and
-    # secure aggregation's (secure_aggregation.CONSTANTS)
-
-    @classmethod
-    def option_names(cls):
-        return (constant_rules.option_names(algorithms, personalization)
-                + tuple(secure_aggregation.CONSTANTS))
+    options: dict  # the plug-ins' and secure aggregation's constants by name
 
 
 def held_out_clients(num_clients, share, seed):

@@ -97,8 +97,11 @@ class Settings:
 
     @classmethod
     def option_names(cls):
-        """The constants the plug-ins declare (their CONSTANTS), which `options` carries."""
-        return ()
+        """The constants `options` carries: the plug-ins' (their CONSTANTS) and secure
+        aggregation's."""
+        import constant_rules  # here: it imports this module
+
+        return constant_rules.settings_option_names()
 
 
 def secret_rng():

@@ -161,6 +161,12 @@ def write_comparison(output_dir, labels, configs, histories, run_dirs=None):
             for label in per_client})
 
 
+def finished_seeds(runs, target):
+    """The seed summaries of a configuration's runs that did not diverge."""
+    summaries = [seed_summary(config, rows, target) for config, rows in runs]
+    return [summary for summary in summaries if not summary["diverged_in_round"]]
+
+
 def clock_table(groups, target):
     """Each configuration's virtual time (devices.py), mean ± std over its finished seeds."""
     lines = [f"| run | devices | seeds | final acc | virtual hours | virtual hours to {target} "
@@ -168,8 +174,7 @@ def clock_table(groups, target):
              "staleness (mean) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, runs in groups.items():
-        summaries = [seed_summary(config, rows, target) for config, rows in runs]
-        finished = [summary for summary in summaries if not summary["diverged_in_round"]]
+        finished = finished_seeds(runs, target)
         column = {name: [summary[name] for summary in finished] for name in SEED_COLUMNS[1:]}
         reached = [hours for hours in column["virtual_hours_to_target"] if hours is not None]
         rounds_logged = any(value is not None for value in column["partial"])  # not FedBuff
@@ -221,8 +226,7 @@ def client_table(groups, target):
              "global test acc |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, runs in groups.items():
-        summaries = [seed_summary(config, rows, target) for config, rows in runs]
-        finished = [summary for summary in summaries if not summary["diverged_in_round"]]
+        finished = finished_seeds(runs, target)
         cells = [mean_and_spread([summary[name] for summary in finished], 4)
                  for name in CLIENT_FIGURES + ("mb_up", "final_accuracy")]
         cells[-2] = mean_and_spread([summary["mb_up"] for summary in finished], 1)

@@ -73,3 +73,12 @@ def plugin_constants(family):
 def option_names(*families):
     """The constants the plug-ins of `families` declare, each once, in order."""
     return tuple({name: None for family in families for name in plugin_constants(family)})
+
+
+def settings_option_names():
+    """The constants a Settings' `options` carries: the plug-ins' and secure aggregation's."""
+    import algorithms  # here: these modules import this one
+    import personalization
+    import secure_aggregation
+
+    return option_names(algorithms, personalization) + tuple(secure_aggregation.CONSTANTS)
