@@ -112,7 +112,7 @@ DP_NOISE = "seeded"  # seeded: from (SEED, round), reproducible | secure: OS ent
 SECURE_AGGREGATION = "none"  # none | secagg+ (SecAgg+'s arithmetic; in process only so far)
 SECAGG_RANGE = 0.05  # R: each coordinate of an update is clipped to [-R, R], > 0
 SECAGG_BITS = 16  # b: a coordinate becomes an integer in 0 .. 2^b - 1, integer 1..32
-SECAGG_MODULUS_BITS = 32  # the sum is taken modulo 2^this (its bits on the wire), 8..64
+SECAGG_MODULUS_BITS = 32  # the sum is taken modulo 2^this, 8..64 (4-byte integers, 8 above 32)
 # Robustness
 AGGREGATION = "fedavg"  # fedavg | median | trimmed_mean | krum | multi_krum
 TRIM_RATIO = 0.1  # trimmed_mean: share of values dropped at each end, in [0, 0.5)

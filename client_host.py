@@ -80,15 +80,17 @@ def client_upload(settings, algorithm, client, round_num, global_weights, update
 def secure_contribution(settings, delta, update, round_num, client):
     """(The client's contribution to the secure sum, the training loss it reports).
 
-    Under DP it clips its update to S first (the server cannot), and its weight is 1. A client
-    whose update is not finite contributes nothing and reports a loss of NaN, which the server
-    refuses as a diverged client's."""
+    Under DP it clips its update first (the server cannot), to S less what the rounding can
+    add, and its weight is 1. A client whose update is not finite contributes nothing and
+    reports a loss of NaN, which the server refuses as a diverged client's."""
     if not all(np.all(np.isfinite(layer)) for layer in delta):
         delta, loss = [np.zeros(np.shape(layer)) for layer in delta], float("nan")
     else:
         loss = update.train_loss
     if settings.dp_clip_norm > 0:
-        delta = upload_format.clip_update(delta, settings.dp_clip_norm)
+        delta = upload_format.clip_update(delta, settings.dp_clip_norm - (
+            secure_aggregation.rounding_margin(settings.options, [np.shape(layer)
+                                                                  for layer in delta])))
     weight = 1 if settings.dp_clip_norm > 0 else update.num_examples
     return secure_aggregation.contribution(
         delta, weight, settings.options,

@@ -171,6 +171,16 @@ def validate_secure_aggregation(config):
         if config[name] not in allowed:
             raise ValueError(f"SECURE_AGGREGATION {config['SECURE_AGGREGATION']} needs {name} "
                              f"one of {', '.join(map(str, allowed))}, got {config[name]}: {why}")
+    if config["DP_CLIP_NORM"] > 0:
+        shapes = [tuple(weight.shape)
+                  for weight in Server_side.create_model(config["MODEL"]).weights]
+        margin = secure_aggregation.rounding_margin(config, shapes)
+        if margin >= config["DP_CLIP_NORM"]:
+            raise ValueError(f"SECAGG_BITS {config['SECAGG_BITS']} is too few for DP_CLIP_NORM "
+                             f"{config['DP_CLIP_NORM']}: rounding can move an update by up to "
+                             f"{margin:.3g} in L2 norm (2R / (2^b - 1) x the square root of the "
+                             "model's weights), which must stay below it; raise SECAGG_BITS or "
+                             "lower SECAGG_RANGE")
 
 
 # What a method that uploads nothing (local) leaves without a job: (constant, its only value).

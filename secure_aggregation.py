@@ -48,6 +48,14 @@ def quantize(delta, clip_range, bits, rng):
     return quantized
 
 
+def rounding_margin(options, shapes):
+    """The most stochastic rounding can move an update in L2 norm: under a step of 2R / L per
+    coordinate, sqrt(d) steps. DP clips to S minus this, so what the server decodes stays
+    within S, the sensitivity its accountant assumes."""
+    size = sum(int(np.prod(shape)) for shape in shapes)
+    return 2 * options["SECAGG_RANGE"] / (2**options["SECAGG_BITS"] - 1) * np.sqrt(size)
+
+
 def contribution(delta, weight, options, rng):
     """A client's encoded update: weight * quantize(delta) modulo M, one {KEY: array} a layer."""
     quantized = quantize(delta, options["SECAGG_RANGE"], options["SECAGG_BITS"], rng)

@@ -73,6 +73,25 @@ def test_secagg_a_client_whose_update_is_not_finite_contributes_nothing_and_repo
     assert list(encoded[0][secure_aggregation.KEY]) == [12 * 128, 12 * 128]  # zeros, weighted
 
 
+def test_secagg_under_dp_the_decoded_update_stays_within_the_clip_norm():
+    """The client clips to S less the rounding margin, so even the worst rounding (every
+    coordinate moved a whole step) decodes to an update of norm <= S: the accountant's S."""
+    options = {**OPTIONS, "SECAGG_BITS": 4, "SECAGG_RANGE": 0.5}
+    settings = type("Settings", (), {"dp_clip_norm": 1.0, "seed": 0, "options": options})
+    update = type("Result", (), {"train_loss": 0.7, "num_examples": 12})
+    delta = [np.full((30, 2), 0.2), np.full(4, -0.3)]  # norm 2.2, clipped
+    margin = secure_aggregation.rounding_margin(options, [(30, 2), (4,)])
+    assert margin == pytest.approx(2 * 0.5 / 15 * np.sqrt(64))
+    worst = 0.0
+    for seed in range(50):
+        settings.seed = seed
+        encoded, _ = client_host.secure_contribution(settings, delta, update, 1, 3)
+        decoded = secure_aggregation.decode_sum(secure_aggregation.modular_sum(
+            [encoded], options), 1, options)
+        worst = max(worst, np.sqrt(sum(np.sum(layer**2) for layer in decoded)))
+    assert 1.0 - 2 * margin < worst <= 1.0
+
+
 def test_secagg_off_leaves_every_folder_name_as_it_was():
     config = Main.default_config()
     assert configuration.run_dir(config).name == "fedavg_noniid_ib_K100_C0.3_E1_B32_s0_e9929fee"
@@ -93,7 +112,9 @@ def test_secagg_off_leaves_every_folder_name_as_it_was():
     ({"ALGORITHM": "scaffold"}, "SECURE_AGGREGATION secagg+ needs ALGORITHM one of fedavg, "
                                 "fedprox, got scaffold"),
     ({"SECAGG_BITS": 20}, "SECAGG_MODULUS_BITS 32 is too small for SECAGG_BITS 20: a round's "
-                          "sum can reach")])
+                          "sum can reach"),
+    ({"SECAGG_BITS": 2, "DP_CLIP_NORM": 0.5}, "SECAGG_BITS 2 is too few for DP_CLIP_NORM 0.5: "
+                                              "rounding can move an update by up to 6.22")])
 def test_secagg_refuses_bad_values_and_what_needs_single_updates(tmp_path, capsys, real_data_once,
                                                                  constants, message):
     assert_refused(tmp_path, capsys, message, **{"SECURE_AGGREGATION": "secagg+", **constants})
