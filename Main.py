@@ -34,6 +34,7 @@ import devices  # noqa: E402
 import divergence  # noqa: E402
 import fedbuff  # noqa: E402
 import history_log  # noqa: E402
+import screening  # noqa: E402
 import Server_side  # noqa: E402
 import upload_format  # noqa: E402
 import Utils  # noqa: E402
@@ -109,10 +110,11 @@ DP_NOISE_MULTIPLIER = 1.0  # z: server noise std is z * S / (clients averaged), 
 DP_DELTA = 1e-5  # delta of the (epsilon, delta) reported, in (0, 1)
 DP_NOISE = "seeded"  # seeded: from (SEED, round), reproducible | secure: OS entropy (on Flower)
 # Secure aggregation (secure_aggregation.py): the server learns only the sum of the updates
-SECURE_AGGREGATION = "none"  # none | secagg+ (SecAgg+'s arithmetic; in process only so far)
+SECURE_AGGREGATION = "none"  # none | secagg+ (SecAgg+: masked on Flower, its sum in process)
 SECAGG_RANGE = 0.05  # R: each coordinate of an update is clipped to [-R, R], > 0
 SECAGG_BITS = 16  # b: a coordinate becomes an integer in 0 .. 2^b - 1, integer 1..32
 SECAGG_MODULUS_BITS = 32  # the sum is taken modulo 2^this, 8..64 (4-byte integers, 8 above 32)
+SECAGG_THRESHOLD = 0.6  # on Flower: share of a round's nodes whose shares unmask it, (0, 1]
 # Robustness
 AGGREGATION = "fedavg"  # fedavg | median | trimmed_mean | krum | multi_krum
 TRIM_RATIO = 0.1  # trimmed_mean: share of values dropped at each end, in [0, 0.5)
@@ -293,8 +295,9 @@ def synchronous_round(round_num, config, federation, global_weights, engine):
     step_limits = {} if plan is None else plan.step_limits
     delivered = engine.train(round_num, training, global_weights,
                              federation.server.sent_to_clients(), step_limits)
-    global_weights, report = federation.server.round(round_num, global_weights, delivered,
-                                                     training, len(selected), step_limits)
+    global_weights, report = federation.server.round(
+        round_num, global_weights, delivered, training, len(selected), step_limits,
+        getattr(engine, "secure_sum", None))
     # Clients keep their new state (SCAFFOLD's c_i, top-k residuals) only for what the server
     # accepted, so the server's c stays the mean of the clients' c_i.
     engine.settle(round_num, [upload.client for upload in report.accepted])
@@ -331,8 +334,8 @@ def evaluate_clients(round_num, config, federation, global_weights, engine):
 
 def say_what_was_refused(round_num, report, config):
     """Print the round's rejections and a skipped Krum; stop when local training diverged."""
-    for rejection in report.rejections:
-        print(rejection, file=sys.stderr, flush=True)
+    for line in screening.rejection_lines(round_num, report.rejections):
+        print(line, file=sys.stderr, flush=True)
     # The server drops NaN updates, so the global model stays finite; when every client's
     # update was NaN, training itself diverged and the run stops as it would have before.
     if report.diverged:

@@ -261,7 +261,7 @@ class Server:
         self.extra_bytes_up = whole_bytes * len(self.algorithm.UPLOADED)
 
     def round(self, round_num, global_weights, delivered, expected_clients, num_selected,
-              step_limits=None):
+              step_limits=None, secure_sum=None):
         """The server's part of a round, from what the engine delivered to the next weights.
 
         Nothing a client sends is trusted: a malformed, stale or foreign upload is dropped as
@@ -275,8 +275,20 @@ class Server:
             self.upload_shapes, step_limits)
         diverged = bool(rejections) and not accepted and all(
             rejection.kind == upload_format.NON_FINITE for rejection in rejections)
-        new_weights = (global_weights if diverged
-                       else self.aggregate(round_num, global_weights, accepted))
+        summed, protocol_bytes, unmasked = None, (0, 0), True
+        if secure_sum is not None and accepted and secure_aggregation.is_on(settings):
+            # The protocol (on Flower) sums the accepted updates on their nodes; a node that
+            # drops out takes its clients out of the sum, and below its threshold nothing is.
+            outcome = secure_sum(round_num, accepted, self.upload_shapes)
+            rejections += [screening.Rejection(round_num, upload.client, upload.node,
+                                               outcome.why_left_out[upload.client],
+                                               screening.LEFT_OUT)
+                           for upload in accepted if upload.client not in outcome.clients]
+            accepted = [upload for upload in accepted if upload.client in outcome.clients]
+            summed, unmasked = outcome.total, outcome.total is not None
+            protocol_bytes = (outcome.bytes_down, outcome.bytes_up)
+        new_weights = (global_weights if diverged or not unmasked
+                       else self.aggregate(round_num, global_weights, accepted, summed))
         epsilon = (privacy.privacy_spent(settings.dp_noise_multiplier, settings.client_sampling,
                                          self.population, settings.client_fraction,
                                          round_num, settings.dp_delta)
@@ -286,7 +298,7 @@ class Server:
             (robust_rules.too_few_for_krum(settings.aggregation, settings.krum_f,
                                            len(accepted))
              if settings.aggregation in robust_rules.KRUM_RULES else None),
-            **self.round_traffic(num_selected, accepted), epsilon=epsilon)
+            **self.round_traffic(num_selected, accepted, protocol_bytes), epsilon=epsilon)
 
     def client_traffic(self):
         """(bytes down, bytes up) of one client's round, known before it trains: the model
@@ -297,19 +309,23 @@ class Server:
                                                 self.settings.topk_fraction))
         return self.model_bytes + self.extra_bytes_down, sent + self.extra_bytes_up
 
-    def round_traffic(self, num_selected, uploads):
+    def round_traffic(self, num_selected, uploads, protocol_bytes=(0, 0)):
         """Count bytes down (the global model and the algorithm's extras to every selected
-        client) and up (what clients sent: encoded updates and extras)."""
-        return {"bytes_down": num_selected * (self.model_bytes + self.extra_bytes_down),
-                "bytes_up": sum(upload_format.encoded_bytes(upload.update)
-                                + self.extra_bytes_up for upload in uploads)}
+        client) and up (what clients sent: encoded updates and extras), plus (down, up) of a
+        secure aggregation protocol's messages, whose uploads' updates stay on their nodes."""
+        return {"bytes_down": num_selected * (self.model_bytes + self.extra_bytes_down)
+                + protocol_bytes[0],
+                "bytes_up": sum(secure_aggregation.upload_bytes(upload.update)
+                                + self.extra_bytes_up for upload in uploads)
+                + protocol_bytes[1]}
 
     def sent_to_clients(self):
         """What the algorithm sends clients with the weights ({} for most; SCAFFOLD's c)."""
         return self.algorithm.sent()
 
-    def aggregate(self, round_num, global_weights, uploads):
-        """Combine the round's uploads into the next global weights (float32 layer arrays).
+    def aggregate(self, round_num, global_weights, uploads, summed=None):
+        """Combine the round's uploads into the next global weights (float32 layer arrays);
+        under secure aggregation `summed` is their modular sum when a protocol took it.
 
         A round with no upload keeps the model, except under DP with Poisson sampling, whose
         accounted mechanism adds its noise whatever the sample.
@@ -323,7 +339,7 @@ class Server:
         if robust_rules.too_few_for_krum(settings.aggregation, settings.krum_f, len(uploads)):
             return global_weights
         if secure_aggregation.is_on(settings):
-            delta = self.secure_mean(round_num, uploads)
+            delta = self.secure_mean(round_num, uploads, summed)
             return self.optimizer.step(global_weights, self.whole(delta))
         deltas = [upload_format.decode_update(upload.update, self.upload_shapes)
                   for upload in uploads]
@@ -340,16 +356,19 @@ class Server:
             delta = self.algorithm.combine(deltas, uploads, self.population)
         return self.optimizer.step(global_weights, self.whole(delta))
 
-    def secure_mean(self, round_num, uploads):
-        """The round's mean update from the modular sum of the contributions alone: weighted
-        by samples, or DP-FedAvg's noisy mean of the clients' clipped updates."""
+    def secure_mean(self, round_num, uploads, summed=None):
+        """The round's mean update from the modular sum of the contributions alone (taken
+        here from the uploads unless given): weighted by samples, or DP-FedAvg's noisy mean of
+        the clients' clipped updates."""
         settings = self.settings
         private = settings.dp_clip_norm > 0
         total_weight = len(uploads) if private else sum(upload.num_examples
                                                          for upload in uploads)
-        summed = (secure_aggregation.decode_sum(secure_aggregation.modular_sum(
-            [upload.update for upload in uploads], settings.options), total_weight,
-            settings.options) if uploads else [np.zeros(shape) for shape in self.upload_shapes])
+        if uploads and summed is None:
+            summed = secure_aggregation.modular_sum([upload.update for upload in uploads],
+                                                    settings.options)
+        summed = (secure_aggregation.decode_sum(summed, total_weight, settings.options)
+                  if uploads else [np.zeros(shape) for shape in self.upload_shapes])
         if not private:
             return [layer / total_weight for layer in summed]
         denominator = privacy.dp_denominator(settings.client_sampling, len(uploads),

@@ -27,7 +27,8 @@ RESUMABLE_CHANGES = ("ROUNDS", "RESUME", "CHECKPOINT_EVERY", "DATA_DIR", "OUTPUT
 # gives the results of before they existed. At that value a constant is left out of the run
 # folder's hash, and a checkpoint saved without it counts it as that value: adding a constant
 # (or a plug-in it chooses) renames no existing run's folder and breaks no RESUME.
-ADDED_CONSTANTS = {"MODEL": models.DEFAULT, "SECURE_AGGREGATION": "none"}
+ADDED_CONSTANTS = {"MODEL": models.DEFAULT, "SECURE_AGGREGATION": "none",
+                   "SECAGG_THRESHOLD": 0.6}
 # The plug-ins' constants that named every run before plug-ins declared their constants. Any
 # other plug-in constant names a run only when its plug-in is chosen: a new method's constants
 # leave every other configuration's folder and RESUME as they were.

@@ -40,11 +40,13 @@ import Client_side  # noqa: E402
 import client_state  # noqa: E402
 import configuration  # noqa: E402
 import flower_records  # noqa: E402
+import flower_secagg  # noqa: E402
 import Main  # noqa: E402
 import node_cache  # noqa: E402
 import personalization  # noqa: E402
 import Server_side  # noqa: E402
 import screening  # noqa: E402
+import secure_aggregation  # noqa: E402
 import Utils  # noqa: E402
 import upload_format  # noqa: E402
 
@@ -205,6 +207,7 @@ class FlowerEngine:
         self.grid, self.roster, self.timeout = grid, roster, timeout
         self.config = config
         self.accepted = {}  # round -> the clients whose uploads the server accepted
+        self.advertised = {}  # under secure aggregation: node -> its keys, this round
         # node -> {round: clients sent}: rounds whose outcome the node has not yet been told.
         self.unsettled = {}
 
@@ -230,19 +233,31 @@ class FlowerEngine:
                                                       step_limits))
         for node, node_clients in work.items():
             self.unsettled.setdefault(node, {})[round_num] = node_clients
-        delivered = []
+        delivered, self.advertised = [], {}
+        secure = self.config["SECURE_AGGREGATION"] != "none"
         for node, content in self._replies(round_num, messages, "replied with error"):
             # Its reply shows that the node read the outcomes of its earlier rounds.
             self.unsettled[node] = {round_num: work[node]} if node in work else {}
-            delivered += [self._sent_to(item, work.get(node, ()))
-                          for item in flower_records.uploads_from_content(content, round_num,
-                                                                          node)]
+            items = [self._sent_to(item, work.get(node, ()))
+                     for item in flower_records.uploads_from_content(content, round_num, node)]
+            if secure:  # The updates stay on the node until the protocol sums them.
+                items = [dataclasses.replace(item, update=secure_aggregation.HELD)
+                         if isinstance(item, upload_format.Upload) else item for item in items]
+                keys = flower_secagg.advertised_keys(content)
+                if keys and node in work:
+                    self.advertised[node] = keys
+            delivered += items
         missing = sorted(set(int(client) for client in clients)
                          - {item.client for item in delivered})
         if missing:
             LOGGER.warning("round %d: no upload from clients %s within %.0f s (their node is "
                            "down, late or failed)", round_num, missing, self.timeout)
         return delivered
+
+    def secure_sum(self, round_num, accepted, shapes):
+        """The modular sum of the accepted clients' contributions, by SecAgg+'s protocol among
+        the round's nodes (flower_secagg.py): a secure_aggregation.SecureSum."""
+        return flower_secagg.secure_sum(self, round_num, accepted, shapes, self.advertised)
 
     def evaluate(self, round_num, clients, global_weights):
         """Ask each hosting node to score its clients' models on their local test data;
@@ -349,10 +364,6 @@ def refuse_unsupported(config):
     if config["ASYNC_BUFFER"]:
         raise ValueError("ASYNC_BUFFER > 0 (FedBuff) runs in process only: the Flower engine "
                          "runs synchronous rounds (use python Main.py)")
-    if config["SECURE_AGGREGATION"] != "none":
-        raise ValueError(f"SECURE_AGGREGATION {config['SECURE_AGGREGATION']} runs in process "
-                         "only so far: its protocol on Flower is not built yet (use python "
-                         "Main.py)")
     kept = client_state.kept_state_names(algorithms.get(config["ALGORITHM"]),
                                          config["COMPRESSION"],
                                          personalization.get(config["PERSONALIZATION"]))
@@ -418,7 +429,18 @@ def client_train(message, context):
     flower_records.save_client_state(host, context.state)
     if context.node_config.get("corrupt-uploads"):
         uploads = [corrupted(upload) for upload in uploads]
-    return Message(flower_records.content_from_uploads(uploads), reply_to=message)
+    config, keys = json.loads(settings["config"]), None
+    if config["SECURE_AGGREGATION"] != "none":
+        uploads, keys = flower_secagg.hold(uploads, config, context)
+    content = flower_records.content_from_uploads(uploads)
+    if keys is not None:
+        content[flower_secagg.KEYS] = keys
+    return Message(content, reply_to=message)
+
+
+client_app.query("secagg_share")(flower_secagg.client_share_keys)
+client_app.query("secagg_mask")(flower_secagg.client_masked_input)
+client_app.query("secagg_unmask")(flower_secagg.client_unmask)
 
 
 def settle_pending(host, settings):

@@ -70,6 +70,8 @@ def screen_uploads(settings, round_num, uploads, expected_clients, client_sizes,
 
 # Kinds of rejection the server adds to the upload format's own.
 UNEXPECTED, IMPLAUSIBLE, OUTLIER = "unexpected", "implausible", "outlier"
+# Accepted, then left out of a secure sum whose protocol lost its node (or unmasked nothing).
+LEFT_OUT = "left_out"
 
 
 def upload_problem(settings, round_num, upload, expected, answered, client_sizes, shapes,
@@ -119,3 +121,15 @@ def _metrics_problem(settings, upload, size, step_limit=None):
     if loss < 0:
         return Problem(IMPLAUSIBLE, f"training loss {loss!r} is negative")
     return None
+
+
+def rejection_lines(round_num, rejections):
+    """What to print of a round's rejections: one line each, but one line for all the clients
+    a secure sum left out for the same reason."""
+    lines = [str(rejection) for rejection in rejections if rejection.kind != LEFT_OUT]
+    left_out = {}
+    for rejection in rejections:
+        if rejection.kind == LEFT_OUT:
+            left_out.setdefault(rejection.reason, []).append(rejection.client)
+    return lines + [f"round {round_num}: clients {sorted(clients)} left out of the secure "
+                    f"sum: {why}" for why, clients in left_out.items()]

@@ -68,6 +68,33 @@ class Party:
         self.seed = os.urandom(32)
         self.neighbours, self.shares = {}, {}  # id -> public keys; owner -> (seed, key) shares
 
+    def fields(self):
+        """Everything the party holds, as plain values (ids, numbers, byte strings and lists
+        of them), for a node that keeps it between messages."""
+        neighbours, owners = sorted(self.neighbours), sorted(self.shares)
+        return {"id": self.id, "threshold": self.threshold, "bits": self.bits,
+                "mask-secret": self.mask_secret, "share-secret": self.share_secret,
+                "public-keys": list(self.public_keys), "seed": self.seed,
+                "neighbours": neighbours,
+                "neighbour-mask": [self.neighbours[node][0] for node in neighbours],
+                "neighbour-share": [self.neighbours[node][1] for node in neighbours],
+                "owners": owners, "seed-shares": [self.shares[owner][0] for owner in owners],
+                "key-shares": [self.shares[owner][1] for owner in owners]}
+
+    @classmethod
+    def from_fields(cls, fields):
+        """The party `fields()` described."""
+        party = cls.__new__(cls)
+        party.id, party.threshold, party.bits = (int(fields["id"]), int(fields["threshold"]),
+                                                 int(fields["bits"]))
+        party.mask_secret, party.share_secret = fields["mask-secret"], fields["share-secret"]
+        party.public_keys, party.seed = tuple(fields["public-keys"]), fields["seed"]
+        party.neighbours = {int(node): (mask, share) for node, mask, share in zip(
+            fields["neighbours"], fields["neighbour-mask"], fields["neighbour-share"])}
+        party.shares = {int(owner): (seed, key) for owner, seed, key in zip(
+            fields["owners"], fields["seed-shares"], fields["key-shares"])}
+        return party
+
     def share_keys(self, public_keys):
         """Stage 2: {neighbour id: its two public keys} (this party among them) ->
         {neighbour id: the encrypted shares of this party's seed and mask key}."""

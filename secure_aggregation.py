@@ -10,19 +10,38 @@ contributions modulo M = 2^SECAGG_MODULUS_BITS and decodes only the sum and the 
 A configuration whose sum could reach M is refused before training (`capacity_problem`).
 
 In process the masks are skipped, as pfl-research does: they cancel exactly, so the sum is the
-one the protocol reveals. The server then holds each client's quantized contribution in memory;
-only the protocol (on Flower, not built yet) would keep them from it.
+one the protocol reveals. The server then holds each client's quantized contribution in memory.
+On Flower the contributions stay on their nodes (an upload's update is HELD) and the protocol
+(flower_secagg.py) hands the server their sum: a SecureSum.
 """
+
+import math
+import typing
 
 import numpy as np
 
 from constant_rules import integer, number
+import upload_format
 
 MODES = ("none", "secagg+")
 CONSTANTS = {"SECAGG_RANGE": number("> 0"), "SECAGG_BITS": integer(1, 32),
-             "SECAGG_MODULUS_BITS": integer(8, 64)}
+             "SECAGG_MODULUS_BITS": integer(8, 64), "SECAGG_THRESHOLD": number("(0, 1]")}
 # The one array of a layer's contribution (upload_format's encoded layers are dicts).
 KEY = "secagg"
+# An upload's update that stays on its node, whose protocol adds it into the sum.
+HELD = "held by its node"
+
+
+class SecureSum(typing.NamedTuple):
+    """What a secure aggregation protocol gives the server: the modular sum of `clients`'
+    contributions (None when it could not unmask it), {client: why it is not in the sum} of
+    the other accepted clients, and the protocol's bytes."""
+
+    total: list
+    clients: frozenset
+    why_left_out: dict
+    bytes_down: int
+    bytes_up: int
 
 
 def is_on(settings):
@@ -84,6 +103,17 @@ def decode_sum(total, total_weight, options):
             for layer in total]
 
 
+def threshold(options, parties):
+    """How many parties' shares unmask a sum of `parties` (SECAGG_THRESHOLD a fraction)."""
+    return max(1, math.ceil(options["SECAGG_THRESHOLD"] * parties - 1e-9))
+
+
+def upload_bytes(update):
+    """The bytes an upload's update took on the wire: none for one HELD on its node."""
+    return 0 if isinstance(update, str) and update == HELD else upload_format.encoded_bytes(
+        update)
+
+
 def encoded_size(options, shapes):
     """The bytes of one contribution of `shapes` on the wire."""
     return wire_dtype(options["SECAGG_MODULUS_BITS"]).itemsize * sum(
@@ -95,6 +125,8 @@ def update_problem(update, options, shapes):
     of the wire's integers, each of its layer's shape. Its values cannot be checked: any
     residue modulo M is a possible contribution (a malicious client's too)."""
     dtype = wire_dtype(options["SECAGG_MODULUS_BITS"])
+    if isinstance(update, str) and update == HELD:
+        return None  # its node's protocol checks the format of the masked sum it sends
     if not isinstance(update, list) or len(update) != len(shapes):
         return f"not {len(shapes)} layers of a secure-sum contribution"
     for index, (layer, shape) in enumerate(zip(update, shapes)):

@@ -5,17 +5,22 @@ follows the server) run in seconds, on the real code of both apps, without Flowe
 What it keeps of a SuperLink: message ids, a reply's source node id set by the "connection"
 (the node the message went to), and one Flower context (node config and state) per node that
 survives between messages. It can lose a node's reply after the node has handled the message,
-as a reply that misses `round-timeout` is lost to the ServerApp.
+as a reply that misses `round-timeout` is lost to the ServerApp. A handler that raises
+gives an error reply, as Flower's ClientApp does.
 """
 
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import flower_app
+import flower_secagg
 
 HANDLERS = {flower_app.MESSAGE_TYPE: flower_app.client_train,
             flower_app.QUERY_TYPE: flower_app.client_partition,
-            flower_app.EVALUATE_TYPE: flower_app.client_evaluate}
+            flower_app.EVALUATE_TYPE: flower_app.client_evaluate,
+            flower_secagg.SHARE_TYPE: flower_secagg.client_share_keys,
+            flower_secagg.MASK_TYPE: flower_secagg.client_masked_input,
+            flower_secagg.UNMASK_TYPE: flower_secagg.client_unmask}
 SERVER_NODE_ID = 0
 
 
@@ -60,6 +65,9 @@ class FakeGrid:
             TaskIdentity.node_id = node  # The reply's source is the node it went to.
             try:
                 reply = HANDLERS[message.metadata.message_type](message, self.contexts[node])
+            except Exception as error:  # noqa: BLE001 (Flower's ClientApp replies with it)
+                reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"),
+                                reply_to=message)
             finally:
                 TaskIdentity.node_id = SERVER_NODE_ID
             lost = (message.metadata.message_type == flower_app.MESSAGE_TYPE

@@ -96,16 +96,23 @@ def test_secagg_off_leaves_every_folder_name_as_it_was():
     config = Main.default_config()
     assert configuration.run_dir(config).name == "fedavg_noniid_ib_K100_C0.3_E1_B32_s0_e9929fee"
     for name, value in (("SECAGG_BITS", 24), ("SECAGG_RANGE", 3.0),
-                        ("SECAGG_MODULUS_BITS", 64)):
+                        ("SECAGG_MODULUS_BITS", 64), ("SECAGG_THRESHOLD", 0.9)):
         assert configuration.run_dir({**config, name: value}) == configuration.run_dir(config)
     assert configuration.run_dir({**config, "SECURE_AGGREGATION": "secagg+"}) != \
         configuration.run_dir(config)
+
+
+def test_secagg_threshold_at_its_default_leaves_the_folders_of_earlier_secagg_runs():
+    secure = {**Main.default_config(), "SECURE_AGGREGATION": "secagg+"}
+    before = {name: value for name, value in secure.items() if name != "SECAGG_THRESHOLD"}
+    assert configuration.run_dir(secure) == configuration.run_dir(before)
 
 
 @pytest.mark.parametrize("constants, message", [
     ({"SECURE_AGGREGATION": "secagg"}, "SECURE_AGGREGATION must be one of none, secagg+, got"),
     ({"SECAGG_BITS": 0}, "SECAGG_BITS must be an integer from 1 to 32, got 0"),
     ({"SECAGG_MODULUS_BITS": 65}, "SECAGG_MODULUS_BITS must be an integer from 8 to 64"),
+    ({"SECAGG_THRESHOLD": 1.5}, "SECAGG_THRESHOLD must be a number in (0, 1], got 1.5"),
     ({"AGGREGATION": "median"}, "SECURE_AGGREGATION secagg+ needs AGGREGATION one of fedavg, "
                                 "got median: a robust rule needs every single update"),
     ({"COMPRESSION": "topk"}, "SECURE_AGGREGATION secagg+ needs COMPRESSION one of none"),
@@ -120,12 +127,17 @@ def test_secagg_refuses_bad_values_and_what_needs_single_updates(tmp_path, capsy
     assert_refused(tmp_path, capsys, message, **{"SECURE_AGGREGATION": "secagg+", **constants})
 
 
-def test_secagg_is_refused_on_flower_until_its_protocol_exists():
+def test_secagg_runs_on_flower():
     import flower_app
 
-    with pytest.raises(ValueError, match="SECURE_AGGREGATION secagg\\+ runs in process only"):
-        flower_app.refuse_unsupported({**Main.default_config(), "OUTPUT_DIR": "/tmp/x",
-                                       "SECURE_AGGREGATION": "secagg+"})
+    flower_app.refuse_unsupported({**Main.default_config(), "OUTPUT_DIR": "/tmp/x",
+                                   "SECURE_AGGREGATION": "secagg+"})
+
+
+@pytest.mark.parametrize("fraction, parties, wanted", [(0.6, 2, 2), (0.6, 3, 2), (0.6, 4, 3),
+                                                       (0.5, 2, 1), (1.0, 5, 5), (0.01, 3, 1)])
+def test_secagg_threshold_is_the_fraction_of_the_parties_rounded_up(fraction, parties, wanted):
+    assert secure_aggregation.threshold({"SECAGG_THRESHOLD": fraction}, parties) == wanted
 
 
 def final_weights(tmp_path, name, **constants):
