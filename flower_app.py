@@ -34,17 +34,13 @@ from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
+# Flower starts a new ClientApp process for every message, and the partition query and the
+# secure-aggregation stages need no TensorFlow: what imports it (training, evaluation, Main.main;
+# about 4 s a process) is imported in the functions that run it.
 import algorithms  # noqa: E402
-import client_host  # noqa: E402
-import Client_side  # noqa: E402
 import client_state  # noqa: E402
-import configuration  # noqa: E402
 import flower_records  # noqa: E402
 import flower_secagg  # noqa: E402
-import Main  # noqa: E402
-import node_cache  # noqa: E402
-import personalization  # noqa: E402
-import Server_side  # noqa: E402
 import screening  # noqa: E402
 import secure_aggregation  # noqa: E402
 import Utils  # noqa: E402
@@ -59,8 +55,6 @@ LOGGER = logging.getLogger("flower_app")
 # Across machines the published config must not let anyone regenerate the DP noise; a config
 # file that sets DP_NOISE seeded (to reproduce a simulation) still gets seeded noise.
 ENGINE_DEFAULTS = {"DP_NOISE": "secure"}
-EXIT_MEANINGS = {Main.EXIT_BAD_INPUT: "bad input", Main.EXIT_DIVERGED: "diverged",
-                 Main.EXIT_INTERRUPTED: "interrupted"}
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -69,6 +63,8 @@ client_app = ClientApp()
 @server_app.main()
 def server_main(grid, context):
     """Run Main.main on the run config's CSV(s), training clients on the SuperNodes."""
+    import Main  # noqa: PLC0415 (TensorFlow: see the imports)
+
     try:
         files, num_nodes, timeout, pinned = read_run_config(context.run_config)
     except ValueError as error:
@@ -87,7 +83,9 @@ def server_main(grid, context):
     if exit_code:
         # Flower marks a run failed, with this text, when the ServerApp raises (sys.exit would
         # kill the process before its status and logs are sent).
-        raise RunFailed(f"Main.py exit code {exit_code} ({EXIT_MEANINGS[exit_code]})")
+        meanings = {Main.EXIT_BAD_INPUT: "bad input", Main.EXIT_DIVERGED: "diverged",
+                    Main.EXIT_INTERRUPTED: "interrupted"}
+        raise RunFailed(f"Main.py exit code {exit_code} ({meanings[exit_code]})")
 
 
 def read_run_config(run_config):
@@ -354,6 +352,8 @@ class FlowerEngine:
 
 def refuse_unsupported(config):
     """Raise ValueError for what cannot run on Flower, saying why."""
+    import personalization  # noqa: PLC0415 (TensorFlow: see the imports)
+
     paths = ("OUTPUT_DIR", "DATA_DIR") + (
         ("DEVICE_HETEROGENEITY",) if config["DEVICE_HETEROGENEITY"] not in ("none", "lognormal")
         else ())
@@ -382,6 +382,12 @@ def client_partition(message, context):
 
 def node_host(settings, context):
     """The node's ClientHost for the run in `settings`, with its clients' kept state."""
+    import client_host  # noqa: PLC0415 (TensorFlow: see the imports)
+    import Client_side  # noqa: PLC0415
+    import configuration  # noqa: PLC0415
+    import node_cache  # noqa: PLC0415
+    import Server_side  # noqa: PLC0415
+
     config = json.loads(settings["config"])
     num_partitions = int(context.node_config["num-partitions"])
     if num_partitions != settings["num-nodes"]:

@@ -9,7 +9,6 @@ import json
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-import client_evaluation
 import screening
 import upload_format
 
@@ -80,6 +79,10 @@ def content_from_scores(scores):
 def scores_from_content(content):
     """Read a node's evaluation reply into ClientScores; an unreadable reply gives none (its
     clients then count as not evaluated)."""
+    # Here, not at the top: it imports TensorFlow, which flower_app's secure-aggregation
+    # stages need not wait for.
+    import client_evaluation  # noqa: PLC0415
+
     try:
         record = content.metric_records["scores"]
         columns = [list(record[field]) for field in SCORE_FIELDS]

@@ -29,6 +29,7 @@ SETTING = {"NUM_CLIENTS": 20, "CLIENT_FRACTION": 0.2, "DISTRIBUTION": "iid", "SE
 
 def measure(nodes, rounds, home):
     """{mode: (median seconds a round, bytes up a round, bytes down a round)} for one cluster."""
+    (home / f"cluster{nodes}").mkdir()
     cluster = Cluster(home / f"cluster{nodes}", num_nodes=nodes).start()
     figures = {}
     try:

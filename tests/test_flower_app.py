@@ -6,7 +6,10 @@ a run there is the same experiment as `python Main.py`: the same final weights, 
 
 import csv
 import json
+import pathlib
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -36,6 +39,16 @@ def history_and_weights(output_dir):
                 for row in csv.DictReader(file)]
     arrays, _ = checkpoints.load_checkpoint(run_dir / checkpoints.CHECKPOINT_NAME)
     return rows, [arrays[name] for name in sorted(arrays) if name.startswith("global")]
+
+
+def test_the_apps_module_does_not_import_tensorflow():
+    """Flower starts a ClientApp process for every message: the partition query and the
+    secure-aggregation stages must not wait for TensorFlow's import."""
+    code = "import sys, flower_app; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    folder = str(pathlib.Path(flower_app.__file__).parent)
+    result = subprocess.run([sys.executable, "-c", code], cwd=folder,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
 
 
 def test_client_scores_survive_the_wire_format_and_a_malformed_reply_gives_none():
