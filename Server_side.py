@@ -370,7 +370,8 @@ class Server:
         summed = (secure_aggregation.decode_sum(summed, total_weight, settings.options)
                   if uploads else [np.zeros(shape) for shape in self.upload_shapes])
         if not private:
-            return [layer / total_weight for layer in summed]
+            return self.algorithm.from_secure_mean([layer / total_weight for layer in summed],
+                                                   uploads)
         denominator = privacy.dp_denominator(settings.client_sampling, len(uploads),
                                              self.population, settings.client_fraction,
                                              settings.client_dropout)

@@ -64,7 +64,8 @@ def client_upload(settings, algorithm, client, round_num, global_weights, update
                                       Utils.rng(seed, "attack", round_num, client))
     train_loss = update.train_loss
     if secure_aggregation.is_on(settings):
-        encoded, train_loss = secure_contribution(settings, delta, update, round_num, client)
+        encoded, train_loss = secure_contribution(settings, algorithm.summand(delta, update),
+                                                  update, round_num, client)
     else:
         residuals = memory.get("residual")
         encoded, residual = prepare_upload(

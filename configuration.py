@@ -154,8 +154,10 @@ def validate_fedbuff(config):
 
 # What the secure sum can combine with: (constant, allowed values, why not the others).
 SECURE_SUM_NEEDS = (
-    ("ALGORITHM", PLAIN_ALGORITHMS, "the sum carries plain updates only (an algorithm's "
-     "uploaded extras and per-client server terms are not in it yet)"),
+    ("ALGORITHM", tuple(name for name in algorithms.NAMES if algorithms.get(name).PLAIN_UPDATES
+                        or algorithms.get(name).SUMMABLE),
+     "the sum carries each client's update (FedNova's divided by its steps) only, not an "
+     "algorithm's uploaded extras or per-client server terms"),
     ("AGGREGATION", ("fedavg",), "a robust rule needs every single update"),
     ("COMPRESSION", ("none",), "secure aggregation quantizes the update itself, and top-k's "
      "indices differ per client"),

@@ -65,6 +65,9 @@ class Algorithm:
             rule (AGGREGATION), DP-FedAvg's noisy mean or FedBuff's buffer may stand in for it.
         WHOLE_MODEL: its state or terms cover every layer, so it needs clients that upload the
             whole model (personalization that keeps a part refuses it).
+        SUMMABLE: its server step needs only the n-weighted sum of its clients' `summand`s and
+            their sample and step counts (`from_secure_mean`), so SECURE_AGGREGATION, which
+            reveals only that sum, can carry it (PLAIN_UPDATES implies it).
         NEEDS: {constant: (allowed values, why)}: what it needs of other options, refused
             before training in one line with the reason.
 
@@ -82,6 +85,7 @@ class Algorithm:
     UPLOADED = ()
     PLAIN_UPDATES = False
     WHOLE_MODEL = False
+    SUMMABLE = False
     NEEDS = {}
 
     def __init__(self, settings, shapes):
@@ -126,6 +130,11 @@ class Algorithm:
         {UPLOADED name: arrays}). Its new state is kept only if the server accepts the upload."""
         return {}, {}
 
+    def summand(self, delta, result):
+        """What a client puts into a secure sum, weighted there by its samples: its update
+        `delta` after training to `result` (a Client_side.LocalResult)."""
+        return delta
+
     # --- The server side --------------------------------------------------------------------
 
     @classmethod
@@ -140,6 +149,11 @@ class Algorithm:
         population: how many clients can be sampled (N). May update self.state.
         """
         return weighted_mean(deltas, [upload.num_examples for upload in uploads])
+
+    def from_secure_mean(self, mean, uploads):
+        """The pseudo-gradient from the n-weighted mean of the accepted clients' summands (all
+        that secure aggregation reveals) and their uploads' counts (client order)."""
+        return mean
 
     def sent(self):
         """What the server sends with the global weights: {SENT name: arrays}."""

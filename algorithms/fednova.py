@@ -22,16 +22,30 @@ def fednova_delta(deltas, num_examples, normalizers):
 
 
 class FedNova(algorithms.Algorithm):
-    """FedAvg's clients; the server averages step-normalized updates."""
+    """FedAvg's clients; the server averages step-normalized updates. Under secure aggregation
+    each client normalizes its own update and the sum carries sum_i n_i Delta_i / a_i."""
 
     PAPER = ("Wang et al. 2020, Tackling the Objective Inconsistency Problem in Heterogeneous "
              "Federated Optimization (eq. 9-10)")
+    SUMMABLE = True
 
     def combine(self, deltas, uploads, population):
-        normalizers = [upload_format.effective_steps(upload.num_steps,
-                                                     self.settings.local_momentum)
-                       for upload in uploads]
-        return fednova_delta(deltas, [upload.num_examples for upload in uploads], normalizers)
+        return fednova_delta(deltas, [upload.num_examples for upload in uploads],
+                             self.normalizers(uploads))
+
+    def normalizers(self, uploads):
+        """a_i of each upload: its effective number of local steps."""
+        return [upload_format.effective_steps(upload.num_steps, self.settings.local_momentum)
+                for upload in uploads]
+
+    def summand(self, delta, result):
+        steps = upload_format.effective_steps(result.num_steps, self.settings.local_momentum)
+        return [layer / steps for layer in delta]
+
+    def from_secure_mean(self, mean, uploads):
+        weights = np.asarray([upload.num_examples for upload in uploads], np.float64)
+        tau_eff = float(np.dot(weights / np.sum(weights), self.normalizers(uploads)))
+        return [tau_eff * layer for layer in mean]
 
 
 PLUGIN = FedNova

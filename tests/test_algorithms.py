@@ -24,6 +24,25 @@ def result(weights):
     return Client_side.LocalResult(weights, 10, 1, 0.0)
 
 
+# --- FedNova under secure aggregation -------------------------------------------------------------
+
+def test_fednova_from_a_secure_sum_of_normalized_updates_is_its_rule():
+    """Clients put Delta_i / a_i into the sum (weighted by n_i); from the n-weighted mean the
+    server's step is tau_eff sum_i p_i Delta_i / a_i, as FedNova's combine of the updates. By
+    hand for two clients: n = 1, 3, a = 2, 4, Delta = 4, 8: sum p_i Delta_i / a_i = 0.25 * 2
+    + 0.75 * 2 = 2, tau_eff = 0.25 * 2 + 0.75 * 4 = 3.5, so 7."""
+    fednova = importlib.import_module("algorithms.fednova")
+    nova = plugin(fednova, [(1,)])
+    deltas = [[np.array([4.0])], [np.array([8.0])]]
+    results = [Client_side.LocalResult(None, n, steps, 0.0) for n, steps in ((1, 2), (3, 4))]
+    uploads = [types.SimpleNamespace(num_examples=n, num_steps=steps) for n, steps in
+               ((1, 2), (3, 4))]
+    summands = [nova.summand(delta, done) for delta, done in zip(deltas, results)]
+    mean = [(1 * summands[0][0] + 3 * summands[1][0]) / 4]
+    assert nova.from_secure_mean(mean, uploads)[0][0] == 7.0
+    assert nova.combine(deltas, uploads, population=2)[0][0] == 7.0
+
+
 # --- FedDyn (Acar et al. 2021, Algorithm 1) -----------------------------------------------------
 
 def test_feddyn_round_by_hand():

@@ -110,8 +110,10 @@ class LosingEngine:
 @pytest.mark.parametrize("constants", [{}, {"DP_CLIP_NORM": 0.5, "DP_NOISE": "seeded",
                                             "CLIENT_SAMPLING": "poisson",
                                             "CLIENT_FRACTION": 0.9,
-                                            "SERVER_OPTIMIZER": "fedadam", "SERVER_LR": 0.01}],
-                         ids=["fedavg", "dp_poisson_fedadam"])
+                                            "SERVER_OPTIMIZER": "fedadam", "SERVER_LR": 0.01},
+                                       {"ALGORITHM": "fednova", "LOCAL_MOMENTUM": 0.5,
+                                        "DISTRIBUTION": "noniid_ib"}],
+                         ids=["fedavg", "dp_poisson_fedadam", "fednova"])
 def test_secagg_on_flower_equals_the_in_process_run(monkeypatch, tmp_path, tenth_of_the_data,
                                                     constants):
     setting = {**SMALL, **constants}

@@ -117,7 +117,7 @@ def test_secagg_threshold_at_its_default_leaves_the_folders_of_earlier_secagg_ru
                                 "got median: a robust rule needs every single update"),
     ({"COMPRESSION": "topk"}, "SECURE_AGGREGATION secagg+ needs COMPRESSION one of none"),
     ({"ALGORITHM": "scaffold"}, "SECURE_AGGREGATION secagg+ needs ALGORITHM one of fedavg, "
-                                "fedprox, got scaffold"),
+                                "fednova, fedprox, got scaffold"),
     ({"SECAGG_BITS": 20}, "SECAGG_MODULUS_BITS 32 is too small for SECAGG_BITS 20: a round's "
                           "sum can reach"),
     ({"SECAGG_BITS": 2, "DP_CLIP_NORM": 0.5}, "SECAGG_BITS 2 is too few for DP_CLIP_NORM 0.5: "
@@ -153,15 +153,19 @@ def final_weights(tmp_path, name, **constants):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("privacy", [{}, {"DP_CLIP_NORM": 0.5, "DP_NOISE_MULTIPLIER": 0.3}])
+@pytest.mark.parametrize("privacy, other", [
+    ({}, {}), ({"DP_CLIP_NORM": 0.5, "DP_NOISE_MULTIPLIER": 0.3}, {}),
+    ({}, {"ALGORITHM": "fednova", "LOCAL_MOMENTUM": 0.5})], ids=["fedavg", "dp", "fednova"])
 def test_secagg_round_on_real_data_stays_within_the_quantization_bound(
-        tmp_path, tenth_of_the_data, privacy):
+        tmp_path, tenth_of_the_data, privacy, other):
     """One round: the model from the decoded sum differs from the plain run's by less than a
-    quantization step (24 bits of 2R = 0.1: 6e-9) plus float32 rounding; the same epsilon
-    under DP (seeded noise: the same draws); an upload costs 4 bytes a weight, as float32."""
-    plain, plain_rows = final_weights(tmp_path, "plain", **privacy)
+    quantization step (24 bits of 2R = 0.1: 6e-9; FedNova's: times tau_eff, about 20) plus
+    float32 rounding; the same epsilon under DP (seeded noise: the same draws); an upload
+    costs 4 bytes a weight, as float32."""
+    plain, plain_rows = final_weights(tmp_path, "plain", **privacy, **other)
     secure, secure_rows = final_weights(tmp_path, "secure", SECURE_AGGREGATION="secagg+",
-                                        SECAGG_BITS=24, SECAGG_MODULUS_BITS=64, **privacy)
+                                        SECAGG_BITS=24, SECAGG_MODULUS_BITS=64, **privacy,
+                                        **other)
     for before, after in zip(plain, secure, strict=True):
         assert np.max(np.abs(before - after)) < 1e-6
     assert any(not np.array_equal(before, after) for before, after in zip(plain, secure))
