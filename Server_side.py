@@ -168,6 +168,7 @@ class ServerSettings(Utils.Settings):
     batch_size: int
     local_epochs: int
     local_momentum: float
+    learning_rate: float
     compression: str
     topk_fraction: float
     held_out_clients: float
@@ -259,6 +260,11 @@ class Server:
         whole_bytes = sum(4 * int(np.prod(shape)) for shape in self.shapes)
         self.extra_bytes_down = whole_bytes * len(self.algorithm.SENT)
         self.extra_bytes_up = whole_bytes * len(self.algorithm.UPLOADED)
+        # What a secure sum carries per client: the update, then the extras (in the sum).
+        self.sum_shapes = secure_aggregation.sum_shapes(self.upload_shapes,
+                                                        self.algorithm.UPLOADED)
+        if secure_aggregation.is_on(settings):
+            self.extra_bytes_up = 0
 
     def round(self, round_num, global_weights, delivered, expected_clients, num_selected,
               step_limits=None, secure_sum=None):
@@ -279,7 +285,7 @@ class Server:
         if secure_sum is not None and accepted and secure_aggregation.is_on(settings):
             # The protocol (on Flower) sums the accepted updates on their nodes; a node that
             # drops out takes its clients out of the sum, and below its threshold nothing is.
-            outcome = secure_sum(round_num, accepted, self.upload_shapes)
+            outcome = secure_sum(round_num, accepted, self.sum_shapes)
             rejections += [screening.Rejection(round_num, upload.client, upload.node,
                                                outcome.why_left_out[upload.client],
                                                screening.LEFT_OUT)
@@ -303,7 +309,7 @@ class Server:
     def client_traffic(self):
         """(bytes down, bytes up) of one client's round, known before it trains: the model
         and what the configured encoding sends, with the algorithm's extras."""
-        sent = (secure_aggregation.encoded_size(self.settings.options, self.upload_shapes)
+        sent = (secure_aggregation.encoded_size(self.settings.options, self.sum_shapes)
                 if secure_aggregation.is_on(self.settings)
                 else upload_format.encoded_size(self.settings.compression, self.upload_shapes,
                                                 self.settings.topk_fraction))
@@ -362,16 +368,16 @@ class Server:
         the clients' clipped updates."""
         settings = self.settings
         private = settings.dp_clip_norm > 0
-        total_weight = len(uploads) if private else sum(upload.num_examples
-                                                         for upload in uploads)
+        total_weight = len(uploads) if private else sum(
+            self.algorithm.sum_weight(upload.num_examples) for upload in uploads)
         if uploads and summed is None:
             summed = secure_aggregation.modular_sum([upload.update for upload in uploads],
                                                     settings.options)
         summed = (secure_aggregation.decode_sum(summed, total_weight, settings.options)
-                  if uploads else [np.zeros(shape) for shape in self.upload_shapes])
+                  if uploads else [np.zeros(shape) for shape in self.sum_shapes])
         if not private:
             return self.algorithm.from_secure_mean([layer / total_weight for layer in summed],
-                                                   uploads)
+                                                   uploads, self.population)
         denominator = privacy.dp_denominator(settings.client_sampling, len(uploads),
                                              self.population, settings.client_fraction,
                                              settings.client_dropout)

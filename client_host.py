@@ -64,8 +64,10 @@ def client_upload(settings, algorithm, client, round_num, global_weights, update
                                       Utils.rng(seed, "attack", round_num, client))
     train_loss = update.train_loss
     if secure_aggregation.is_on(settings):
-        encoded, train_loss = secure_contribution(settings, algorithm.summand(delta, update),
-                                                  update, round_num, client)
+        encoded, train_loss = secure_contribution(
+            settings, algorithm.summand(delta, update, extras), update, round_num, client,
+            algorithm.sum_weight(update.num_examples))
+        extras = {}  # They travel in the sum.
     else:
         residuals = memory.get("residual")
         encoded, residual = prepare_upload(
@@ -78,12 +80,13 @@ def client_upload(settings, algorithm, client, round_num, global_weights, update
                                 update.num_steps, train_loss, extras), kept
 
 
-def secure_contribution(settings, delta, update, round_num, client):
+def secure_contribution(settings, delta, update, round_num, client, weight=None):
     """(The client's contribution to the secure sum, the training loss it reports).
 
-    Under DP it clips its update first (the server cannot), to S less what the rounding can
-    add, and its weight is 1. A client whose update is not finite contributes nothing and
-    reports a loss of NaN, which the server refuses as a diverged client's."""
+    `delta` is its algorithm's summand, `weight` its weight there (None: its samples). Under
+    DP it clips its update first (the server cannot), to S less what the rounding can add, and
+    its weight is 1. A client whose update is not finite contributes nothing and reports a
+    loss of NaN, which the server refuses as a diverged client's."""
     if not all(np.all(np.isfinite(layer)) for layer in delta):
         delta, loss = [np.zeros(np.shape(layer)) for layer in delta], float("nan")
     else:
@@ -92,7 +95,8 @@ def secure_contribution(settings, delta, update, round_num, client):
         delta = upload_format.clip_update(delta, settings.dp_clip_norm - (
             secure_aggregation.rounding_margin(settings.options, [np.shape(layer)
                                                                   for layer in delta])))
-    weight = 1 if settings.dp_clip_norm > 0 else update.num_examples
+    weight = 1 if settings.dp_clip_norm > 0 else (
+        update.num_examples if weight is None else weight)
     return secure_aggregation.contribution(
         delta, weight, settings.options,
         Utils.rng(settings.seed, "secagg", round_num, client)), loss

@@ -65,6 +65,8 @@ def screen_uploads(settings, round_num, uploads, expected_clients, client_sizes,
             rejections.append(Rejection(round_num, getattr(upload, "client", None),
                                         getattr(upload, "node", None), problem.text,
                                         problem.kind))
+    if secure_aggregation.is_on(settings):
+        return accepted, rejections  # The algorithm's extras are in the sum: nothing to judge.
     return algorithms.get(settings.algorithm).screen(round_num, accepted, rejections)
 
 
@@ -88,14 +90,17 @@ def upload_problem(settings, round_num, upload, expected, answered, client_sizes
     return (_metrics_problem(settings, upload, client_sizes[upload.client],
                              (step_limits or {}).get(upload.client))
             or _update_problem(settings, upload.update, shapes)
-            or upload_format.extras_problem(upload.extras,
-                                            algorithms.get(settings.algorithm).UPLOADED, shapes))
+            or upload_format.extras_problem(upload.extras, () if secure_aggregation.is_on(
+                settings) else algorithms.get(settings.algorithm).UPLOADED, shapes))
 
 
 def _update_problem(settings, update, shapes):
     """The update's format: COMPRESSION's encoding, or a secure sum's contribution."""
     if secure_aggregation.is_on(settings):
-        text = secure_aggregation.update_problem(update, settings.options, shapes)
+        text = secure_aggregation.update_problem(update, settings.options,
+                                                 secure_aggregation.sum_shapes(
+                                                     shapes, algorithms.get(
+                                                         settings.algorithm).UPLOADED))
         return Problem(upload_format.MALFORMED, text) if text else None
     return upload_format.update_problem(update, settings.compression, settings.topk_fraction,
                                         shapes)

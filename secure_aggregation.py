@@ -103,6 +103,13 @@ def decode_sum(total, total_weight, options):
             for layer in total]
 
 
+def sum_shapes(upload_shapes, uploaded):
+    """The layer shapes of one contribution: the update's, then each of the algorithm's
+    `uploaded` extras' (an algorithm that uploads extras needs whole-model uploads, so they
+    have the update's shapes)."""
+    return list(upload_shapes) * (1 + len(uploaded))
+
+
 def threshold(options, parties):
     """How many parties' shares unmask a sum of `parties` (SECAGG_THRESHOLD a fraction)."""
     return max(1, math.ceil(options["SECAGG_THRESHOLD"] * parties - 1e-9))

@@ -65,9 +65,10 @@ class Algorithm:
             rule (AGGREGATION), DP-FedAvg's noisy mean or FedBuff's buffer may stand in for it.
         WHOLE_MODEL: its state or terms cover every layer, so it needs clients that upload the
             whole model (personalization that keeps a part refuses it).
-        SUMMABLE: its server step needs only the n-weighted sum of its clients' `summand`s and
-            their sample and step counts (`from_secure_mean`), so SECURE_AGGREGATION, which
-            reveals only that sum, can carry it (PLAIN_UPDATES implies it).
+        SUMMABLE: its server step needs only the weighted sum of its clients' `summand`s
+            (weights `sum_weight`) and their sample and step counts (`from_secure_mean`), so
+            SECURE_AGGREGATION, which reveals only that sum, can carry it (PLAIN_UPDATES
+            implies it); its UPLOADED extras then travel in the sum, not beside it.
         NEEDS: {constant: (allowed values, why)}: what it needs of other options, refused
             before training in one line with the reason.
 
@@ -130,10 +131,15 @@ class Algorithm:
         {UPLOADED name: arrays}). Its new state is kept only if the server accepts the upload."""
         return {}, {}
 
-    def summand(self, delta, result):
-        """What a client puts into a secure sum, weighted there by its samples: its update
-        `delta` after training to `result` (a Client_side.LocalResult)."""
+    def summand(self, delta, result, extras):
+        """What a client puts into a secure sum: its update `delta` after training to
+        `result` (a Client_side.LocalResult), then any of its `extras` ({UPLOADED name:
+        arrays}) the server needs, each layer clipped to SECAGG_RANGE like the update's."""
         return delta
+
+    def sum_weight(self, num_examples):
+        """A client's weight in the secure sum: its samples (the n-weighted mean)."""
+        return num_examples
 
     # --- The server side --------------------------------------------------------------------
 
@@ -150,9 +156,10 @@ class Algorithm:
         """
         return weighted_mean(deltas, [upload.num_examples for upload in uploads])
 
-    def from_secure_mean(self, mean, uploads):
-        """The pseudo-gradient from the n-weighted mean of the accepted clients' summands (all
-        that secure aggregation reveals) and their uploads' counts (client order)."""
+    def from_secure_mean(self, mean, uploads, population):
+        """The pseudo-gradient from the weighted mean of the accepted clients' summands (all
+        that secure aggregation reveals) and their uploads' counts (client order); may update
+        self.state as `combine` does."""
         return mean
 
     def sent(self):

@@ -38,11 +38,11 @@ class FedNova(algorithms.Algorithm):
         return [upload_format.effective_steps(upload.num_steps, self.settings.local_momentum)
                 for upload in uploads]
 
-    def summand(self, delta, result):
+    def summand(self, delta, result, extras):
         steps = upload_format.effective_steps(result.num_steps, self.settings.local_momentum)
         return [layer / steps for layer in delta]
 
-    def from_secure_mean(self, mean, uploads):
+    def from_secure_mean(self, mean, uploads, population):
         weights = np.asarray([upload.num_examples for upload in uploads], np.float64)
         tau_eff = float(np.dot(weights / np.sum(weights), self.normalizers(uploads)))
         return [tau_eff * layer for layer in mean]

@@ -72,6 +72,7 @@ class Scaffold(algorithms.Algorithm):
     SENT = ("variate",)
     UPLOADED = ("variate",)
     WHOLE_MODEL = True
+    SUMMABLE = True
 
     def correction(self, kept, received):
         return [shared - own for shared, own in zip(received["variate"], kept["variate"])]
@@ -93,6 +94,24 @@ class Scaffold(algorithms.Algorithm):
         self.state["variate"] = server_variate(
             self.state["variate"], [upload.extras["variate"] for upload in uploads], population)
         return algorithms.uniform_mean(deltas)
+
+    # Under secure aggregation the sum carries each update and variate change, uniformly
+    # weighted. A variate change is a mean gradient; times the learning rate it is a mean step,
+    # the size of an update over its steps, so SECAGG_RANGE fits it as it fits the update.
+    def summand(self, delta, result, extras):
+        return list(delta) + [self.settings.learning_rate * np.float64(layer)
+                              for layer in extras["variate"]]
+
+    def sum_weight(self, num_examples):
+        return 1
+
+    def from_secure_mean(self, mean, uploads, population):
+        layers = len(self.shapes)
+        mean_change = [layer / self.settings.learning_rate for layer in mean[layers:]]
+        share = len(uploads) / population
+        self.state["variate"] = [(np.float64(layer) + share * change).astype(np.float32)
+                                 for layer, change in zip(self.state["variate"], mean_change)]
+        return mean[:layers]
 
     @classmethod
     def divergence_cause(cls, config):

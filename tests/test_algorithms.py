@@ -37,10 +37,30 @@ def test_fednova_from_a_secure_sum_of_normalized_updates_is_its_rule():
     results = [Client_side.LocalResult(None, n, steps, 0.0) for n, steps in ((1, 2), (3, 4))]
     uploads = [types.SimpleNamespace(num_examples=n, num_steps=steps) for n, steps in
                ((1, 2), (3, 4))]
-    summands = [nova.summand(delta, done) for delta, done in zip(deltas, results)]
+    summands = [nova.summand(delta, done, {}) for delta, done in zip(deltas, results)]
     mean = [(1 * summands[0][0] + 3 * summands[1][0]) / 4]
-    assert nova.from_secure_mean(mean, uploads)[0][0] == 7.0
+    assert nova.from_secure_mean(mean, uploads, population=2)[0][0] == 7.0
     assert nova.combine(deltas, uploads, population=2)[0][0] == 7.0
+
+
+def test_scaffold_from_a_secure_sum_moves_c_as_its_combine_does():
+    """Two of N = 4 clients, eta_l = 0.1: updates 2 and 4, variate changes 1 and 3. They put
+    (2, 0.1) and (4, 0.3) into the sum with weight 1 each; from the mean (3, 0.2) the server
+    steps by 3 and moves c by (2 / 4) x 0.2 / 0.1 = 1, as `combine` does from the uploads."""
+    scaffold = importlib.import_module("algorithms.scaffold")
+    secure, plain = plugin(scaffold, [(1,)]), plugin(scaffold, [(1,)])
+    deltas = [[np.array([2.0])], [np.array([4.0])]]
+    changes = [[np.array([1.0], np.float32)], [np.array([3.0], np.float32)]]
+    summands = [secure.summand(delta, None, {"variate": change})
+                for delta, change in zip(deltas, changes)]
+    assert [secure.sum_weight(n) for n in (10, 30)] == [1, 1]
+    mean = [(first + second) / 2 for first, second in zip(*summands)]
+    np.testing.assert_allclose([layer[0] for layer in mean], [3.0, 0.2])
+    assert secure.from_secure_mean(mean, [None, None], population=4)[0][0] == 3.0
+    uploads = [types.SimpleNamespace(extras={"variate": change}) for change in changes]
+    assert plain.combine(deltas, uploads, population=4)[0][0] == 3.0
+    np.testing.assert_allclose(secure.state["variate"][0], plain.state["variate"][0])
+    assert plain.state["variate"][0][0] == 1.0
 
 
 # --- FedDyn (Acar et al. 2021, Algorithm 1) -----------------------------------------------------

@@ -112,8 +112,10 @@ class LosingEngine:
                                             "CLIENT_FRACTION": 0.9,
                                             "SERVER_OPTIMIZER": "fedadam", "SERVER_LR": 0.01},
                                        {"ALGORITHM": "fednova", "LOCAL_MOMENTUM": 0.5,
-                                        "DISTRIBUTION": "noniid_ib"}],
-                         ids=["fedavg", "dp_poisson_fedadam", "fednova"])
+                                        "DISTRIBUTION": "noniid_ib"},
+                                       {"ALGORITHM": "scaffold", "CLIENT_FRACTION": 0.5,
+                                        "ROUNDS": 3}],
+                         ids=["fedavg", "dp_poisson_fedadam", "fednova", "scaffold"])
 def test_secagg_on_flower_equals_the_in_process_run(monkeypatch, tmp_path, tenth_of_the_data,
                                                     constants):
     setting = {**SMALL, **constants}

@@ -116,8 +116,8 @@ def test_secagg_threshold_at_its_default_leaves_the_folders_of_earlier_secagg_ru
     ({"AGGREGATION": "median"}, "SECURE_AGGREGATION secagg+ needs AGGREGATION one of fedavg, "
                                 "got median: a robust rule needs every single update"),
     ({"COMPRESSION": "topk"}, "SECURE_AGGREGATION secagg+ needs COMPRESSION one of none"),
-    ({"ALGORITHM": "scaffold"}, "SECURE_AGGREGATION secagg+ needs ALGORITHM one of fedavg, "
-                                "fednova, fedprox, got scaffold"),
+    ({"ALGORITHM": "feddyn"}, "SECURE_AGGREGATION secagg+ needs ALGORITHM one of fedavg, "
+                              "fednova, fedprox, scaffold, got feddyn"),
     ({"SECAGG_BITS": 20}, "SECAGG_MODULUS_BITS 32 is too small for SECAGG_BITS 20: a round's "
                           "sum can reach"),
     ({"SECAGG_BITS": 2, "DP_CLIP_NORM": 0.5}, "SECAGG_BITS 2 is too few for DP_CLIP_NORM 0.5: "
@@ -155,7 +155,8 @@ def final_weights(tmp_path, name, **constants):
 @pytest.mark.slow
 @pytest.mark.parametrize("privacy, other", [
     ({}, {}), ({"DP_CLIP_NORM": 0.5, "DP_NOISE_MULTIPLIER": 0.3}, {}),
-    ({}, {"ALGORITHM": "fednova", "LOCAL_MOMENTUM": 0.5})], ids=["fedavg", "dp", "fednova"])
+    ({}, {"ALGORITHM": "fednova", "LOCAL_MOMENTUM": 0.5}), ({}, {"ALGORITHM": "scaffold"})],
+    ids=["fedavg", "dp", "fednova", "scaffold"])
 def test_secagg_round_on_real_data_stays_within_the_quantization_bound(
         tmp_path, tenth_of_the_data, privacy, other):
     """One round: the model from the decoded sum differs from the plain run's by less than a
