@@ -114,8 +114,9 @@ class LosingEngine:
                                        {"ALGORITHM": "fednova", "LOCAL_MOMENTUM": 0.5,
                                         "DISTRIBUTION": "noniid_ib"},
                                        {"ALGORITHM": "scaffold", "CLIENT_FRACTION": 0.5,
-                                        "ROUNDS": 3}],
-                         ids=["fedavg", "dp_poisson_fedadam", "fednova", "scaffold"])
+                                        "ROUNDS": 3},
+                                       {"PERSONALIZATION": "fedper", "LOCAL_TEST_SHARE": 0.25}],
+                         ids=["fedavg", "dp_poisson_fedadam", "fednova", "scaffold", "fedper"])
 def test_secagg_on_flower_equals_the_in_process_run(monkeypatch, tmp_path, tenth_of_the_data,
                                                     constants):
     setting = {**SMALL, **constants}
