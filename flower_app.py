@@ -73,6 +73,9 @@ def server_main(grid, context):
 
     def make_engine(config):
         refuse_unsupported(config)
+        if config["SECURE_AGGREGATION"] != "none" and num_nodes < flower_secagg.MIN_CONTRIBUTORS:
+            raise ValueError(f"SECURE_AGGREGATION {config['SECURE_AGGREGATION']} needs num-nodes "
+                             f">= {flower_secagg.MIN_CONTRIBUTORS}: one node's sum is its input")
         return FlowerEngine(grid, NodeRoster(num_nodes, pinned), timeout, config)
 
     # Flower streams the ServerApp's standard output to `flwr run --stream`; Main.py's one-line

@@ -14,10 +14,11 @@ clients' contributions (secure_aggregation.contribution, the same as in process)
 3. unmask: the nodes that sent a masked input reveal their shares of the living nodes' self-mask
    seeds and of the dropped nodes' mask keys; the server removes the masks.
 
-The server process never holds one node's unmasked sum (nor one client's contribution). A node
-that drops after sharing its keys is unmasked from the others' shares and its clients are left
-out of the round; when fewer than t nodes reveal, nothing is unmasked and the round keeps the
-model. The sum is the one the in-process run takes of the same accepted clients, so the two
+The server process never holds one node's unmasked sum (nor one client's contribution): a sum
+of fewer than MIN_CONTRIBUTORS nodes with accepted clients is not unmasked. A node that drops
+after sharing its keys is unmasked from the others' shares and its clients are left out of the
+round; when fewer than t nodes reveal, or too few nodes contribute, nothing is unmasked and the
+round keeps the model. The sum is the one the in-process run takes of the same accepted clients, so the two
 engines give the same weights bit for bit.
 """
 
@@ -38,6 +39,8 @@ CONTRIBUTION = "secagg.contribution."
 DROPPED = "its node left the secure sum after sharing its keys"
 NO_PARTY = "its node did not take part in the secure sum"
 LOGGER = logging.getLogger("flower_app")
+# A sum is unmasked only when this many nodes with accepted clients are in it.
+MIN_CONTRIBUTORS = 2
 
 
 # --- The node's side ------------------------------------------------------------------------
@@ -158,7 +161,7 @@ def secure_sum(engine, round_num, accepted, shapes, advertised):
                             "share": [advertised[node][1] for node in parties],
                             "threshold": threshold})
     shared = _stage(engine, round_num, SHARE_TYPE, meter, {node: listing for node in parties},
-                    lambda content: _pairs(content, "to", "ciphertexts"))
+                    lambda content: _all_shared(content, parties))
     forwarded = {node: ConfigRecord({
         "from": [str(sender) for sender in sorted(shared) if node in shared[sender]],
         "ciphertexts": [shared[sender][node] for sender in sorted(shared)
@@ -171,12 +174,16 @@ def secure_sum(engine, round_num, accepted, shapes, advertised):
                           "dropped": [str(node) for node in dropped]})
     revealed = _stage(engine, round_num, UNMASK_TYPE, meter, {node: fates for node in alive},
                       lambda content: _pairs(content, "owners", "shares"))
+    contributors = [node for node in alive if by_node.get(node)]
     try:
-        if not alive:
-            raise secagg_protocol.BelowThreshold("no node sent its masked input")
+        if len(contributors) < MIN_CONTRIBUTORS:
+            # One node's sum is that node's input (one client's, across machines).
+            raise secagg_protocol.BelowThreshold(
+                f"{len(contributors)} node(s) with accepted clients sent an input, fewer than "
+                f"{MIN_CONTRIBUTORS}: their sum would be one node's input")
         total = secagg_protocol.unmasked_sum(masked, revealed, {
             node: advertised[node] for node in shared}, threshold, bits)
-    except secagg_protocol.BelowThreshold as error:
+    except (secagg_protocol.BelowThreshold, ValueError) as error:  # ValueError: bad shares
         why = f"nothing was unmasked ({error}): the global model is kept"
         return secure_aggregation.SecureSum(None, frozenset(), {
             upload.client: why for upload in accepted}, meter.down, meter.up)
@@ -213,6 +220,15 @@ def _stage(engine, round_num, message_type, meter, records, read):
             LOGGER.warning("round %d: node %d sent an unreadable %s reply (%s): it counts as "
                            "gone", round_num, node, message_type, error)
     return answers
+
+
+def _all_shared(content, parties):
+    """{recipient: ciphertext} of a node's shares, which must reach every other party: a
+    missing one would leave masks that do not cancel."""
+    sent = _pairs(content, "to", "ciphertexts")
+    if not set(sent) <= set(parties) or len(set(parties) - set(sent)) != 1:
+        raise ValueError(f"shares for {sorted(sent)}, not for every other party")
+    return sent
 
 
 def _pairs(content, keys, values):

@@ -49,7 +49,7 @@ def masks(secret, shapes, bits):
     key = base64.urlsafe_b64decode(secret) if len(secret) == 44 else secret
     sizes = [int(np.prod(shape)) for shape in shapes]
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    stream = np.frombuffer(encryptor.update(bytes(8 * sum(sizes))), np.uint64)
+    stream = np.frombuffer(encryptor.update(bytes(8 * sum(sizes))), "<u8").astype(np.uint64)
     stream = stream & np.uint64(2**bits - 1)
     ends = np.cumsum(sizes)
     return [stream[end - size:end].reshape(shape)

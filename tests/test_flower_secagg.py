@@ -214,16 +214,19 @@ def test_secagg_on_real_nodes_equals_the_in_process_run(tmp_path_factory, tmp_pa
 @pytest.mark.slow
 def test_secagg_on_real_nodes_a_failing_node_is_unmasked_or_the_round_kept(
         tmp_path_factory, tmp_path, real_data_once, fashion_mnist):
-    """Node 1 fails after sharing its keys every round. With SECAGG_THRESHOLD 0.5 (1 of 2
-    nodes' shares) node 0's clients make the round, as in process without node 1's; with the
-    default 0.6 (2 of 2) nothing is unmasked and round 1 keeps the initial model."""
-    setting = {"NUM_CLIENTS": 20, "CLIENT_FRACTION": 0.2, "DISTRIBUTION": "iid", "ROUNDS": 1,
+    """Three SuperNodes; node 2 fails after sharing its keys whenever it has clients (round 2
+    of seed 3: clients 0, 7, 13 and 14 on nodes 0, 1, 1, 2). With SECAGG_THRESHOLD 0.6 (2 of
+    3) nodes 0 and 1 make round 2, as in process without client 14; with 1.0 (3 of 3) nothing
+    is unmasked and round 2 keeps round 1's model."""
+    setting = {"NUM_CLIENTS": 20, "CLIENT_FRACTION": 0.2, "DISTRIBUTION": "iid", "ROUNDS": 2,
                "SEED": 3, "SECURE_AGGREGATION": "secagg+"}
-    cluster = Cluster(tmp_path_factory.mktemp("flower_secagg_drop"),
-                      extra_node_config={1: "secagg-fail-after-sharing=true"}).start()
+    config = {**Main.default_config(), **setting}
+    assert {int(client) % 3 for client in round_clients(config, 2)[1]} == {0, 1, 2}
+    cluster = Cluster(tmp_path_factory.mktemp("flower_secagg_drop"), num_nodes=3,
+                      extra_node_config={2: "secagg-fail-after-sharing=true"}).start()
     try:
         results = {}
-        for threshold in (0.5, 0.6):
+        for threshold in (0.6, 1.0):
             path = write_config(tmp_path / f"t{threshold}.csv",
                                 OUTPUT_DIR=tmp_path / f"t{threshold}", **setting,
                                 SECAGG_THRESHOLD=threshold)
@@ -232,10 +235,24 @@ def test_secagg_on_real_nodes_a_failing_node_is_unmasked_or_the_round_kept(
         cluster.stop()
     for result in results.values():
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert flower_secagg.DROPPED in results[0.5].stdout
-    assert "nothing was unmasked" in results[0.6].stdout
-    assert_equals_in_process_without(tmp_path / "t0.5", tmp_path,
-                                     {**setting, "SECAGG_THRESHOLD": 0.5}, fashion_mnist, 2, 1)
-    _, kept = history_and_weights(tmp_path / "t0.6")
-    for weights, initial in zip(kept, initial_weights(setting["SEED"]), strict=True):
-        np.testing.assert_array_equal(weights, initial)
+    assert "clients [14] left out of the secure sum: " + flower_secagg.DROPPED in (
+        results[0.6].stdout)
+    assert "nothing was unmasked" in results[1.0].stdout
+    assert_equals_in_process_without(tmp_path / "t0.6", tmp_path, setting, fashion_mnist, 3, 2)
+    kept, _ = history_and_weights(tmp_path / "t1.0")
+    assert kept[1]["test_loss"] == kept[0]["test_loss"]
+    assert kept[1]["test_accuracy"] == kept[0]["test_accuracy"]
+
+
+def test_secagg_on_one_node_is_refused_in_one_line(tmp_path, capsys):
+    """One node's sum is its input: a SecAgg+ run on a single node is refused before training."""
+    from flwr.app import Context, RecordDict
+
+    path = write_config(tmp_path / "one.csv", OUTPUT_DIR=tmp_path / "out",
+                        SECURE_AGGREGATION="secagg+")
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
+        "config-file": str(path), "num-nodes": 1, "round-timeout": 60})
+    with pytest.raises(flower_app.RunFailed, match="exit code 2"):
+        flower_app.server_main(None, context)
+    assert "error: SECURE_AGGREGATION secagg+ needs num-nodes >= 2" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
