@@ -18,8 +18,8 @@ The server process never holds one node's unmasked sum (nor one client's contrib
 of fewer than MIN_CONTRIBUTORS nodes with accepted clients is not unmasked. A node that drops
 after sharing its keys is unmasked from the others' shares and its clients are left out of the
 round; when fewer than t nodes reveal, or too few nodes contribute, nothing is unmasked and the
-round keeps the model. The sum is the one the in-process run takes of the same accepted clients, so the two
-engines give the same weights bit for bit.
+round keeps the model. The sum is the one the in-process run takes of the same accepted
+clients, so the two engines give the same weights bit for bit.
 """
 
 import collections
